@@ -1,0 +1,137 @@
+"""The calibrate stage: stream calibration windows through the model block by block and keep statistics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .blocks import capture_inputs, iterate_blocks, run_block
+from .console import progress
+from .data import calibration_windows
+from .errors import StadeError
+from .files import check_writable
+from .models import LoadedModel, config_summary, fingerprint, linear_layers, max_context
+from .stats import ARTIFACT_KIND, SCHEMA_VERSION, BlockCollector, Statistics, library_versions
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    data: str = "sample-wiki"
+    nsamples: int | None = 128
+    seqlen: int | None = None  # None: min(model context, 2048), as published
+    seed: int = 0
+    hessian: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.nsamples is not None and self.nsamples < 1:
+            raise StadeError(f"--nsamples must be at least 1, got {self.nsamples}.")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise StadeError(f"--seqlen must be at least 2, got {self.seqlen}.")
+        if self.batch_size < 1:
+            raise StadeError(f"--batch-size must be at least 1, got {self.batch_size}.")
+
+
+def default_seqlen(model: torch.nn.Module) -> int:
+    ctx = max_context(model)
+    return min(ctx, 2048) if ctx else 2048
+
+
+def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
+    ctx = max_context(model)
+    if ctx is not None and seqlen > ctx:
+        raise StadeError(f"--seqlen {seqlen} is above the model's context of {ctx} tokens.", f"use --seqlen {ctx} or less")
+
+
+def calibrate(
+    loaded: LoadedModel,
+    config: CalibrationConfig,
+    out: str | Path,
+    device: torch.device,
+    force: bool = False,
+    cache_dir: str | None = None,
+) -> Statistics:
+    """Calibrate `loaded` on `config.data` and write the statistics artifact to `out`."""
+    out = Path(out)
+    check_writable(out, force)
+    model = loaded.model
+    seqlen = config.seqlen
+    if seqlen is None and not config.data.endswith(".safetensors"):
+        seqlen = default_seqlen(model)
+    if seqlen is not None:
+        check_seqlen(model, seqlen)
+    t0 = time.perf_counter()
+    windows = calibration_windows(config.data, loaded.tokenizer, config.nsamples, seqlen, config.seed, cache_dir)
+    check_seqlen(model, windows.input_ids.shape[1])
+    t_data = time.perf_counter() - t0
+    tensors, hessians, layers, t_run = collect(loaded, windows.input_ids, device, config.hessian, config.batch_size)
+    n, length = windows.input_ids.shape
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "kind": ARTIFACT_KIND,
+        "versions": library_versions(),
+        "model": {"spec": loaded.spec, "path": loaded.path, "fingerprint": fingerprint(model), **config_summary(model)},
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(device),
+        "data": {
+            "source": windows.source,
+            "source_sha256": windows.source_sha256,
+            "token_ids_sha256": windows.sha256,
+            "nsamples": n,
+            "seqlen": length,
+            "seed": config.seed,
+            "notes": windows.notes,
+        },
+        "statistics": ["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
+        "count": n * length,
+        "layers": layers,
+        "timings": {"data_s": round(t_data, 3), "calibrate_s": round(t_run, 3)},
+    }
+    return Statistics.write(out, manifest, tensors, hessians if config.hessian else None, windows.input_ids, force)
+
+
+def collect(
+    loaded: LoadedModel, input_ids: torch.Tensor, device: torch.device, hessian: bool, batch_size: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict], float]:
+    """One dense pass, block by block: every linear layer's input statistics (and Hessians)."""
+    model = loaded.model
+    t0 = time.perf_counter()
+    inputs = capture_inputs(model, input_ids, batch_size, device)
+    tensors: dict[str, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor] = {}
+    layers: list[dict] = []
+    n_blocks = len(list(iterate_blocks(model)))
+    tokens = input_ids.numel()
+    with progress() as bar:
+        task = bar.add_task("calibrate", total=n_blocks, info="")
+        for i, prefix, block in iterate_blocks(model):
+            block.to(device)
+            lin = linear_layers(block)
+            collector = BlockCollector(block, lin, device, hessian)
+            try:
+                outs = []
+                for h, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+                    out = run_block(block, type(inputs)([h], [args], [kwargs]), device)[0]
+                    collector.end_batch()
+                    outs.append(out)
+            finally:
+                collector.remove()
+                block.to("cpu")
+            inputs.hidden = outs
+            for name, mod in lin.items():
+                st = collector.layer_stats(name)
+                full = f"{prefix}.{name}"
+                group = f"{prefix}.{collector.group_of[name]}"
+                if f"{group}.mean" not in tensors:  # a group's statistics are stored once
+                    tensors[f"{group}.mean"] = st.mean.cpu()
+                    tensors[f"{group}.m2"] = st.m2.cpu()
+                    if hessian:
+                        hessians[group] = st.hessian.cpu()  # type: ignore[union-attr]
+                shape = list(mod.weight.shape) if type(mod).__name__ != "Conv1D" else list(mod.weight.shape)[::-1]
+                layers.append({"name": full, "block": i, "shape": shape, "fed_by_norm": st.fed_by_norm, "group": group})
+            rate = tokens * (i + 1) / n_blocks / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, info=f"{rate:,.0f} tok/s")
+    return tensors, hessians, layers, time.perf_counter() - t0

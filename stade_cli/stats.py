@@ -1,0 +1,300 @@
+"""Per-layer activation statistics: streaming accumulators, hooks that feed them, and the on-disk artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import StadeError
+from .files import atomic_dir, read_json, write_json
+
+SCHEMA_VERSION = 1
+ARTIFACT_KIND = "stade-statistics"
+STATS_FILE = "stats.safetensors"
+HESSIAN_FILE = "hessians.safetensors"
+TOKENS_FILE = "tokens.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------- accumulators
+
+
+class Moments:
+    """count, mean and m2 per channel, merged batch by batch with Chan's update in float64."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        """x: (..., dim) token vectors of one batch."""
+        xb = x.reshape(-1, x.shape[-1]).float()  # (n_b, dim)
+        nb = xb.shape[0]
+        mean_b = xb.mean(0)
+        m2_b = (xb - mean_b).square_().sum(0)
+        self.merge(nb, mean_b.double(), m2_b.double())
+
+    def merge(self, nb: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        n = self.count
+        total = n + nb
+        delta = mean_b - self.mean
+        self.mean += delta * (nb / total)
+        self.m2 += m2_b + delta.square() * (n * nb / total)
+        self.count = total
+
+
+class Hessian:
+    """H = 2/n * sum_t x_t x_t^T, accumulated in float32 (SparseGPT's second-moment matrix)."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        self.count = 0
+        self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        xb = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(xb.t(), xb)
+        self.count += xb.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.sum * (2.0 / self.count)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What the metrics read for one linear layer; every derived statistic follows method.md."""
+
+    count: int
+    mean: torch.Tensor  # (in,) float64
+    m2: torch.Tensor  # (in,) float64
+    fed_by_norm: bool
+    hessian: torch.Tensor | None = None  # (in, in) float32
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    @property
+    def sumsq(self) -> torch.Tensor:
+        return self.m2 + self.count * self.mean.square()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.sumsq.sqrt()
+
+
+class BlockCollector:
+    """Forward hooks on one block's linear layers that stream their inputs into accumulators.
+
+    Layers that receive the very same input tensor (q/k/v; gate/up) form one group and the
+    group's statistics are computed once. A layer whose input is a normalisation layer's output
+    is marked `fed_by_norm` (this decides what `stadew` does with it).
+    """
+
+    def __init__(
+        self, block: nn.Module, layers: dict[str, nn.Module], device: torch.device, hessian: bool
+    ) -> None:
+        self.layers = layers
+        self.device = device
+        self.want_hessian = hessian
+        self.group_of: dict[str, str] = {}
+        self.fed_by_norm: dict[str, bool] = {}
+        self.moments: dict[str, Moments] = {}
+        self.hessians: dict[str, Hessian] = {}
+        self._last: tuple[torch.Tensor, str] | None = None
+        self._norm_outputs: list[torch.Tensor] = []
+        self._first_batch = True
+        self._handles = [mod.register_forward_hook(self._layer_hook(name)) for name, mod in layers.items()]
+        from .models import is_norm
+
+        self._handles += [m.register_forward_hook(self._norm_hook) for m in block.modules() if is_norm(m)]
+
+    def _norm_hook(self, _mod: nn.Module, _args: tuple, out: Any) -> None:
+        if self._first_batch and isinstance(out, torch.Tensor):  # only needed on the first batch
+            self._norm_outputs.append(out)
+
+    def _layer_hook(self, name: str) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
+            x = args[0]
+            if name not in self.group_of:  # first batch: find groups and norm-fed layers
+                self.fed_by_norm[name] = any(x is t for t in self._norm_outputs)
+                if self._last is not None and self._last[0] is x:
+                    self.group_of[name] = self._last[1]
+                    return
+                self.group_of[name] = name
+                self.moments[name] = Moments(x.shape[-1], self.device)
+                if self.want_hessian:
+                    self.hessians[name] = Hessian(x.shape[-1], self.device)
+                self._last = (x, name)
+            if self.group_of[name] != name:
+                return
+            self.moments[name].update(x)
+            if self.want_hessian:
+                self.hessians[name].update(x)
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._first_batch = False
+        self._last = None
+        self._norm_outputs = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.end_batch()
+
+    def layer_stats(self, name: str) -> LayerStats:
+        g = self.group_of.get(name)
+        if g is None:
+            raise StadeError(f"Layer {name} never ran during calibration.", "is it used by the model's forward?")
+        m = self.moments[g]
+        h = self.hessians[g].value() if self.want_hessian else None
+        return LayerStats(m.count, m.mean, m.m2, self.fed_by_norm[name], h)
+
+
+# ----------------------------------------------------------------------------------------------- artifact
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    from . import __version__
+
+    out = {"stade": __version__, "python": platform.python_version()}
+    for lib in ("torch", "transformers", "safetensors"):
+        try:
+            out[lib] = version(lib)
+        except Exception:  # pragma: no cover - a library installed without metadata
+            out[lib] = "unknown"
+    return out
+
+
+@dataclass
+class Statistics:
+    """A calibration artifact folder: manifest.json, statistics, optional Hessians, and the token ids."""
+
+    path: Path
+    manifest: dict[str, Any]
+    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- reading
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> Statistics:
+        path = Path(path)
+        if not path.is_dir():
+            raise StadeError(f"Statistics folder {str(path)!r} does not exist.", "run `stade calibrate` first")
+        manifest = read_json(path / "manifest.json", "Statistics manifest")
+        if manifest.get("kind") != ARTIFACT_KIND:
+            raise StadeError(f"{str(path)!r} is not a stade statistics folder.", "run `stade calibrate` to make one")
+        if manifest.get("schema", 0) > SCHEMA_VERSION:
+            raise StadeError(
+                f"Statistics in {str(path)!r} use schema {manifest['schema']}, newer than this stade understands.",
+                "upgrade stade",
+            )
+        stats = cls(path, manifest)
+        if verify:
+            stats.verify()
+        return stats
+
+    def verify(self) -> None:
+        """Every data file must exist with the size and hash the manifest recorded (catches truncation)."""
+        for fname, meta in self.manifest["files"].items():
+            f = self.path / fname
+            if not f.exists():
+                raise StadeError(f"Statistics file {str(f)!r} is missing.", "re-run `stade calibrate`")
+            if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
+                raise StadeError(
+                    f"Statistics file {str(f)!r} is corrupted or truncated (its hash differs from the manifest's).",
+                    "re-run `stade calibrate --force`",
+                )
+
+    def _open(self, fname: str) -> Any:
+        if fname not in self._handles:
+            from safetensors import safe_open
+
+            try:
+                self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
+            except Exception as exc:
+                raise StadeError(f"Cannot read {self.path / fname}: {exc}", "re-run `stade calibrate --force`") from None
+        return self._handles[fname]
+
+    @property
+    def has_hessian(self) -> bool:
+        return "hessian" in self.manifest["statistics"]
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        return {entry["name"]: entry for entry in self.manifest["layers"]}
+
+    def layer(self, name: str, hessian: bool = False, device: torch.device | str = "cpu") -> LayerStats:
+        entry = self.layers[name]
+        f = self._open(STATS_FILE)
+        h = None
+        if hessian:
+            if not self.has_hessian:
+                raise StadeError("These statistics have no Hessians.", "re-run `stade calibrate --hessian`")
+            h = self._open(HESSIAN_FILE).get_tensor(entry["group"]).to(device)
+        return LayerStats(
+            count=int(self.manifest["count"]),
+            mean=f.get_tensor(f"{entry['group']}.mean").to(device),
+            m2=f.get_tensor(f"{entry['group']}.m2").to(device),
+            fed_by_norm=bool(entry["fed_by_norm"]),
+            hessian=h,
+        )
+
+    def token_ids(self) -> torch.Tensor:
+        return self._open(TOKENS_FILE).get_tensor("input_ids")
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this artifact: what every prune report records."""
+        return hashlib.sha256(
+            "".join(f"{k}:{v['sha256']}" for k, v in sorted(self.manifest["files"].items())).encode()
+        ).hexdigest()
+
+    # -- writing
+    @staticmethod
+    def write(
+        out: Path,
+        manifest: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        hessians: dict[str, torch.Tensor] | None,
+        input_ids: torch.Tensor,
+        force: bool,
+    ) -> Statistics:
+        """Write the artifact atomically; the manifest records each file's size and hash."""
+        from safetensors.torch import save_file
+
+        with atomic_dir(out, force) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATS_FILE))
+            save_file({"input_ids": input_ids.contiguous()}, str(tmp / TOKENS_FILE))
+            files = [STATS_FILE, TOKENS_FILE]
+            if hessians is not None:
+                save_file({k: v.contiguous() for k, v in hessians.items()}, str(tmp / HESSIAN_FILE))
+                files.append(HESSIAN_FILE)
+            manifest = {
+                **manifest,
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files},
+            }
+            write_json(tmp / "manifest.json", manifest)
+        return Statistics(out, manifest)
