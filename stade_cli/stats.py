@@ -262,6 +262,9 @@ class Statistics:
             hessian=h,
         )
 
+    def summary(self) -> dict[str, Any]:
+        return summary(self)
+
     def token_ids(self) -> torch.Tensor:
         return self._open(TOKENS_FILE).get_tensor("input_ids")
 
@@ -298,3 +301,53 @@ class Statistics:
             }
             write_json(tmp / "manifest.json", manifest)
         return Statistics(out, manifest)
+
+
+def block_summary(stats: Statistics) -> list[dict[str, Any]]:
+    """Per block: range of channel means and stds over its layer inputs, and how many channels are off-centre.
+
+    A channel counts as off-centre when |mean| > std: there Wanda's E[x^2] and STADE's var rank
+    weights differently, and the bias update matters.
+    """
+    groups: dict[int, list[str]] = {}
+    for entry in stats.manifest["layers"]:
+        groups.setdefault(entry["block"], [])
+        if entry["group"] not in groups[entry["block"]]:
+            groups[entry["block"]].append(entry["group"])
+    by_group = {e["group"]: e["name"] for e in stats.manifest["layers"]}
+    rows = []
+    for block, gs in sorted(groups.items()):
+        means, stds = [], []
+        for g in gs:
+            st = stats.layer(by_group[g])
+            means.append(st.mean)
+            stds.append(st.std)
+        mean, std = torch.cat(means), torch.cat(stds)
+        rows.append(
+            {
+                "block": block,
+                "inputs": len(gs),
+                "channels": int(mean.numel()),
+                "mean_min": float(mean.min()),
+                "mean_max": float(mean.max()),
+                "std_min": float(std.min()),
+                "std_max": float(std.max()),
+                "off_centre": int((mean.abs() > std).sum()),
+            }
+        )
+    return rows
+
+
+def summary(stats: Statistics) -> dict[str, Any]:
+    m = stats.manifest
+    return {
+        "path": str(stats.path),
+        "fingerprint": stats.fingerprint,
+        "model": m["model"],
+        "dtype": m["dtype"],
+        "data": m["data"],
+        "statistics": m["statistics"],
+        "count": m["count"],
+        "layers": len(m["layers"]),
+        "blocks": block_summary(stats),
+    }
