@@ -43,7 +43,9 @@ def default_seqlen(model: torch.nn.Module) -> int:
 def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
     ctx = max_context(model)
     if ctx is not None and seqlen > ctx:
-        raise StadeError(f"--seqlen {seqlen} is above the model's context of {ctx} tokens.", f"use --seqlen {ctx} or less")
+        raise StadeError(
+            f"--seqlen {seqlen} is above the model's context of {ctx} tokens.", f"use --seqlen {ctx} or less"
+        )
 
 
 def calibrate(

@@ -44,7 +44,9 @@ ModelArg = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Hardware")]
 DtypeOpt = Annotated[
     Dtype | None,
-    typer.Option("--dtype", help="Weights dtype [default: the model's own; float32 on CPU].", rich_help_panel="Hardware"),
+    typer.Option(
+        "--dtype", help="Weights dtype [default: the model's own; float32 on CPU].", rich_help_panel="Hardware"
+    ),
 ]
 CacheDirOpt = Annotated[
     Path | None, typer.Option("--cache-dir", help="Where downloaded weights and datasets are cached.")
@@ -117,7 +119,9 @@ def calibrate(
     nsamples: Annotated[int | None, typer.Option(help="Number of calibration windows [default: 128].")] = None,
     seqlen: Annotated[int | None, typer.Option(help="Tokens per window [default: min(context, 2048)].")] = None,
     seed: SeedOpt = 0,
-    hessian: Annotated[bool, typer.Option("--hessian", help="Also keep the second-moment matrices sparsegpt needs.")] = False,
+    hessian: Annotated[
+        bool, typer.Option("--hessian", help="Also keep the second-moment matrices sparsegpt needs.")
+    ] = False,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,

@@ -7,6 +7,7 @@ import hashlib
 import importlib.metadata
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,14 +77,25 @@ def _gensim_file(name: str) -> Path:
     return Path(str(dist.locate_file(f"{GENSIM_DATA}/{name}")))
 
 
+def _clean_article(markup: str) -> str:
+    """Plain prose of one article: markup, bold/italic quotes, bullets, galleries and short lines removed."""
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = re.sub(r"'{2,}", "", filter_wiki(markup))
+    lines = (line.strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if len(line.split()) >= 4 and not line.startswith(("*", "File:", "Image:")))
+
+
 def _wiki_articles() -> list[str]:
-    """Main-namespace article texts of gensim's Wikipedia extract, wiki markup removed."""
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    """Articles of gensim's Wikipedia extract, cleaned; stubs and redirects (< 500 characters) dropped.
+
+    This is the document list the reference token ids were drawn from (tests check it, id for id).
+    """
+    from gensim.corpora.wikicorpus import extract_pages
 
     with bz2.open(_gensim_file(WIKI_FILE), "rb") as f:
-        pages = [(title, text) for title, text, _pageid in extract_pages(f, filter_namespaces=("0",))]
-    texts = [filter_wiki(text).strip() for _title, text in pages]
-    return [t for t in texts if t and not t.lower().startswith("#redirect")]
+        texts = [_clean_article(markup) for _title, markup, _pageid in extract_pages(f)]
+    return [t for t in texts if len(t) >= 500]
 
 
 def _news_lines() -> list[str]:
@@ -99,10 +111,9 @@ def builtin_documents(name: str) -> Documents:
     if not (cache / "docs.jsonl").exists():
         texts = _wiki_articles() if name == "sample-wiki" else _news_lines()
         cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(cache, force=True) as tmp:
-            with open(tmp / "docs.jsonl", "w", encoding="utf8") as f:
-                for t in texts:
-                    f.write(json.dumps({"text": t}) + "\n")
+        with atomic_dir(cache, force=True) as tmp, open(tmp / "docs.jsonl", "w", encoding="utf8") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
     texts = [json.loads(line)["text"] for line in open(cache / "docs.jsonl", encoding="utf8")]
     # The news sample is one text, a line per story: each story ends with a newline.
     if name == "sample-news":
@@ -152,7 +163,7 @@ def local_documents(path: Path) -> Documents:
                     continue
                 row = json.loads(line)
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise StadeError(f"{path}:{i} has no string field 'text'.", "each line must be {\"text\": ...}")
+                    raise StadeError(f"{path}:{i} has no string field 'text'.", 'each line must be {"text": ...}')
                 texts.append(row["text"])
             docs = Documents(str(path), texts)
         elif suffix == ".parquet":
@@ -296,11 +307,15 @@ def calibration_windows(
         ids = load_token_file(path, "[n, seqlen]")
         n, length = ids.shape
         if nsamples is not None and nsamples != n:
-            raise StadeError(f"--nsamples {nsamples} disagrees with {source!r}, which holds {n} windows.",
-                             "omit --nsamples or make it match")
+            raise StadeError(
+                f"--nsamples {nsamples} disagrees with {source!r}, which holds {n} windows.",
+                "omit --nsamples or make it match",
+            )
         if seqlen is not None and seqlen != length:
-            raise StadeError(f"--seqlen {seqlen} disagrees with {source!r}, whose windows are {length} tokens.",
-                             "omit --seqlen or make it match")
+            raise StadeError(
+                f"--seqlen {seqlen} disagrees with {source!r}, whose windows are {length} tokens.",
+                "omit --seqlen or make it match",
+            )
         return TokenWindows(ids, str(path), ["pre-tokenized windows, taken as they are"], file_sha256(path))
     if nsamples is None or seqlen is None:
         raise StadeError("--nsamples and --seqlen are needed for a text source.")

