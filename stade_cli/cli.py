@@ -178,6 +178,195 @@ def stats_show(
         render_stats(stats)
 
 
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+@cli_errors
+def prune(
+    model: ModelArg,
+    stats: Annotated[Path, typer.Option("--stats", "-s", help="Statistics folder from `stade calibrate`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder (a sweep: one sub-folder each).")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Method(s), comma-separated; see `stade methods`.")],
+    sparsity: Annotated[
+        str | None, typer.Option("--sparsity", help="Ratio(s) in [0, 1), comma-separated [default: N/M for N:M].")
+    ] = None,
+    pattern: Annotated[
+        str, typer.Option("--pattern", "-p", help="unstructured or N:M (2:4, 4:8, ...), comma-separated.")
+    ] = "unstructured",
+    sequential: Annotated[
+        bool, typer.Option("--sequential", help="Recalibrate each block on the pruned blocks' outputs (published).")
+    ] = False,
+    bias_update: Annotated[
+        bool, typer.Option("--bias-update/--no-bias-update", help="STADE's bias compensation (stade, stadew).")
+    ] = True,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    cache_dir: CacheDirOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune MODEL with cached statistics and write checkpoints that plain transformers loads.
+
+    Example: stade prune smollm2-135m --stats stats/ --method wanda,stade --pattern unstructured,2:4 --sparsity 0.5 --out pruned/
+    """
+    from .files import check_writable
+    from .masks import parse_pattern
+    from .models import load_model, parse_dtype, resolve_device
+    from .prune import PruneConfig, output_paths, prune_sweep
+    from .stats import Statistics
+    from .tables import render_prune, render_sweep
+
+    ratios: list[float | None] = [None]
+    if sparsity is not None:
+        try:
+            ratios = [float(r) for r in _csv(sparsity)]
+        except ValueError:
+            raise typer.BadParameter(f"{sparsity!r} is not a comma-separated list of numbers.", param_hint="--sparsity")
+    configs = []
+    for m in _csv(method):
+        for p in _csv(pattern):
+            for r in ratios if not parse_pattern(p).structured else [ratios[0] if len(ratios) == 1 else None]:
+                configs.append(PruneConfig(m, r, p, bias_update, sequential, seed))
+    for path in output_paths(out, configs).values():
+        check_writable(path, force)
+    stats_art = Statistics.load(stats)
+    dev = resolve_device(device)
+    loaded = load_model(model, stats_art.manifest["dtype"], dev, str(cache_dir) if cache_dir else None)
+    results = prune_sweep(loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size)
+    if as_json:
+        print_json([{"path": str(p), **r} for p, r in results] if len(results) > 1 else {"path": str(results[0][0]), **results[0][1]})
+    elif len(results) == 1:
+        render_prune(str(results[0][0]), results[0][1])
+    else:
+        render_sweep([(str(p), r) for p, r in results])
+
+
+@app.command()
+@cli_errors
+def methods(as_json: JsonOpt = False) -> None:
+    """List the pruning methods, the statistics each needs, and whether it updates biases.
+
+    Example: stade methods --json
+    """
+    from .metrics import METRICS
+    from .stats import LayerStats
+
+    import torch
+
+    norm_fed = LayerStats(1, torch.zeros(1), torch.zeros(1), True)
+    other = LayerStats(1, torch.zeros(1), torch.zeros(1), False)
+    rows = []
+    for m in METRICS.values():
+        a, b = m.bias_update(norm_fed), m.bias_update(other)
+        rows.append({"name": m.name, "description": m.description, "needs": list(m.needs),
+                     "bias_update": "all layers" if a and b else "layers not fed by a norm" if b else "no"})
+    if as_json:
+        print_json(rows)
+    else:
+        from .tables import render_methods
+
+        render_methods(rows)
+
+
+@app.command("eval")
+@cli_errors
+def eval_(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The results JSON file to write.")],
+    ppl: Annotated[
+        str,
+        typer.Option(
+            "--ppl",
+            help="Perplexity datasets, comma-separated: wikitext2, c4, sample-news, sample-wiki, a .txt/.jsonl/"
+            ".parquet file or a .safetensors file of ids [1, N]; 'none' skips perplexity.",
+        ),
+    ] = "wikitext2",
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="lm_eval tasks, comma-separated: task names, local task .yaml files, or the offline 'stade_cloze'; "
+            "'none' skips zero-shot.",
+            show_default="the published seven: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+        ),
+    ] = None,
+    seqlen: Annotated[
+        int | None, typer.Option(help="Tokens per perplexity window.", show_default="min(context, 2048)")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N items per zero-shot task (for quick checks).")] = None,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    cache_dir: CacheDirOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure MODEL's perplexity and zero-shot accuracy as published, and write them to a results file.
+
+    Example: stade eval pruned/wanda-50/ --ppl sample-news --tasks stade_cloze --out results/wanda-50.json
+    """
+    from .evaluate import EvalConfig, evaluate_model, write_results
+    from .files import check_writable
+    from .models import load_model, resolve_device
+    from .tables import render_results
+
+    config = EvalConfig.from_strings(ppl, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit)
+    check_writable(out, force)
+    dev = resolve_device(device)
+    cache = str(cache_dir) if cache_dir else None
+    loaded = load_model(model, dtype.value if dtype else None, dev, cache)
+    results = evaluate_model(loaded, config, dev, cache)
+    write_results(out, results, force)
+    if as_json:
+        print_json(results)
+    else:
+        render_results(results)
+
+
+@app.command()
+@cli_errors
+def compare(
+    results: Annotated[list[Path], typer.Argument(help="Results files from `stade eval`, or folders of them.")],
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", help="The results to compare against.", show_default="the dense model, if any"),
+    ] = None,
+    sort: Annotated[
+        str | None, typer.Option("--sort", help="Sort by a column: a metric (ppl:wikitext2, acc:mean), sparsity, ...")
+    ] = None,
+    as_json: JsonOpt = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table on stdout.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw perplexity against sparsity to this .png file.")
+    ] = None,
+) -> None:
+    """Compare results files side by side: best value per column, change against the dense baseline.
+
+    Example: stade compare results/ --sort ppl:wikitext2 --plot ppl.png
+    """
+    from .compare import compare as run
+    from .compare import plot as draw
+    from .console import err
+    from .tables import render_comparison
+
+    if as_json + markdown + as_csv > 1:
+        raise typer.BadParameter("choose one of --json, --markdown and --csv.")
+    comparison = run(results, baseline, sort)
+    if plot is not None:
+        err.print(f"Plot written to {draw(comparison, plot)}", highlight=False)
+    if as_json:
+        print_json(comparison.to_dict())
+    elif markdown or as_csv:
+        typer.echo(comparison.to_markdown() if markdown else comparison.to_csv(), nl=False)
+    else:
+        render_comparison(comparison)
+
+
 def main() -> None:
     app()
 

@@ -9,6 +9,7 @@ from rich.table import Table
 from .console import out
 
 if TYPE_CHECKING:
+    from .compare import Comparison
     from .stats import Statistics
 
 
@@ -41,3 +42,139 @@ def render_stats(stats: Statistics) -> None:
             str(r["off_centre"]),
         )
     out.print(table)
+
+
+def render_methods(rows: list[dict]) -> None:
+    table = Table(title="Pruning methods")
+    for col in ("method", "statistics", "bias update", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(f"[bold]{r['name']}[/]", ", ".join(r["needs"]) or "weights only", r["bias_update"], r["description"])
+    out.print(table)
+
+
+def render_prune(path: str, report: dict) -> None:
+    """Per-block sparsity and estimated relative output error of one pruned checkpoint."""
+    blocks: dict[str, list[dict]] = {}
+    for layer in report["layers"]:
+        blocks.setdefault(_block_of(layer["name"]), []).append(layer)
+    mode = "sequential" if report["sequential"] else "one-shot"
+    table = Table(
+        title=f"{report['method']} {report['pattern']} {report['sparsity']:g} ({mode}) → {path}",
+        caption=f"achieved sparsity {report['achieved_sparsity']:.4f}; prune {report['timings'].get('prune_s', 0):.1f}s, "
+        f"write {report['timings'].get('write_s', 0):.1f}s",
+    )
+    for col in ("block", "layers", "sparsity", "rel. output error (mean)", "rel. output error (max)", "bias updated"):
+        table.add_column(col, justify="right")
+    for block, layers in blocks.items():
+        numel = sum(entry["shape"][0] * entry["shape"][1] for entry in layers)
+        sparsity = sum(entry["sparsity"] * entry["shape"][0] * entry["shape"][1] for entry in layers) / numel
+        errors = [entry["rel_error"] for entry in layers]
+        table.add_row(
+            block,
+            str(len(layers)),
+            f"{sparsity:.4f}",
+            f"{sum(errors) / len(errors):.4g}",
+            f"{max(errors):.4g}",
+            str(sum(entry["bias_updated"] for entry in layers)),
+        )
+    out.print(table)
+    for w in report.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {w}")
+
+
+def _block_of(name: str) -> str:
+    """'model.layers.3.mlp.down_proj' -> '3': the first numeric component."""
+    for part in name.split("."):
+        if part.isdigit():
+            return part
+    return name
+
+
+def render_sweep(results: list[tuple[str, dict]]) -> None:
+    table = Table(title="Pruned checkpoints")
+    for col in ("method", "pattern", "sparsity", "achieved", "mode", "bias update", "prune s", "path"):
+        table.add_column(col)
+    for path, r in results:
+        table.add_row(
+            r["method"],
+            r["pattern"],
+            f"{r['sparsity']:g}",
+            f"{r['achieved_sparsity']:.4f}",
+            "sequential" if r["sequential"] else "one-shot",
+            "yes" if r["bias_update"] else "no",
+            f"{r['timings'].get('prune_s', 0):.1f}",
+            path,
+        )
+    out.print(table)
+
+
+def render_results(results: dict) -> None:
+    """One `stade eval` results document: the model, its pruning, perplexities and zero-shot accuracies."""
+    model = results["model"]
+    pattern = f", {results['pattern']}" if results.get("pattern") else ""
+    target = results.get("sparsity") or 0.0
+    out.print(
+        f"[bold]Results[/] [cyan]{model['spec']}[/] ({model['architecture']}, {model['dtype']}, {results['device']}): "
+        f"{results['method']}{pattern}, target {100 * target:.1f}% / "
+        f"measured {100 * model['measured_sparsity']:.1f}% sparse"
+    )
+    if results["perplexity"]:
+        table = Table(title="Perplexity")
+        for col in ("dataset", "ppl", "windows", "seqlen", "tokens", "seconds"):
+            table.add_column(col, justify="left" if col == "dataset" else "right")
+        for name, r in results["perplexity"].items():
+            table.add_row(
+                name, f"{r['ppl']:.4f}", str(r["windows"]), str(r["seqlen"]), str(r["tokens"]), f"{r['seconds']:.1f}"
+            )
+        out.print(table)
+    zs = results["zeroshot"]
+    if zs["tasks"]:
+        table = Table(title=f"Zero-shot accuracy (%), {zs['num_fewshot']}-shot" + (f", limit {zs['limit']}" * bool(zs["limit"])))
+        for col in ("task", "acc", "± stderr", "acc_norm", "± stderr ", "items"):
+            table.add_column(col, justify="left" if col == "task" else "right")
+
+        def pct(x: float | None) -> str:
+            return "" if x is None else f"{100 * x:.2f}"
+
+        for name, e in zs["tasks"].items():
+            table.add_row(
+                name,
+                pct(e.get("acc")),
+                pct(e.get("acc_stderr")),
+                pct(e.get("acc_norm")),
+                pct(e.get("acc_norm_stderr")),
+                str(e.get("items") or ""),
+            )
+        mean = zs["mean"]
+        table.add_section()
+        table.add_row("[bold]mean[/]", pct(mean.get("acc")), "", pct(mean.get("acc_norm")), "", "")
+        out.print(table)
+
+
+def render_comparison(comparison: Comparison) -> None:
+    """The comparison table: best value per column in bold green, deltas to the baseline beside each value."""
+    from .compare import format_cell
+
+    title = "Comparison" + (f" (deltas against {comparison.baseline})" if comparison.baseline else "")
+    table = Table(title=title)
+    for col in ("model", "method", "pattern", "target", "achieved"):
+        table.add_column(col, justify="left" if col in ("model", "method", "pattern") else "right")
+    for c in comparison.columns:
+        arrow = "↑" if c.higher_is_better else "↓"
+        table.add_column(f"{c.label} {arrow}", justify="right")
+    for r in comparison.rows:
+        cells = [
+            f"[bold]{r.label}[/] [dim](baseline)[/]" if r.is_baseline else r.label,
+            r.method,
+            r.pattern or "",
+            "" if r.sparsity is None else f"{100 * r.sparsity:.1f}%",
+            "" if r.achieved_sparsity is None else f"{100 * r.achieved_sparsity:.1f}%",
+        ]
+        for c in comparison.columns:
+            text = format_cell(r, c)
+            cells.append(f"[bold green]{text}[/]" if comparison.is_best(r, c.key) else text)
+        table.add_row(*cells)
+    out.print(table)
+    for note in comparison.notes:
+        out.print(f"[yellow]note:[/] {note}")

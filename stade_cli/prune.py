@@ -1,0 +1,423 @@
+"""The prune stage: score, mask and (for stade/sparsegpt) update every block's linear layers, then save.
+
+One-shot (default) reads the cached dense statistics; `sequential` recalibrates block k on the
+outputs of the already-pruned blocks 0..k-1, as the published code does.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import BlockInputs, capture_inputs, iterate_blocks, run_block
+from .console import progress
+from .errors import StadeError
+from .files import atomic_dir, check_writable, write_json
+from .masks import Pattern, check_divisible, mask_from_scores, parse_pattern, resolve_sparsity
+from .metrics import Metric, get_metric
+from .models import LoadedModel, fingerprint, get_weight, linear_layers, set_weight
+from .sparsegpt import sparsegpt_prune
+from .stats import BlockCollector, LayerStats, Statistics, library_versions
+
+REPORT_FILE = "stade.json"
+REPORT_KIND = "stade-prune-report"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str
+    sparsity: float | None = None  # None with an N:M pattern: N/M
+    pattern: str = "unstructured"
+    bias_update: bool = True  # STADE's bias compensation where the method asks for it
+    sequential: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", get_metric(self.method).name)
+        pattern = parse_pattern(self.pattern)
+        object.__setattr__(self, "pattern", str(pattern))
+        object.__setattr__(self, "sparsity", resolve_sparsity(pattern, self.sparsity))
+
+    @property
+    def metric(self) -> Metric:
+        return get_metric(self.method)
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    @property
+    def ratio(self) -> float:
+        assert self.sparsity is not None
+        return self.sparsity
+
+    @property
+    def name(self) -> str:
+        """Folder name in a sweep: method-pattern-sparsity."""
+        return f"{self.method}-{self.parsed_pattern.slug}-{self.ratio:g}"
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    rel_error: float
+    bias_updated: bool
+    damping: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "sparsity": round(self.sparsity, 6),
+            "rel_error": self.rel_error,
+            "bias_updated": self.bias_updated,
+        }
+        if self.damping is not None:
+            d["damping"] = self.damping
+        return d
+
+
+@dataclass
+class PruneReport:
+    config: PruneConfig
+    layers: list[LayerReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        pruned = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return pruned / total if total else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- one layer
+
+
+def output_error(
+    w: torch.Tensor, w_new: torch.Tensor, db: torch.Tensor | None, st: LayerStats
+) -> tuple[float, float]:
+    """Estimated squared output error of the change, and the dense output energy (diagonal approximation).
+
+    error_i = sum_j dW_ij^2 var_j + (sum_j dW_ij mean_j + db_i)^2, energy = sum_ij W_ij^2 E[x_j^2].
+    """
+    mean = st.mean.to(w.device, torch.float32)
+    var = st.var.to(w.device, torch.float32)
+    delta = w_new - w
+    residual = delta @ mean + (db if db is not None else 0.0)
+    err = (delta.square() @ var).double().sum() + residual.double().square().sum()
+    energy = (w.square() @ (var + mean.square())).double().sum()
+    return float(err), float(energy)
+
+
+def prune_weight(
+    w: torch.Tensor, st: LayerStats, config: PruneConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """(new weight, mask, bias change or None, damping) for one layer; `w` is the original (out, in) float32."""
+    metric = config.metric
+    damping = None
+    if metric.solver:
+        assert st.hessian is not None
+        res = sparsegpt_prune(w, st.hessian, config.ratio, config.parsed_pattern)
+        w_new, mask, damping = res.weight, res.mask, res.damping
+    else:
+        mask = mask_from_scores(metric.score(w, st, gen), config.ratio, config.parsed_pattern)  # type: ignore[misc]
+        w_new = w.masked_fill(mask, 0.0)
+    db = None
+    if config.bias_update and metric.bias_update(st):
+        # From the ORIGINAL weights, before zeroing: the pruned weights' expected contribution.
+        db = (w * mask) @ st.mean.to(w.device, torch.float32)
+    return w_new, mask, db, damping
+
+
+def _layer_generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def prune_block(
+    prefix: str, block: nn.Module, stats_of: Any, config: PruneConfig, device: torch.device
+) -> list[LayerReport]:
+    """Prune every linear layer of one block in place (the block is on `device`)."""
+    reports = []
+    for name, mod in linear_layers(block).items():
+        full = f"{prefix}.{name}"
+        st: LayerStats = stats_of(name, full)
+        w = get_weight(mod).detach().to(torch.float32)
+        w_new, mask, db, damping = prune_weight(w, st, config, _layer_generator(config.seed, full))
+        err, energy = output_error(w, w_new, db, st)
+        set_weight(mod, w_new)
+        if db is not None:
+            _add_bias(mod, db)
+        reports.append(
+            LayerReport(full, tuple(w.shape), float(mask.float().mean()), err / max(energy, 1e-30), db is not None, damping)
+        )
+    return reports
+
+
+def _add_bias(mod: nn.Module, db: torch.Tensor) -> None:
+    if mod.bias is None:
+        mod.bias = nn.Parameter(torch.zeros(db.shape[0], dtype=mod.weight.dtype, device=mod.weight.device))
+    mod.bias.data.add_(db.to(mod.bias.dtype))
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check_compatible(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -> None:
+    """Everything that can be wrong is found here, before any weight changes."""
+    recorded = stats.manifest["model"]["fingerprint"]
+    if recorded != fingerprint(model):
+        raise StadeError(
+            f"The statistics in {str(stats.path)!r} were computed on another model "
+            f"({stats.manifest['model']['spec']!r}; weights fingerprint differs).",
+            "run `stade calibrate` on this model",
+        )
+    layers = stats.layers
+    for i, prefix, block in iterate_blocks(model):
+        for name, mod in linear_layers(block).items():
+            full = f"{prefix}.{name}"
+            shape = list(get_weight(mod).shape)
+            if full not in layers or layers[full]["shape"] != shape:
+                raise StadeError(
+                    f"The statistics do not match this model's layer {full} {shape} (block {i}).",
+                    "run `stade calibrate` on this model",
+                )
+            for c in configs:
+                check_divisible(c.parsed_pattern, full, shape[1])
+    for c in configs:
+        if "hessian" in c.metric.needs and not c.sequential and not stats.has_hessian:
+            raise StadeError(
+                f"Method {c.method!r} needs second-moment matrices, which {str(stats.path)!r} lacks.",
+                "re-run `stade calibrate --hessian`, or use --sequential",
+            )
+
+
+def bias_plan(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -> dict[str, bool]:
+    """The config switches that make plain transformers load the biases STADE adds, checked on a meta copy.
+
+    Returns the switches to set; raises where the architecture cannot hold a needed bias.
+    """
+    needed = set()
+    for c in configs:
+        if not c.bias_update:
+            continue
+        for entry in stats.manifest["layers"]:
+            st = LayerStats(1, torch.zeros(1), torch.zeros(1), bool(entry["fed_by_norm"]))
+            if c.metric.bias_update(st) and model.get_submodule(entry["name"]).bias is None:
+                needed.add(entry["name"])
+    if not needed:
+        return {}
+    cfg = model.config
+    switches = {k: True for k, v in cfg.to_dict().items() if (k == "bias" or k.endswith("_bias")) and v is False}
+    missing = sorted(needed)
+    if switches:
+        from transformers import AutoModelForCausalLM
+
+        trial = cfg.__class__.from_dict({**cfg.to_dict(), **switches})
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(trial)
+        missing = [n for n in missing if getattr(meta.get_submodule(n), "bias", None) is None]
+    if missing:
+        raise StadeError(
+            f"{type(model).__name__} has no config switch that gives {missing[0]} a bias"
+            + (f" (and {len(missing) - 1} more layers)" if len(missing) > 1 else "")
+            + ", so STADE's bias update could not be saved in a checkpoint that plain transformers loads.",
+            "pass --no-bias-update (the published code's effective behaviour) or choose a method without it",
+        )
+    return switches
+
+
+# ----------------------------------------------------------------------------------------------- driving
+
+
+def _one_shot_stats(stats: Statistics, config: PruneConfig, device: torch.device) -> Any:
+    hessian = "hessian" in config.metric.needs
+    return lambda _name, full: stats.layer(full, hessian=hessian, device=device)
+
+
+def prune_model(
+    loaded: LoadedModel,
+    stats: Statistics,
+    config: PruneConfig,
+    device: torch.device,
+    batch_size: int = 8,
+    inputs: BlockInputs | None = None,
+) -> PruneReport:
+    """Prune `loaded.model` in place, block by block on `device`."""
+    model = loaded.model
+    report = PruneReport(config)
+    t0 = time.perf_counter()
+    if config.sequential and inputs is None:
+        inputs = capture_inputs(model, stats.token_ids(), batch_size, device)
+    blocks = list(iterate_blocks(model))
+    with progress() as bar:
+        task = bar.add_task(f"{config.name}{' (sequential)' if config.sequential else ''}", total=len(blocks), info="")
+        for _i, prefix, block in blocks:
+            block.to(device)
+            try:
+                if config.sequential:
+                    assert inputs is not None
+                    collector = BlockCollector(block, linear_layers(block), device, "hessian" in config.metric.needs)
+                    try:
+                        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+                            run_block(block, BlockInputs([h], [a], [k]), device)
+                            collector.end_batch()
+                    finally:
+                        collector.remove()
+                    report.layers += prune_block(prefix, block, lambda n, _f: collector.layer_stats(n), config, device)
+                    inputs.hidden = run_block(block, inputs, device)  # the pruned block feeds the next one
+                else:
+                    report.layers += prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
+            finally:
+                block.to("cpu")
+            bar.advance(task)
+    report.timings["prune_s"] = round(time.perf_counter() - t0, 3)
+    for r in report.layers:
+        if r.damping is not None and r.damping > 0.01:
+            report.warnings.append(f"{r.name}: Hessian needed damping {r.damping:g} (Cholesky failed at 0.01)")
+    return report
+
+
+def _finish_biases(model: nn.Module, switches: dict[str, bool]) -> None:
+    """Set the bias switches and give every layer the switched config expects a bias (zeros where none)."""
+    if not switches:
+        return
+    for k, v in switches.items():
+        setattr(model.config, k, v)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config)
+    for name, mod in meta.named_modules():
+        if getattr(mod, "bias", None) is not None and isinstance(mod, nn.Linear):
+            real = model.get_submodule(name)
+            if real.bias is None:
+                real.bias = nn.Parameter(torch.zeros(real.out_features, dtype=real.weight.dtype))
+
+
+def save_checkpoint(loaded: LoadedModel, report: PruneReport, stats: Statistics, out: Path, force: bool,
+                    device: torch.device, dtype: torch.dtype | None) -> None:
+    """Write a plain transformers checkpoint (sharded safetensors + index), tokenizer, and stade.json."""
+    t0 = time.perf_counter()
+    model = loaded.model
+    with atomic_dir(out, force) as tmp:
+        if dtype is not None and dtype != loaded.dtype:  # convert a copy: the loaded model serves the next run
+            own = model.config.dtype
+            model.config.dtype = dtype
+            try:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+                model.save_pretrained(tmp, max_shard_size="2GB", state_dict=state)
+            finally:
+                model.config.dtype = own
+        else:
+            model.save_pretrained(tmp, max_shard_size="2GB")
+        loaded.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        report.timings["write_s"] = round(time.perf_counter() - t0, 3)
+        write_json(tmp / REPORT_FILE, report_dict(loaded, report, stats, device))
+
+
+def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, device: torch.device) -> dict[str, Any]:
+    c = report.config
+    return {
+        "schema": 1,
+        "kind": REPORT_KIND,
+        "method": c.method,
+        "pattern": c.pattern,
+        "sparsity": c.ratio,
+        "achieved_sparsity": round(report.achieved_sparsity, 6),
+        "bias_update": c.bias_update and any(r.bias_updated for r in report.layers),
+        "sequential": c.sequential,
+        "seed": c.seed,
+        "model": {"spec": loaded.spec, "path": loaded.path},
+        "statistics": {
+            "path": str(stats.path),
+            "fingerprint": stats.fingerprint,
+            "data": stats.manifest["data"]["source"],
+            "nsamples": stats.manifest["data"]["nsamples"],
+            "seqlen": stats.manifest["data"]["seqlen"],
+        },
+        "versions": library_versions(),
+        "device": str(device),
+        "timings": report.timings,
+        "warnings": report.warnings,
+        "layers": [r.as_dict() for r in report.layers],
+    }
+
+
+def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    return {
+        f"{prefix}.{name}": (mod.weight.detach().clone(), None if mod.bias is None else mod.bias.detach().clone())
+        for _i, prefix, block in iterate_blocks(model)
+        for name, mod in linear_layers(block).items()
+    }
+
+
+def _restore(model: nn.Module, snap: dict[str, tuple[torch.Tensor, torch.Tensor | None]], cfg: dict) -> None:
+    for name, mod in model.named_modules():
+        if name in snap:
+            w, b = snap[name]
+            mod.weight.data.copy_(w)
+            if b is None:
+                mod.bias = None
+            else:
+                mod.bias.data.copy_(b)
+        elif isinstance(mod, nn.Linear) and mod.bias is not None and name not in cfg["_biased"]:
+            mod.bias = None
+    for k, v in cfg.items():
+        if not k.startswith("_"):
+            setattr(model.config, k, v)
+
+
+def output_paths(out: Path, configs: list[PruneConfig]) -> dict[PruneConfig, Path]:
+    """One config writes `out` itself; a sweep writes out/method-pattern-sparsity for each."""
+    if len(configs) == 1:
+        return {configs[0]: out}
+    return {c: out / c.name for c in configs}
+
+
+def prune_sweep(
+    loaded: LoadedModel,
+    stats: Statistics,
+    configs: list[PruneConfig],
+    out: str | Path,
+    device: torch.device,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    batch_size: int = 8,
+) -> list[tuple[Path, dict[str, Any]]]:
+    """Prune once per config from one loaded model and one statistics artifact; returns (path, stade.json)."""
+    out = Path(out)
+    if len(set(configs)) != len(configs):
+        raise StadeError("The sweep names the same combination twice.", "remove the duplicate method/pattern/ratio")
+    paths = output_paths(out, configs)
+    for p in paths.values():
+        check_writable(p, force)
+    model = loaded.model
+    check_compatible(model, stats, configs)
+    switches = bias_plan(model, stats, configs)
+    original_cfg = {k: getattr(model.config, k) for k in switches}
+    original_cfg["_biased"] = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
+    snap = _snapshot(model) if len(configs) > 1 else {}
+    shared_inputs = None
+    results = []
+    for idx, config in enumerate(configs):
+        if idx:
+            _restore(model, snap, original_cfg)
+        report = prune_model(loaded, stats, config, device, batch_size, shared_inputs)
+        _finish_biases(model, switches if any(r.bias_updated for r in report.layers) else {})
+        save_checkpoint(loaded, report, stats, paths[config], force, device, dtype)
+        results.append((paths[config], report_dict(loaded, report, stats, device)))
+    if len(configs) > 1:
+        _restore(model, snap, original_cfg)
+        write_json(out / "summary.json", {"kind": "stade-prune-sweep", "runs": [
+            {"path": str(p), **{k: r[k] for k in ("method", "pattern", "sparsity", "achieved_sparsity", "sequential")}}
+            for p, r in results]})
+    return results
