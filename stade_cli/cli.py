@@ -85,9 +85,9 @@ def cli_errors(fn: F) -> F:
         except StadeError as exc:
             if os.environ.get("STADE_DEBUG"):
                 raise
-            err.print(f"[bold red]Error:[/] {exc.message}", highlight=False)
+            err.print(f"[bold red]Error:[/] {exc.message}", highlight=False, soft_wrap=True)
             if exc.hint:
-                err.print(f"[yellow]Hint:[/] {exc.hint}", highlight=False)
+                err.print(f"[yellow]Hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
             err.print("[dim]Set STADE_DEBUG=1 for the traceback.[/]")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:

@@ -69,6 +69,8 @@ def _convert_gguf(gguf: Path, dest: Path) -> Path:
 def _dequantize_into(gguf: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    quiet_transformers()
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent),
@@ -165,6 +167,8 @@ def load_model(
     """Load a causal LM onto the CPU (blocks move to the device one at a time later)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
+
     path = resolve_model(spec)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
@@ -192,6 +196,14 @@ def load_model(
     model.eval()
     find_blocks(model)  # fail early on architectures without a layer list
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path)
+
+
+def quiet_transformers() -> None:
+    """stade draws its own progress bars; transformers' per-tensor bars and warnings would only add noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
