@@ -77,6 +77,8 @@ def cli_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from rich.markup import escape
+
         from .console import err
         from .errors import StadeError
 
@@ -85,9 +87,9 @@ def cli_errors(fn: F) -> F:
         except StadeError as exc:
             if os.environ.get("STADE_DEBUG"):
                 raise
-            err.print(f"[bold red]Error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]Error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
             if exc.hint:
-                err.print(f"[yellow]Hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+                err.print(f"[yellow]Hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
             err.print("[dim]Set STADE_DEBUG=1 for the traceback.[/]")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:

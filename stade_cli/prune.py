@@ -352,28 +352,33 @@ def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, dev
     }
 
 
-def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    return {
-        f"{prefix}.{name}": (mod.weight.detach().clone(), None if mod.bias is None else mod.bias.detach().clone())
-        for _i, prefix, block in iterate_blocks(model)
-        for name, mod in linear_layers(block).items()
-    }
+class Snapshot:
+    """The dense weights, biases and bias switches, kept so that one loaded model serves a whole sweep."""
 
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.linears = {
+            name: (mod.weight.detach().clone(), None if mod.bias is None else mod.bias.detach().clone())
+            for _i, prefix, block in iterate_blocks(model)
+            for local, mod in linear_layers(block).items()
+            for name in [f"{prefix}.{local}"]
+        }
+        self.biased = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
+        self.config = {k: v for k, v in model.config.to_dict().items() if k == "bias" or k.endswith("_bias")}
 
-def _restore(model: nn.Module, snap: dict[str, tuple[torch.Tensor, torch.Tensor | None]], cfg: dict) -> None:
-    for name, mod in model.named_modules():
-        if name in snap:
-            w, b = snap[name]
-            mod.weight.data.copy_(w)
-            if b is None:
+    def restore(self) -> None:
+        for name, mod in self.model.named_modules():
+            if name in self.linears:
+                w, b = self.linears[name]
+                mod.weight.data.copy_(w)
+                if b is None:
+                    mod.bias = None
+                else:
+                    mod.bias.data.copy_(b)
+            elif isinstance(mod, nn.Linear) and mod.bias is not None and name not in self.biased:
                 mod.bias = None
-            else:
-                mod.bias.data.copy_(b)
-        elif isinstance(mod, nn.Linear) and mod.bias is not None and name not in cfg["_biased"]:
-            mod.bias = None
-    for k, v in cfg.items():
-        if not k.startswith("_"):
-            setattr(model.config, k, v)
+        for k, v in self.config.items():
+            setattr(self.model.config, k, v)
 
 
 def output_paths(out: Path, configs: list[PruneConfig]) -> dict[PruneConfig, Path]:
@@ -403,20 +408,17 @@ def prune_sweep(
     model = loaded.model
     check_compatible(model, stats, configs)
     switches = bias_plan(model, stats, configs)
-    original_cfg = {k: getattr(model.config, k) for k in switches}
-    original_cfg["_biased"] = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
-    snap = _snapshot(model) if len(configs) > 1 else {}
-    shared_inputs = None
+    snap = Snapshot(model) if len(configs) > 1 else None
     results = []
     for idx, config in enumerate(configs):
-        if idx:
-            _restore(model, snap, original_cfg)
-        report = prune_model(loaded, stats, config, device, batch_size, shared_inputs)
+        if idx and snap:
+            snap.restore()
+        report = prune_model(loaded, stats, config, device, batch_size)
         _finish_biases(model, switches if any(r.bias_updated for r in report.layers) else {})
         save_checkpoint(loaded, report, stats, paths[config], force, device, dtype)
         results.append((paths[config], report_dict(loaded, report, stats, device)))
-    if len(configs) > 1:
-        _restore(model, snap, original_cfg)
+    if snap:
+        snap.restore()
         write_json(out / "summary.json", {"kind": "stade-prune-sweep", "runs": [
             {"path": str(p), **{k: r[k] for k in ("method", "pattern", "sparsity", "achieved_sparsity", "sequential")}}
             for p, r in results]})
