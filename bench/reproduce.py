@@ -132,7 +132,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def render(rows: list[dict], cost: dict) -> None:
-    table = Table(title="SmolLM2-135M: held-out perplexity (147 x 512 tokens), reference code vs stade")
+    table = Table(title="SmolLM2-135M: held-out perplexity (147 x 512 tokens), reference code vs stade", expand=False)
     for col in ("method", "pattern", "mode", "reference", "stade", "rel. diff", "prune s"):
         table.add_column(col, justify="right" if col in ("reference", "stade", "rel. diff", "prune s") else "left")
     for r in rows:

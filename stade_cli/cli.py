@@ -118,8 +118,10 @@ def calibrate(
             "file of token ids [n, seqlen].",
         ),
     ] = "sample-wiki",
-    nsamples: Annotated[int | None, typer.Option(help="Number of calibration windows [default: 128].")] = None,
-    seqlen: Annotated[int | None, typer.Option(help="Tokens per window [default: min(context, 2048)].")] = None,
+    nsamples: Annotated[int | None, typer.Option(help="Number of calibration windows.", show_default="128")] = None,
+    seqlen: Annotated[
+        int | None, typer.Option(help="Tokens per window.", show_default="min(context, 2048)")
+    ] = None,
     seed: SeedOpt = 0,
     hessian: Annotated[
         bool, typer.Option("--hessian", help="Also keep the second-moment matrices sparsegpt needs.")
@@ -192,7 +194,8 @@ def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder (a sweep: one sub-folder each).")],
     method: Annotated[str, typer.Option("--method", "-m", help="Method(s), comma-separated; see `stade methods`.")],
     sparsity: Annotated[
-        str | None, typer.Option("--sparsity", help="Ratio(s) in [0, 1), comma-separated [default: N/M for N:M].")
+        str | None,
+        typer.Option("--sparsity", help="Ratio(s) in \\[0, 1), comma-separated.", show_default="N/M for an N:M pattern"),
     ] = None,
     pattern: Annotated[
         str, typer.Option("--pattern", "-p", help="unstructured or N:M (2:4, 4:8, ...), comma-separated.")
@@ -300,6 +303,10 @@ def eval_(
         int | None, typer.Option(help="Tokens per perplexity window.", show_default="min(context, 2048)")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most N items per zero-shot task (for quick checks).")] = None,
+    max_windows: Annotated[
+        int | None,
+        typer.Option(help="Only the first N perplexity windows (quick checks; the published protocol uses all)."),
+    ] = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
@@ -316,7 +323,9 @@ def eval_(
     from .models import load_model, resolve_device
     from .tables import render_results
 
-    config = EvalConfig.from_strings(ppl, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit)
+    config = EvalConfig.from_strings(
+        ppl, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, max_windows=max_windows
+    )
     check_writable(out, force)
     dev = resolve_device(device)
     cache = str(cache_dir) if cache_dir else None

@@ -130,7 +130,8 @@ def render_results(results: dict) -> None:
         out.print(table)
     zs = results["zeroshot"]
     if zs["tasks"]:
-        table = Table(title=f"Zero-shot accuracy (%), {zs['num_fewshot']}-shot" + (f", limit {zs['limit']}" * bool(zs["limit"])))
+        limit = f", limit {zs['limit']} per task" if zs["limit"] else ""
+        table = Table(title=f"Zero-shot accuracy (%), {zs['num_fewshot']}-shot{limit}")
         for col in ("task", "acc", "± stderr", "acc_norm", "± stderr ", "items"):
             table.add_column(col, justify="left" if col == "task" else "right")
 

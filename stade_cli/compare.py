@@ -1,0 +1,361 @@
+"""The compare stage: results files -> one table of methods x metrics, best values and deltas to the dense model."""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import StadeError
+from .evaluate import RESULTS_KIND, check_results
+from .files import read_json
+
+COMPARISON_KIND = "stade-comparison"
+
+
+# ----------------------------------------------------------------------------------------------- metric registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    higher_is_better: bool
+    extract: Callable[[dict[str, Any]], dict[str, float]]  # results -> {dataset or task: value}
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, label: str, higher_is_better: bool) -> Callable[[Callable], Callable]:
+    """Register how to read a metric out of results.json, and which way is better (lm_eval's convention)."""
+
+    def wrap(fn: Callable[[dict[str, Any]], dict[str, float]]) -> Callable:
+        METRICS[name] = Metric(name, label, higher_is_better, fn)
+        return fn
+
+    return wrap
+
+
+def _task_metric(results: dict[str, Any], metric: str) -> dict[str, float]:
+    zs = results.get("zeroshot") or {}
+    values = {t: e[metric] for t, e in (zs.get("tasks") or {}).items() if isinstance(e.get(metric), int | float)}
+    mean = (zs.get("mean") or {}).get(metric)
+    if values and isinstance(mean, int | float):
+        values["mean"] = mean
+    return values
+
+
+@register_metric("ppl", "ppl", higher_is_better=False)
+def _ppl(results: dict[str, Any]) -> dict[str, float]:
+    return {d: e["ppl"] for d, e in (results.get("perplexity") or {}).items() if isinstance(e.get("ppl"), int | float)}
+
+
+@register_metric("acc", "acc", higher_is_better=True)
+def _acc(results: dict[str, Any]) -> dict[str, float]:
+    return _task_metric(results, "acc")
+
+
+@register_metric("acc_norm", "acc_norm", higher_is_better=True)
+def _acc_norm(results: dict[str, Any]) -> dict[str, float]:
+    # Per task acc_norm would double the table's width; its mean rides along with acc's.
+    values = _task_metric(results, "acc_norm")
+    return {"mean": values["mean"]} if "mean" in values else {}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _expand(paths: Iterable[str | Path]) -> list[tuple[Path, bool]]:
+    """Files as given (must be results), and the *.json files inside folders (others skipped)."""
+    found: list[tuple[Path, bool]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*.json") if f.is_file())
+            found.extend((f, False) for f in files)
+        elif p.exists():
+            found.append((p, True))
+        else:
+            raise StadeError(f"Results path {str(p)!r} does not exist.", "give results files or folders of them")
+    return found
+
+
+def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every results document named by paths; each gets a `_source` key with its file."""
+    paths = list(paths)
+    docs = []
+    for path, explicit in _expand(paths):
+        data = read_json(path, "Results file")
+        if not explicit and data.get("kind") != RESULTS_KIND:
+            continue  # a folder may hold other JSON (a pruned model's config.json, stade.json, ...)
+        docs.append({**check_results(data, str(path)), "_source": str(path)})
+    if not docs:
+        where = ", ".join(map(str, paths))
+        raise StadeError(f"No stade results files found in {where}.", "write them with `stade eval ... --out FILE`")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------- the comparison
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # "ppl:wikitext2", "acc:boolq", "acc:mean"
+    metric: str
+    name: str  # dataset, task or "mean"
+    higher_is_better: bool
+
+    @property
+    def label(self) -> str:
+        return f"{METRICS[self.metric].label} {self.name}" if self.metric in METRICS else self.key
+
+
+@dataclass
+class Row:
+    label: str
+    source: str
+    method: str
+    pattern: str | None
+    sparsity: float | None
+    achieved_sparsity: float | None
+    values: dict[str, float] = field(default_factory=dict)
+    deltas: dict[str, float] = field(default_factory=dict)
+    is_baseline: bool = False
+
+
+@dataclass
+class Comparison:
+    columns: list[Column]
+    rows: list[Row]
+    baseline: str | None  # the baseline row's source file
+    best: dict[str, float]  # column key -> best value over the rows
+    sort: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": COMPARISON_KIND, "schema": 1, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Comparison:
+        if data.get("kind") != COMPARISON_KIND:
+            raise StadeError("Not a stade comparison document.")
+        return cls(
+            columns=[Column(**c) for c in data["columns"]],
+            rows=[Row(**r) for r in data["rows"]],
+            baseline=data["baseline"],
+            best=data["best"],
+            sort=data.get("sort"),
+            notes=list(data.get("notes", [])),
+        )
+
+    def is_best(self, row: Row, key: str) -> bool:
+        value = row.values.get(key)
+        return value is not None and key in self.best and math.isclose(value, self.best[key], rel_tol=1e-12)
+
+    def to_markdown(self) -> str:
+        head = ["model", "method", "pattern", "target", "achieved", *(c.label for c in self.columns)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.rows:
+            cells = [r.label + (" (baseline)" if r.is_baseline else ""), *_row_facts(r)]
+            for c in self.columns:
+                text = format_cell(r, c)
+                cells.append(f"**{text}**" if self.is_best(r, c.key) else text)
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        keys = [c.key for c in self.columns]
+        delta_keys = [f"delta:{k}" for k in keys] if self.baseline else []
+        writer.writerow(["model", "source", "method", "pattern", "sparsity", "achieved_sparsity", *keys, *delta_keys])
+        for r in self.rows:
+            values = [r.values.get(k, "") for k in keys]
+            deltas = [r.deltas.get(k, "") for k in keys] if self.baseline else []
+            facts = [r.method, r.pattern or "", _blank(r.sparsity), _blank(r.achieved_sparsity)]
+            writer.writerow([r.label, r.source, *facts, *values, *deltas])
+        return buf.getvalue()
+
+
+def _blank(x: float | None) -> float | str:
+    return "" if x is None else x
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def _row_facts(r: Row) -> list[str]:
+    return [r.method, r.pattern or "", _pct(r.sparsity), _pct(r.achieved_sparsity)]
+
+
+def format_value(column: Column, value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3f}" if column.metric == "ppl" else f"{100 * value:.2f}"
+
+
+def format_delta(column: Column, delta: float | None) -> str:
+    if delta is None:
+        return ""
+    return f"{delta:+.3f}" if column.metric == "ppl" else f"{100 * delta:+.2f}"
+
+
+def format_cell(row: Row, column: Column) -> str:
+    text = format_value(column, row.values.get(column.key))
+    if text and not row.is_baseline and column.key in row.deltas:
+        text += f" ({format_delta(column, row.deltas[column.key])})"
+    return text
+
+
+def _row(doc: dict[str, Any]) -> Row:
+    values = {f"{name}:{key}": float(v) for name, m in METRICS.items() for key, v in m.extract(doc).items()}
+    model = doc.get("model") or {}
+    spec = str(model.get("spec") or doc["_source"])
+    return Row(
+        label=Path(spec.rstrip("/")).name or spec,
+        source=doc["_source"],
+        method=str(doc.get("method") or "dense"),
+        pattern=doc.get("pattern"),
+        sparsity=doc.get("sparsity"),
+        achieved_sparsity=doc.get("achieved_sparsity"),
+        values=values,
+    )
+
+
+def _columns(rows: list[Row]) -> list[Column]:
+    """Every metric any row has, grouped by metric in registry order, names in order of first appearance."""
+    columns = []
+    for name, metric in METRICS.items():
+        seen: list[str] = []
+        for r in rows:
+            for key in r.values:
+                m, _, sub = key.partition(":")
+                if m == name and sub not in seen:
+                    seen.append(sub)
+        seen.sort(key=lambda s: s == "mean")  # the mean goes last
+        columns.extend(Column(f"{name}:{s}", name, s, metric.higher_is_better) for s in seen)
+    return columns
+
+
+def _sort_key(column: str, columns: list[Column]) -> Callable[[Row], Any]:
+    facts = {"model": "label", "method": "method", "pattern": "pattern", "sparsity": "sparsity"}
+    facts["achieved"] = facts["achieved_sparsity"] = "achieved_sparsity"
+    if column in facts:
+        attr = facts[column]
+        return lambda r: (getattr(r, attr) is None, getattr(r, attr) if getattr(r, attr) is not None else 0)
+    by_name = {c.key: c for c in columns}
+    for c in columns:  # a bare dataset or task name works when it is unambiguous
+        by_name.setdefault(c.name, c)
+        by_name.setdefault(c.label, c)
+    if column not in by_name:
+        names = [*facts, *(c.key for c in columns)]
+        close = difflib.get_close_matches(column, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(names)}"
+        raise StadeError(f"Unknown --sort column {column!r}.", hint)
+    col = by_name[column]
+    sign = -1.0 if col.higher_is_better else 1.0
+    return lambda r: (col.key not in r.values, sign * r.values.get(col.key, 0.0))
+
+
+def build(
+    docs: list[dict[str, Any]],
+    baseline: dict[str, Any] | None = None,
+    sort: str | None = None,
+) -> Comparison:
+    """The comparison of loaded results; the baseline is the given one, else the dense model when there is one."""
+    notes: list[str] = []
+    if baseline is not None and not any(d["_source"] == baseline["_source"] for d in docs):
+        docs = [baseline, *docs]
+    rows = [_row(d) for d in docs]
+    base_row: Row | None = None
+    if baseline is not None:
+        base_row = next(r for r in rows if r.source == baseline["_source"])
+    else:
+        dense = [r for r in rows if r.method == "dense"]
+        if dense:
+            base_row = dense[0]
+            if len(dense) > 1:
+                notes.append(f"{len(dense)} dense results; the baseline is {base_row.source} (choose with --baseline)")
+    columns = _columns(rows)
+    if base_row is not None:
+        base_row.is_baseline = True
+        for r in rows:
+            r.deltas = {k: v - base_row.values[k] for k, v in r.values.items() if k in base_row.values}
+    best: dict[str, float] = {}
+    for c in columns:
+        values = [r.values[c.key] for r in rows if c.key in r.values]
+        if values:
+            best[c.key] = max(values) if c.higher_is_better else min(values)
+    if sort is not None:
+        rows.sort(key=_sort_key(sort, columns))
+    return Comparison(columns, rows, base_row.source if base_row else None, best, sort, notes)
+
+
+def compare(paths: Iterable[str | Path], baseline: str | Path | None = None, sort: str | None = None) -> Comparison:
+    """Load results files (or folders of them) and build their comparison."""
+    base = load_results([baseline])[0] if baseline is not None else None
+    return build(load_results(paths), base, sort)
+
+
+# ----------------------------------------------------------------------------------------------- plot
+
+
+def _series(row: Row) -> str:
+    return row.method if row.pattern in (None, "unstructured") else f"{row.method} {row.pattern}"
+
+
+def plot(comparison: Comparison, out: str | Path) -> Path:
+    """Perplexity against sparsity, one line per method (and N:M pattern), one panel per dataset."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        raise StadeError("--plot needs matplotlib, which is not installed.", "pip install 'stade[plot]'") from None
+    out = Path(out)
+    columns = [c for c in comparison.columns if c.metric == "ppl"]
+    if not columns:
+        raise StadeError("Nothing to plot: no results have a perplexity.", "run `stade eval --ppl ...` first")
+    names = sorted({_series(r) for r in comparison.rows if r.method != "dense"})
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per method in every panel
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4.2), squeeze=False)
+    for ax, col in zip(axes[0], columns, strict=True):
+        dense = next((r.values[col.key] for r in comparison.rows if r.method == "dense" and col.key in r.values), None)
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in comparison.rows:
+            if col.key in r.values and r.method != "dense":
+                x = r.achieved_sparsity if r.achieved_sparsity is not None else r.sparsity or 0.0
+                series.setdefault(_series(r), [] if dense is None else [(0.0, dense)]).append(
+                    (100 * x, r.values[col.key])
+                )
+        if dense is not None:
+            ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label="dense")
+        for name, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, marker="o", label=name, color=colours[name])
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel(f"perplexity ({col.name}), log scale")
+        ax.set_title(col.name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".incomplete.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

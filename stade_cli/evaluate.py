@@ -1,0 +1,300 @@
+"""The eval stage: perplexity as published, zero-shot accuracy through lm_eval, one results artifact."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .console import progress
+from .errors import StadeError
+from .files import check_writable, read_json, write_json
+from .models import LoadedModel, config_summary, find_blocks, fingerprint, linear_layers, max_context
+from .zeroshot import PUBLISHED_TASKS, parse_tasks, resolve_tasks, zero_shot
+
+RESULTS_KIND = "stade-results"
+RESULTS_SCHEMA = 1
+PRUNE_REPORT = "stade.json"
+PRUNE_REPORT_KIND = "stade-prune-report"
+C4_MAX_WINDOWS = 256  # the published code keeps the first 256 * seqlen validation tokens of C4
+DEFAULT_PPL = ("wikitext2",)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ppl: tuple[str, ...] = DEFAULT_PPL
+    tasks: tuple[str, ...] = PUBLISHED_TASKS
+    seqlen: int | None = None  # None: min(model context, 2048), as published
+    batch_size: int = 8
+    limit: int | None = None
+    max_windows: int | None = None  # None: every window, as published
+
+    def __post_init__(self) -> None:
+        if self.seqlen is not None and self.seqlen < 2:
+            raise StadeError(f"--seqlen must be at least 2, got {self.seqlen}.")
+        if self.batch_size < 1:
+            raise StadeError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.limit is not None and self.limit < 1:
+            raise StadeError(f"--limit must be at least 1, got {self.limit}.", "it is the number of items per task")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise StadeError(f"--max-windows must be at least 1, got {self.max_windows}.")
+        if not self.ppl and not self.tasks:
+            raise StadeError("Nothing to evaluate: no --ppl datasets and no --tasks.", "give at least one of them")
+
+    @classmethod
+    def from_strings(cls, ppl: str | None, tasks: str | None, **kwargs: Any) -> EvalConfig:
+        """The CLI form: comma-separated lists; 'none' or empty turns a part off."""
+        ppl_list = DEFAULT_PPL if ppl is None else tuple(p.strip() for p in ppl.split(",") if p.strip())
+        if ppl_list == ("none",):
+            ppl_list = ()
+        return cls(ppl=ppl_list, tasks=parse_tasks(tasks), **kwargs)
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    windows: int
+    seqlen: int
+    tokens: int  # tokens in the windows (windows * seqlen)
+    window_nll: list[float] = field(repr=False, default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ppl": self.ppl,
+            "mean_nll": sum(self.window_nll) / len(self.window_nll),
+            "windows": self.windows,
+            "seqlen": self.seqlen,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ----------------------------------------------------------------------------------------------- perplexity
+
+
+def cut_windows(ids: torch.Tensor, seqlen: int, source: str = "text") -> torch.Tensor:
+    """ids [1, N] -> non-overlapping windows (n, seqlen); the remainder is dropped."""
+    n = ids.shape[1] // seqlen
+    if n < 1:
+        raise StadeError(
+            f"{source!r} has {ids.shape[1]} tokens, fewer than one window of {seqlen}.",
+            "give a longer text, or a smaller --seqlen",
+        )
+    return ids[0, : n * seqlen].reshape(n, seqlen)
+
+
+def window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of each window's seqlen-1 predicted tokens, in float32, one window at a time (bounded memory).
+
+    logits (B, T, V), windows (B, T) -> (B,)
+    """
+    out = torch.empty(windows.shape[0], dtype=torch.float32)
+    for b in range(windows.shape[0]):
+        logp = torch.log_softmax(logits[b, :-1].float(), dim=-1)  # (T-1, V)
+        picked = logp.gather(-1, windows[b, 1:, None].to(logp.device))  # (T-1, 1)
+        out[b] = -picked.mean().cpu()
+    return out
+
+
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    description: str = "perplexity",
+) -> PerplexityResult:
+    """exp(mean over windows of mean token NLL); batching changes the speed, not the figure."""
+    windows = cut_windows(ids, seqlen, description)  # (n, T)
+    n = windows.shape[0]
+    nlls: list[float] = []
+    t0 = time.perf_counter()
+    with torch.inference_mode(), progress() as bar:
+        task = bar.add_task(description, total=n, info="")
+        for start in range(0, n, batch_size):
+            batch = windows[start : start + batch_size].to(device)  # (B, T)
+            logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
+            nlls.extend(window_nll(logits, batch).tolist())
+            del logits
+            rate = len(nlls) * seqlen / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=batch.shape[0], info=f"{rate:,.0f} tok/s")
+    seconds = time.perf_counter() - t0
+    ppl = math.exp(sum(nlls) / n)
+    return PerplexityResult(ppl=ppl, windows=n, seqlen=seqlen, tokens=n * seqlen, window_nll=nlls, seconds=seconds)
+
+
+def dataset_perplexity(
+    loaded: LoadedModel,
+    source: str,
+    seqlen: int,
+    batch_size: int,
+    device: torch.device,
+    cache_dir: str | None = None,
+    max_windows: int | None = None,
+) -> dict[str, Any]:
+    """Perplexity of one --ppl source, with where its ids came from."""
+    from .data import eval_ids, ids_sha256
+
+    ids, sha = eval_ids(source, loaded.tokenizer, cache_dir)
+    notes = []
+    if source == "c4":
+        ids = ids[:, : C4_MAX_WINDOWS * seqlen]
+        notes.append(f"first {C4_MAX_WINDOWS} x seqlen validation tokens, as published")
+    if max_windows is not None and ids.shape[1] > max_windows * seqlen:
+        ids = ids[:, : max_windows * seqlen]
+        notes.append(f"first {max_windows} windows only (--max-windows): not the published protocol")
+    result = perplexity(loaded.model, ids, seqlen, batch_size, device, description=source)
+    entry = {**result.to_dict(), "source_sha256": sha, "ids_sha256": ids_sha256(ids), "batch_size": batch_size}
+    if notes:
+        entry["notes"] = notes
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------- model facts
+
+
+def prune_report(path: str) -> dict[str, Any] | None:
+    """The `stade.json` a pruned folder carries, checked; None for a model `stade prune` did not write."""
+    report_path = Path(path) / PRUNE_REPORT
+    if not report_path.is_file():
+        return None
+    report = read_json(report_path, "Pruning report")
+    if report.get("kind") != PRUNE_REPORT_KIND:
+        raise StadeError(
+            f"{str(report_path)!r} is not a stade pruning report (kind {report.get('kind')!r}).",
+            "remove or rename it, or re-run `stade prune`",
+        )
+    return report
+
+
+def measured_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over the weights of every linear layer in the decoder blocks."""
+    zeros = total = 0
+    for block in find_blocks(model)[1]:
+        for layer in linear_layers(block).values():
+            w = layer.weight
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def model_summary(loaded: LoadedModel) -> dict[str, Any]:
+    report = prune_report(loaded.path)
+    summary = {
+        "spec": loaded.spec,
+        "path": loaded.path,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "fingerprint": fingerprint(loaded.model),
+        "measured_sparsity": measured_sparsity(loaded.model),
+        **config_summary(loaded.model),
+    }
+    if report is None:
+        pruning = {"method": "dense", "pattern": None, "sparsity": 0.0, "achieved_sparsity": 0.0}
+    else:
+        pruning = {k: report.get(k) for k in ("method", "pattern", "sparsity", "achieved_sparsity")}
+    return {"model": summary, "pruning": report, **pruning}
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .stats import library_versions as base
+
+    out = base()
+    for lib in ("lm_eval", "datasets"):
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:  # pragma: no cover
+            out[lib] = "not installed"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    config: EvalConfig,
+    device: torch.device,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Perplexity on every config.ppl source, then zero-shot on config.tasks; the results document."""
+    t_start = time.perf_counter()
+    model = loaded.model
+    seqlen = config.seqlen or min(max_context(model) or 2048, 2048)
+    ctx = max_context(model)
+    if ctx is not None and seqlen > ctx:
+        raise StadeError(f"--seqlen {seqlen} is above the model's context of {ctx} tokens.", f"use {ctx} or less")
+    specs = resolve_tasks(config.tasks) if config.tasks else []  # fail on a bad task name before any work
+    results: dict[str, Any] = {
+        "kind": RESULTS_KIND,
+        "schema": RESULTS_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **model_summary(loaded),
+        "device": str(device),
+        "config": {
+            "ppl": list(config.ppl),
+            "tasks": list(config.tasks),
+            "seqlen": seqlen,
+            "batch_size": config.batch_size,
+            "limit": config.limit,
+            "max_windows": config.max_windows,
+        },
+        "versions": library_versions(),
+    }
+    model.to(device)
+    timings: dict[str, float] = {}
+    ppl: dict[str, Any] = {}
+    for source in config.ppl:
+        ppl[source] = dataset_perplexity(
+            loaded, source, seqlen, config.batch_size, device, cache_dir, config.max_windows
+        )
+        timings[f"ppl:{source}"] = ppl[source]["seconds"]
+    results["perplexity"] = ppl
+    if specs:
+        t0 = time.perf_counter()
+        results["zeroshot"] = zero_shot(loaded, specs, config.batch_size, config.limit)
+        timings["zeroshot"] = round(time.perf_counter() - t0, 3)
+    else:
+        results["zeroshot"] = {"tasks": {}, "mean": {}, "num_fewshot": 0, "limit": config.limit}
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    results["timings"] = timings
+    return results
+
+
+def write_results(path: str | Path, results: dict[str, Any], force: bool = False) -> Path:
+    """Write results.json atomically; an existing file stays unless force."""
+    path = Path(path)
+    check_writable(path, force)
+    if path.is_dir():
+        raise StadeError(f"Output {str(path)!r} is a folder.", "give a file name such as results.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)
+    return path
+
+
+def check_results(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A loaded results document, refused when it is not one or comes from a newer schema."""
+    if data.get("kind") != RESULTS_KIND:
+        raise StadeError(
+            f"{where!r} is not a stade results file (kind {data.get('kind')!r}).", "give files written by `stade eval`"
+        )
+    schema = data.get("schema")
+    if not isinstance(schema, int) or not 1 <= schema <= RESULTS_SCHEMA:
+        raise StadeError(
+            f"{where!r} has results schema {schema!r}; this stade reads schema {RESULTS_SCHEMA} and older.",
+            "upgrade stade: pip install -U stade",
+        )
+    return data
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    return check_results(read_json(path, "Results file"), str(path))
