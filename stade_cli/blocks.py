@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -77,10 +78,8 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, d
         model.to(device)  # only the embeddings, rotary tables and final norm: the blocks are detached
         for start in range(0, input_ids.shape[0], batch_size):
             batch = input_ids[start : start + batch_size].to(device)
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=batch, use_cache=False)
-            except _Stop:
-                pass
     finally:
         model.to("cpu")
         setattr(parent, attr, blocks)

@@ -119,9 +119,7 @@ def calibrate(
         ),
     ] = "sample-wiki",
     nsamples: Annotated[int | None, typer.Option(help="Number of calibration windows.", show_default="128")] = None,
-    seqlen: Annotated[
-        int | None, typer.Option(help="Tokens per window.", show_default="min(context, 2048)")
-    ] = None,
+    seqlen: Annotated[int | None, typer.Option(help="Tokens per window.", show_default="min(context, 2048)")] = None,
     seed: SeedOpt = 0,
     hessian: Annotated[
         bool, typer.Option("--hessian", help="Also keep the second-moment matrices sparsegpt needs.")
@@ -195,7 +193,9 @@ def prune(
     method: Annotated[str, typer.Option("--method", "-m", help="Method(s), comma-separated; see `stade methods`.")],
     sparsity: Annotated[
         str | None,
-        typer.Option("--sparsity", help="Ratio(s) in \\[0, 1), comma-separated.", show_default="N/M for an N:M pattern"),
+        typer.Option(
+            "--sparsity", help="Ratio(s) in \\[0, 1), comma-separated.", show_default="N/M for an N:M pattern"
+        ),
     ] = None,
     pattern: Annotated[
         str, typer.Option("--pattern", "-p", help="unstructured or N:M (2:4, 4:8, ...), comma-separated.")
@@ -216,7 +216,8 @@ def prune(
 ) -> None:
     """Prune MODEL with cached statistics and write checkpoints that plain transformers loads.
 
-    Example: stade prune smollm2-135m --stats stats/ --method wanda,stade --pattern unstructured,2:4 --sparsity 0.5 --out pruned/
+    Example: stade prune smollm2-135m --stats stats/ --method wanda,stade --pattern unstructured,2:4
+    --sparsity 0.5 --out pruned/
     """
     from .files import check_writable
     from .masks import parse_pattern
@@ -230,7 +231,9 @@ def prune(
         try:
             ratios = [float(r) for r in _csv(sparsity)]
         except ValueError:
-            raise typer.BadParameter(f"{sparsity!r} is not a comma-separated list of numbers.", param_hint="--sparsity")
+            raise typer.BadParameter(
+                f"{sparsity!r} is not a comma-separated list of numbers.", param_hint="--sparsity"
+            ) from None
     configs = []
     for m in _csv(method):
         for p in _csv(pattern):
@@ -241,9 +244,15 @@ def prune(
     stats_art = Statistics.load(stats)
     dev = resolve_device(device)
     loaded = load_model(model, stats_art.manifest["dtype"], dev, str(cache_dir) if cache_dir else None)
-    results = prune_sweep(loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size)
+    results = prune_sweep(
+        loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size
+    )
     if as_json:
-        print_json([{"path": str(p), **r} for p, r in results] if len(results) > 1 else {"path": str(results[0][0]), **results[0][1]})
+        print_json(
+            [{"path": str(p), **r} for p, r in results]
+            if len(results) > 1
+            else {"path": str(results[0][0]), **results[0][1]}
+        )
     elif len(results) == 1:
         render_prune(str(results[0][0]), results[0][1])
     else:
@@ -257,18 +266,24 @@ def methods(as_json: JsonOpt = False) -> None:
 
     Example: stade methods --json
     """
+    import torch
+
     from .metrics import METRICS
     from .stats import LayerStats
-
-    import torch
 
     norm_fed = LayerStats(1, torch.zeros(1), torch.zeros(1), True)
     other = LayerStats(1, torch.zeros(1), torch.zeros(1), False)
     rows = []
     for m in METRICS.values():
         a, b = m.bias_update(norm_fed), m.bias_update(other)
-        rows.append({"name": m.name, "description": m.description, "needs": list(m.needs),
-                     "bias_update": "all layers" if a and b else "layers not fed by a norm" if b else "no"})
+        rows.append(
+            {
+                "name": m.name,
+                "description": m.description,
+                "needs": list(m.needs),
+                "bias_update": "all layers" if a and b else "layers not fed by a norm" if b else "no",
+            }
+        )
     if as_json:
         print_json(rows)
     else:

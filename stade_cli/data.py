@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import StadeError
-from .files import atomic_dir
+from .files import atomic_dir, sha256_file
 
 HUB_SOURCES = ("c4", "wikitext2")
 BUILTIN_SOURCES = ("sample-wiki", "sample-news")
@@ -53,14 +53,6 @@ class TokenWindows:
 
 def ids_sha256(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -114,7 +106,8 @@ def builtin_documents(name: str) -> Documents:
         with atomic_dir(cache, force=True) as tmp, open(tmp / "docs.jsonl", "w", encoding="utf8") as f:
             for t in texts:
                 f.write(json.dumps({"text": t}) + "\n")
-    texts = [json.loads(line)["text"] for line in open(cache / "docs.jsonl", encoding="utf8")]
+    with open(cache / "docs.jsonl", encoding="utf8") as f:
+        texts = [json.loads(line)["text"] for line in f]
     # The news sample is one text, a line per story: each story ends with a newline.
     if name == "sample-news":
         return Documents(name, [t + "\n" for t in texts], joiner="")
@@ -182,7 +175,7 @@ def local_documents(path: Path) -> Documents:
         raise StadeError(f"Could not read {str(path)!r}: {exc}", "is it UTF-8 text of the right format?") from None
     if not any(t.strip() for t in docs.texts):
         raise StadeError(f"Data file {str(path)!r} holds no text.", "give a file with documents in it")
-    docs.sha256 = file_sha256(path)
+    docs.sha256 = sha256_file(path)
     return docs
 
 
@@ -255,7 +248,8 @@ def sample_windows(docs: Documents, tokenizer: object, nsamples: int, seqlen: in
         total = sum(lengths.values())
         if total < nsamples * seqlen:
             raise StadeError(
-                f"Data source {docs.name!r} has {total} tokens; {nsamples} x {seqlen} = {nsamples * seqlen} are needed.",
+                f"Data source {docs.name!r} has {total} tokens; "
+                f"{nsamples} x {seqlen} = {nsamples * seqlen} are needed.",
                 "give more text, or lower --nsamples / --seqlen",
             )
         if max(lengths.values()) <= seqlen:
@@ -316,7 +310,7 @@ def calibration_windows(
                 f"--seqlen {seqlen} disagrees with {source!r}, whose windows are {length} tokens.",
                 "omit --seqlen or make it match",
             )
-        return TokenWindows(ids, str(path), ["pre-tokenized windows, taken as they are"], file_sha256(path))
+        return TokenWindows(ids, str(path), ["pre-tokenized windows, taken as they are"], sha256_file(path))
     if nsamples is None or seqlen is None:
         raise StadeError("--nsamples and --seqlen are needed for a text source.")
     return sample_windows(documents(source, "train", cache_dir), tokenizer, nsamples, seqlen, seed)
@@ -326,7 +320,7 @@ def eval_ids(source: str, tokenizer: object, cache_dir: str | None = None) -> tu
     """One evaluation text as ids [1, N], tokenized once as published, with a hash of its origin."""
     if is_token_file(source):
         path = Path(source).expanduser()
-        return load_token_file(path, "[1, N]"), file_sha256(path)
+        return load_token_file(path, "[1, N]"), sha256_file(path)
     docs = documents(source, "validation" if source == "c4" else "test", cache_dir)
     text = docs.joiner.join(docs.texts)
     add_special = source not in BUILTIN_SOURCES  # the built-in held-out text is the reference's: no BOS

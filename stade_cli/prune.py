@@ -102,9 +102,7 @@ class PruneReport:
 # ----------------------------------------------------------------------------------------------- one layer
 
 
-def output_error(
-    w: torch.Tensor, w_new: torch.Tensor, db: torch.Tensor | None, st: LayerStats
-) -> tuple[float, float]:
+def output_error(w: torch.Tensor, w_new: torch.Tensor, db: torch.Tensor | None, st: LayerStats) -> tuple[float, float]:
     """Estimated squared output error of the change, and the dense output energy (diagonal approximation).
 
     error_i = sum_j dW_ij^2 var_j + (sum_j dW_ij mean_j + db_i)^2, energy = sum_ij W_ij^2 E[x_j^2].
@@ -157,7 +155,9 @@ def prune_block(
         if db is not None:
             _add_bias(mod, db)
         reports.append(
-            LayerReport(full, tuple(w.shape), float(mask.float().mean()), err / max(energy, 1e-30), db is not None, damping)
+            LayerReport(
+                full, tuple(w.shape), float(mask.float().mean()), err / max(energy, 1e-30), db is not None, damping
+            )
         )
     return reports
 
@@ -238,6 +238,10 @@ def bias_plan(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -
 # ----------------------------------------------------------------------------------------------- driving
 
 
+def _sequential_stats(collector: BlockCollector) -> Any:
+    return lambda name, _full: collector.layer_stats(name)
+
+
 def _one_shot_stats(stats: Statistics, config: PruneConfig, device: torch.device) -> Any:
     hessian = "hessian" in config.metric.needs
     return lambda _name, full: stats.layer(full, hessian=hessian, device=device)
@@ -272,7 +276,7 @@ def prune_model(
                             collector.end_batch()
                     finally:
                         collector.remove()
-                    report.layers += prune_block(prefix, block, lambda n, _f: collector.layer_stats(n), config, device)
+                    report.layers += prune_block(prefix, block, _sequential_stats(collector), config, device)
                     inputs.hidden = run_block(block, inputs, device)  # the pruned block feeds the next one
                 else:
                     report.layers += prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
@@ -303,8 +307,15 @@ def _finish_biases(model: nn.Module, switches: dict[str, bool]) -> None:
                 real.bias = nn.Parameter(torch.zeros(real.out_features, dtype=real.weight.dtype))
 
 
-def save_checkpoint(loaded: LoadedModel, report: PruneReport, stats: Statistics, out: Path, force: bool,
-                    device: torch.device, dtype: torch.dtype | None) -> None:
+def save_checkpoint(
+    loaded: LoadedModel,
+    report: PruneReport,
+    stats: Statistics,
+    out: Path,
+    force: bool,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> None:
     """Write a plain transformers checkpoint (sharded safetensors + index), tokenizer, and stade.json."""
     t0 = time.perf_counter()
     model = loaded.model
@@ -419,7 +430,17 @@ def prune_sweep(
         results.append((paths[config], report_dict(loaded, report, stats, device)))
     if snap:
         snap.restore()
-        write_json(out / "summary.json", {"kind": "stade-prune-sweep", "runs": [
-            {"path": str(p), **{k: r[k] for k in ("method", "pattern", "sparsity", "achieved_sparsity", "sequential")}}
-            for p, r in results]})
+        write_json(
+            out / "summary.json",
+            {
+                "kind": "stade-prune-sweep",
+                "runs": [
+                    {
+                        "path": str(p),
+                        **{k: r[k] for k in ("method", "pattern", "sparsity", "achieved_sparsity", "sequential")},
+                    }
+                    for p, r in results
+                ],
+            },
+        )
     return results

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import StadeError
-from .files import atomic_dir, read_json, write_json
+from .files import atomic_dir, read_json, sha256_file, write_json
 
 SCHEMA_VERSION = 1
 ARTIFACT_KIND = "stade-statistics"
@@ -163,14 +163,6 @@ class BlockCollector:
 
 
 # ----------------------------------------------------------------------------------------------- artifact
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

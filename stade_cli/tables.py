@@ -49,7 +49,9 @@ def render_methods(rows: list[dict]) -> None:
     for col in ("method", "statistics", "bias update", "description"):
         table.add_column(col)
     for r in rows:
-        table.add_row(f"[bold]{r['name']}[/]", ", ".join(r["needs"]) or "weights only", r["bias_update"], r["description"])
+        table.add_row(
+            f"[bold]{r['name']}[/]", ", ".join(r["needs"]) or "weights only", r["bias_update"], r["description"]
+        )
     out.print(table)
 
 
@@ -59,10 +61,11 @@ def render_prune(path: str, report: dict) -> None:
     for layer in report["layers"]:
         blocks.setdefault(_block_of(layer["name"]), []).append(layer)
     mode = "sequential" if report["sequential"] else "one-shot"
+    timings = report["timings"]
     table = Table(
         title=f"{report['method']} {report['pattern']} {report['sparsity']:g} ({mode}) → {path}",
-        caption=f"achieved sparsity {report['achieved_sparsity']:.4f}; prune {report['timings'].get('prune_s', 0):.1f}s, "
-        f"write {report['timings'].get('write_s', 0):.1f}s",
+        caption=f"achieved sparsity {report['achieved_sparsity']:.4f}; "
+        f"prune {timings.get('prune_s', 0):.1f}s, write {timings.get('write_s', 0):.1f}s",
     )
     for col in ("block", "layers", "sparsity", "rel. output error (mean)", "rel. output error (max)", "bias updated"):
         table.add_column(col, justify="right")

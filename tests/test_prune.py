@@ -24,8 +24,21 @@ def invoke(*args: str) -> object:
 
 
 def calibrate(model: Path | str, out: Path, *extra: str) -> Path:
-    res = invoke("calibrate", model, "--data", "sample-news", "--nsamples", 4, "--seqlen", 64, "--device", "cpu",
-                 "--out", out, *extra)
+    res = invoke(
+        "calibrate",
+        model,
+        "--data",
+        "sample-news",
+        "--nsamples",
+        4,
+        "--seqlen",
+        64,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        *extra,
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -104,14 +117,31 @@ def llama_stats(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return calibrate(tiny_llama_dir, tmp_path_factory.mktemp("stats") / "s", "--hessian")
 
 
-@pytest.mark.parametrize("pattern,sparsity,n,m", [("unstructured", 0.5, 0, 0), ("unstructured", 0.7, 0, 0),
-                                                   ("2:4", 0.5, 2, 4), ("4:8", 0.5, 4, 8)])
-def test_masks_match_method_definitions(tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path, pattern: str,
-                                         sparsity: float, n: int, m: int) -> None:
+@pytest.mark.parametrize(
+    "pattern,sparsity,n,m",
+    [("unstructured", 0.5, 0, 0), ("unstructured", 0.7, 0, 0), ("2:4", 0.5, 2, 4), ("4:8", 0.5, 4, 8)],
+)
+def test_masks_match_method_definitions(
+    tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path, pattern: str, sparsity: float, n: int, m: int
+) -> None:
     out = tmp_path / "sweep"
     args = ["--sparsity", sparsity] if not m else []
-    res = invoke("prune", tiny_llama_dir, "--stats", llama_stats, "--method", ",".join(SCORED), "--pattern", pattern,
-                 *args, "--no-bias-update", "--device", "cpu", "--out", out)
+    res = invoke(
+        "prune",
+        tiny_llama_dir,
+        "--stats",
+        llama_stats,
+        "--method",
+        ",".join(SCORED),
+        "--pattern",
+        pattern,
+        *args,
+        "--no-bias-update",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     slug = pattern.replace(":", "of")
     for method in SCORED:
@@ -145,8 +175,9 @@ def test_stade_bias_restores_mean_output_and_reduces_error() -> None:
 
 
 @pytest.mark.parametrize("method", ["stade", "stadew", "sparsegpt", "random"])
-def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path,
-                                             method: str) -> None:
+def test_checkpoint_reloads_with_same_logits(
+    tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path, method: str
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from stade_cli.models import load_model, resolve_device
@@ -155,7 +186,7 @@ def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, llama_stats: 
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
     stats = Statistics.load(llama_stats)
-    (path, report), = prune_sweep(loaded, stats, [PruneConfig(method, 0.5)], tmp_path / "out", resolve_device("cpu"))
+    ((path, report),) = prune_sweep(loaded, stats, [PruneConfig(method, 0.5)], tmp_path / "out", resolve_device("cpu"))
     ids = stats.token_ids()[:2]
     with torch.no_grad():
         in_memory = loaded.model(ids).logits
@@ -179,8 +210,19 @@ def test_qwen2_bias_update_is_refused_not_dropped(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "no config switch" in res.output and "--no-bias-update" in res.output
     assert not (tmp_path / "o").exists()
-    res = invoke("prune", model, "--stats", stats, "--method", "stade", "--sparsity", "0.5", "--no-bias-update",
-                 "--out", tmp_path / "o")
+    res = invoke(
+        "prune",
+        model,
+        "--stats",
+        stats,
+        "--method",
+        "stade",
+        "--sparsity",
+        "0.5",
+        "--no-bias-update",
+        "--out",
+        tmp_path / "o",
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -197,12 +239,24 @@ def test_opt_keeps_its_own_biases(tmp_path: Path) -> None:
     assert not torch.allclose(before, after)
 
 
-def test_sequential_differs_from_one_shot_after_first_block(tiny_llama_dir: Path, llama_stats: Path,
-                                                            tmp_path: Path) -> None:
+def test_sequential_differs_from_one_shot_after_first_block(
+    tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path
+) -> None:
     for mode in ("one", "seq"):
         extra = ["--sequential"] if mode == "seq" else []
-        res = invoke("prune", tiny_llama_dir, "--stats", llama_stats, "--method", "wanda", "--sparsity", "0.5",
-                     *extra, "--out", tmp_path / mode)
+        res = invoke(
+            "prune",
+            tiny_llama_dir,
+            "--stats",
+            llama_stats,
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            *extra,
+            "--out",
+            tmp_path / mode,
+        )
         assert res.exit_code == 0, res.output
     one, seq = read_weights(tmp_path / "one"), read_weights(tmp_path / "seq")
     first = "model.layers.0.self_attn.q_proj.weight"
@@ -214,11 +268,25 @@ def test_sequential_differs_from_one_shot_after_first_block(tiny_llama_dir: Path
 def test_same_command_twice_gives_identical_bytes(tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path) -> None:
     digests = []
     for run in ("a", "b"):
-        res = invoke("prune", tiny_llama_dir, "--stats", llama_stats, "--method", "sparsegpt,random,stade",
-                     "--sparsity", "0.5", "--out", tmp_path / run)
+        res = invoke(
+            "prune",
+            tiny_llama_dir,
+            "--stats",
+            llama_stats,
+            "--method",
+            "sparsegpt,random,stade",
+            "--sparsity",
+            "0.5",
+            "--out",
+            tmp_path / run,
+        )
         assert res.exit_code == 0, res.output
-        digests.append({p.relative_to(tmp_path / run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                        for p in sorted((tmp_path / run).rglob("*.safetensors"))})
+        digests.append(
+            {
+                p.relative_to(tmp_path / run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((tmp_path / run).rglob("*.safetensors"))
+            }
+        )
     assert digests[0] == digests[1] and len(digests[0]) == 3
 
 
@@ -277,11 +345,31 @@ def test_bad_inputs_are_refused_before_any_work(tiny_llama_dir: Path, llama_stat
     fails(*base, "--method", "wanda", "--pattern", "3:5", expect="not divisible by M=5")
     fails(*base, "--method", "wanda", "--pattern", "5:4", expect="0 < N < M")
     other = save_tiny_model("llama", tmp_path / "other", seed=1)
-    fails(other, "--stats", llama_stats, "--out", out, "--method", "wanda", "--sparsity", "0.5",
-          expect="computed on another model")
+    fails(
+        other,
+        "--stats",
+        llama_stats,
+        "--out",
+        out,
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        expect="computed on another model",
+    )
     no_h = calibrate(tiny_llama_dir, tmp_path / "noh")
-    fails(tiny_llama_dir, "--stats", no_h, "--out", out, "--method", "sparsegpt", "--sparsity", "0.5",
-          expect="calibrate --hessian")
+    fails(
+        tiny_llama_dir,
+        "--stats",
+        no_h,
+        "--out",
+        out,
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        expect="calibrate --hessian",
+    )
     out.mkdir()
     res = invoke(*("prune", *base), "--method", "wanda", "--sparsity", "0.5")
     assert res.exit_code == 1 and "--force" in res.output and not any(out.iterdir())
@@ -292,8 +380,18 @@ def test_bad_inputs_are_refused_before_any_work(tiny_llama_dir: Path, llama_stat
     shutil.copytree(llama_stats, broken)
     data = (broken / "stats.safetensors").read_bytes()
     (broken / "stats.safetensors").write_bytes(data[: len(data) // 2])
-    fails(tiny_llama_dir, "--stats", broken, "--out", out, "--method", "wanda", "--sparsity", "0.5",
-          expect="corrupted or truncated")
+    fails(
+        tiny_llama_dir,
+        "--stats",
+        broken,
+        "--out",
+        out,
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        expect="corrupted or truncated",
+    )
 
 
 def test_methods_lists_registry() -> None:
@@ -310,12 +408,24 @@ def test_smollm2_masks_match_definitions(tmp_path: Path) -> None:
 
     model_dir = Path(resolve_model("smollm2-135m"))
     stats = tmp_path / "stats"
-    res = invoke("calibrate", "smollm2-135m", "--data", "sample-wiki", "--nsamples", 4, "--seqlen", 256,
-                 "--out", stats)
+    res = invoke("calibrate", "smollm2-135m", "--data", "sample-wiki", "--nsamples", 4, "--seqlen", 256, "--out", stats)
     assert res.exit_code == 0, res.output
     out = tmp_path / "sweep"
-    res = invoke("prune", "smollm2-135m", "--stats", stats, "--method", "wanda,stade,stadew", "--sparsity", "0.5",
-                 "--pattern", "unstructured,2:4", "--no-bias-update", "--out", out)
+    res = invoke(
+        "prune",
+        "smollm2-135m",
+        "--stats",
+        stats,
+        "--method",
+        "wanda,stade,stadew",
+        "--sparsity",
+        "0.5",
+        "--pattern",
+        "unstructured,2:4",
+        "--no-bias-update",
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     for method in ("wanda", "stade", "stadew"):
         assert check_masks(model_dir, stats, out / f"{method}-unstructured-0.5", method, 0.5, 0, 0) == 210

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DATA
 
 REF = DATA / "reference-smollm2"
@@ -23,8 +22,9 @@ def test_sequential_wanda_reproduces_reference_figure(tmp_path: Path) -> None:
 
     cpu = torch.device("cpu")
     loaded = load_model("smollm2-135m", "float32", cpu)
-    stats = calibrate(loaded, CalibrationConfig(data=str(REF / "calibration_ids.safetensors"), nsamples=None),
-                      tmp_path / "stats", cpu)
+    stats = calibrate(
+        loaded, CalibrationConfig(data=str(REF / "calibration_ids.safetensors"), nsamples=None), tmp_path / "stats", cpu
+    )
     assert stats.manifest["data"]["nsamples"] == 32 and stats.manifest["data"]["seqlen"] == 512
     report = prune_model(loaded, stats, PruneConfig("wanda", 0.5, sequential=True), cpu)
     assert report.achieved_sparsity == pytest.approx(0.5)
