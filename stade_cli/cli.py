@@ -243,7 +243,8 @@ def prune(
         check_writable(path, force)
     stats_art = Statistics.load(stats)
     dev = resolve_device(device)
-    loaded = load_model(model, stats_art.manifest["dtype"], dev, str(cache_dir) if cache_dir else None)
+    # The checkpoint's own dtype: scores are computed in float32 anyway, and the output keeps the source's dtype.
+    loaded = load_model(model, "auto", dev, str(cache_dir) if cache_dir else None)
     results = prune_sweep(
         loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size
     )

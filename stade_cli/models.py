@@ -145,9 +145,9 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
 
-def default_dtype(path: str, device: torch.device, cache_dir: str | None) -> torch.dtype:
-    """The model's own dtype on a GPU; float32 on the CPU, where half precision is slow and lossy."""
-    if device.type == "cpu":
+def default_dtype(path: str, device: torch.device, cache_dir: str | None, own_dtype: bool = False) -> torch.dtype:
+    """The model's own dtype on a GPU (or when asked); float32 on the CPU, where half precision is slow and lossy."""
+    if device.type == "cpu" and not own_dtype:
         return torch.float32
     from transformers import AutoConfig
 
@@ -171,10 +171,11 @@ def load_model(
 
     path = resolve_model(spec)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    own_dtype = dtype == "auto"  # the checkpoint's own dtype on any device (prune writes in it)
+    torch_dtype = parse_dtype(None if own_dtype else dtype) if isinstance(dtype, str) or dtype is None else dtype
     try:
         if torch_dtype is None:
-            torch_dtype = default_dtype(path, dev, cache_dir)
+            torch_dtype = default_dtype(path, dev, cache_dir, own_dtype)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, cache_dir=cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
     except StadeError:
@@ -258,14 +259,15 @@ def fingerprint(model: nn.Module) -> str:
     """A cheap identity of the weights: every tensor's name and shape plus a strided sample of its values.
 
     Hashing every byte of a 70B model would take minutes; a sample of each tensor still tells
-    two different checkpoints apart, which is all the statistics check needs.
+    two different checkpoints apart, which is all the statistics check needs. Values are rounded to
+    bfloat16 first, so a bfloat16 checkpoint gives the same fingerprint loaded in bfloat16 or float32.
     """
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(p.shape)}".encode())
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
-        h.update(flat[::step].float().cpu().contiguous().numpy().tobytes())
+        h.update(flat[::step].to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

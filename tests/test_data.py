@@ -135,3 +135,19 @@ def test_sample_news_reproduces_reference_heldout_ids(smollm2_tokenizer, referen
     assert got.shape == expected.shape == (1, 75382)
     assert torch.equal(got, expected)
     assert sha.startswith("4ccbe86e") and sha.endswith("d45ef2")
+
+
+def test_eval_token_file_must_be_one_row(tmp_path: Path) -> None:
+    """`eval --ppl FILE.safetensors` takes one pre-tokenized text [1, N]; windows [n, seqlen] are refused."""
+    from safetensors.torch import save_file
+
+    from stade_cli.data import eval_ids
+    from stade_cli.errors import StadeError
+
+    good, bad = tmp_path / "text.safetensors", tmp_path / "windows.safetensors"
+    save_file({"input_ids": torch.arange(100, dtype=torch.int64)[None]}, str(good))
+    save_file({"input_ids": torch.zeros(4, 25, dtype=torch.int64)}, str(bad))
+    ids, sha = eval_ids(str(good), tokenizer=None)
+    assert ids.shape == (1, 100) and len(sha) == 64
+    with pytest.raises(StadeError, match=r"shape \[1, N\]"):
+        eval_ids(str(bad), tokenizer=None)

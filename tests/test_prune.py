@@ -459,3 +459,21 @@ def test_sparsegpt_beats_wanda_on_real_smollm2_layer() -> None:
     assert torch.isfinite(res.weight).all()
     w_wanda, _, _, _ = prune_weight(w, st, PruneConfig("wanda", 0.5), torch.Generator())
     assert torch.linalg.norm(x @ (w - res.weight).t()) < 0.9 * torch.linalg.norm(x @ (w - w_wanda).t())
+
+
+def test_checkpoint_keeps_source_dtype_unless_asked(tmp_path: Path) -> None:
+    """A bfloat16 model calibrated in float32 on the CPU is pruned and written in bfloat16; --dtype overrides."""
+    from conftest import save_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    src = save_tiny_model("llama", tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(src)
+    stats = calibrate(src, tmp_path / "stats")
+    assert json.loads((stats / "manifest.json").read_text())["dtype"] == "float32"
+    for extra, want in (((), torch.bfloat16), (("--dtype", "float16"), torch.float16)):
+        out = tmp_path / f"out-{want}"
+        res = invoke("prune", src, "--stats", stats, "--method", "stade", "--sparsity", "0.5", *extra, "--out", out)
+        assert res.exit_code == 0, res.output
+        weights = read_weights(out)
+        assert weights["model.layers.0.mlp.down_proj.weight"].dtype == want
+        assert weights["model.layers.0.mlp.down_proj.bias"].dtype == want
