@@ -6,6 +6,7 @@ model, each evaluated on all 147 held-out windows of 512. Writes bench/results/r
 
     python bench/reproduce.py            # the full table (~30-45 min on 2 CPU cores)
     python bench/reproduce.py --quick    # wanda only, 20 windows: a smoke run
+    python bench/reproduce.py --cost     # only the cost ratio: calibrate + ten one-shot prunes, no evaluation
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.console import err, out
 from stade_cli.data import load_token_file
 from stade_cli.evaluate import perplexity
-from stade_cli.models import full_fingerprint, load_model
+from stade_cli.models import LoadedModel, full_fingerprint, load_model
 from stade_cli.prune import PruneConfig, Snapshot, prune_model
+from stade_cli.stats import Statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "tests" / "data" / "reference-smollm2"
@@ -68,6 +70,7 @@ def runs(quick: bool) -> list[tuple[str, PruneConfig]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="wanda only, 20 held-out windows")
+    ap.add_argument("--cost", action="store_true", help="only time calibrate + the ten one-shot prunes")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "reproduce")
     args = ap.parse_args()
@@ -100,6 +103,8 @@ def main() -> int:
     def ppl() -> float:
         return perplexity(loaded.model, heldout, 512, args.batch_size, device, description="held-out").ppl
 
+    if args.cost:
+        return cost_only(loaded, stats, calibrate_s, device, args.batch_size)
     rows = [
         {
             "method": "dense",
@@ -146,6 +151,32 @@ def main() -> int:
     )
     (results / f"{name}.md").write_text(markdown(rows, cost))
     shutil.rmtree(args.work, ignore_errors=True)
+    return 0
+
+
+def cost_only(loaded: LoadedModel, stats: Statistics, calibrate_s: float, device: torch.device, batch: int) -> int:
+    """Calibrate + the ten one-shot prunes (our default), against the reference's prune calls."""
+    snap = Snapshot(loaded.model)
+    one_shot = 0.0
+    for m in METHODS:
+        for p in PATTERNS:
+            snap.restore()
+            cfg = PruneConfig(m, 0.5 if p == "unstructured" else None, p)
+            one_shot += prune_model(loaded, stats, cfg, device, batch_size=batch).timings["prune_s"]
+    ratio = (calibrate_s + one_shot) / REFERENCE_PRUNE_SECONDS
+    out.print(
+        f"calibrate {calibrate_s:.1f}s + ten one-shot prunes {one_shot:.1f}s = {ratio:.3f} x the reference's "
+        f"{REFERENCE_PRUNE_SECONDS:.0f}s (target <= 0.2)"
+    )
+    cost = {
+        "calibrate_s": round(calibrate_s, 2),
+        "one_shot_prunes_s": round(one_shot, 2),
+        "reference_prunes_s": REFERENCE_PRUNE_SECONDS,
+        "ratio": round(ratio, 4),
+    }
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "reproduce-cost.json").write_text(json.dumps(cost, indent=2) + "\n")
     return 0
 
 
