@@ -259,7 +259,9 @@ def prune_model(
     model = loaded.model
     report = PruneReport(config)
     t0 = time.perf_counter()
-    if config.sequential and inputs is None:
+    # A weights-only score (magnitude, random) masks the same whatever the inputs: no forward passes needed.
+    recalibrate = config.sequential and bool(config.metric.needs)
+    if recalibrate and inputs is None:
         inputs = capture_inputs(model, stats.token_ids(), batch_size, device)
     blocks = list(iterate_blocks(model))
     with progress() as bar:
@@ -267,7 +269,7 @@ def prune_model(
         for _i, prefix, block in blocks:
             block.to(device)
             try:
-                if config.sequential:
+                if recalibrate:
                     assert inputs is not None
                     collector = BlockCollector(block, linear_layers(block), device, "hessian" in config.metric.needs)
                     try:
