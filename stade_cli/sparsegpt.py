@@ -80,7 +80,7 @@ def sparsegpt_prune(
             q = col.masked_fill(m1[:, i], 0.0)
             q1[:, i] = q
             e = (col - q) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)  # rank-1 update: w -= e ⊗ Hinv[i, i:]
             err1[:, i] = e
         w[:, i1:i2] = q1
         mask[:, i1:i2] = m1
