@@ -317,8 +317,8 @@ def save_checkpoint(
     force: bool,
     device: torch.device,
     dtype: torch.dtype | None,
-) -> None:
-    """Write a plain transformers checkpoint (sharded safetensors + index), tokenizer, and stade.json."""
+) -> dict[str, Any]:
+    """Write a plain transformers checkpoint (sharded safetensors + index), tokenizer, and stade.json (returned)."""
     t0 = time.perf_counter()
     model = loaded.model
     with atomic_dir(out, force) as tmp:
@@ -334,7 +334,9 @@ def save_checkpoint(
             model.save_pretrained(tmp, max_shard_size="2GB")
         loaded.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         report.timings["write_s"] = round(time.perf_counter() - t0, 3)
-        write_json(tmp / REPORT_FILE, report_dict(loaded, report, stats, device))
+        doc = report_dict(loaded, report, stats, device)
+        write_json(tmp / REPORT_FILE, doc)
+    return doc
 
 
 def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, device: torch.device) -> dict[str, Any]:
@@ -428,8 +430,7 @@ def prune_sweep(
             snap.restore()
         report = prune_model(loaded, stats, config, device, batch_size)
         _finish_biases(model, switches if any(r.bias_updated for r in report.layers) else {})
-        save_checkpoint(loaded, report, stats, paths[config], force, device, dtype)
-        results.append((paths[config], report_dict(loaded, report, stats, device)))
+        results.append((paths[config], save_checkpoint(loaded, report, stats, paths[config], force, device, dtype)))
     if snap:
         snap.restore()
         write_json(
