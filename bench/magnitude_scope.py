@@ -1,8 +1,12 @@
-"""Why `magnitude` at 50% unstructured differs from the Wanda repository's figure: the comparison group.
+"""Why `magnitude` differs from the Wanda repository's figures: comparison group and ties.
 
-method.md prunes the lowest |W| in each output row; the Wanda repository's magnitude baseline uses one
-threshold per layer. This evaluates both on the reference held-out ids (all 147 windows of 512), so the
-difference can be attributed exactly. (2:4 has no such difference: both group by row.)
+- 50% unstructured: method.md prunes the lowest |W| in each output row; the Wanda repository's
+  magnitude baseline uses one threshold per layer.
+- 2:4: both pick the 2 lowest of every 4, but SmolLM2's weights come from a Q4_1 GGUF (16 levels per
+  block of 32), so |W| often ties inside a group of 4. stade breaks ties by column index (method.md);
+  the repository takes whatever torch.topk(largest=False) returns.
+This evaluates the repository's variants (`--all`: stade's too) on the reference held-out ids (all 147
+windows of 512) and counts the ties.
 
     python bench/magnitude_scope.py
 """
@@ -10,6 +14,7 @@ difference can be attributed exactly. (2:4 has no such difference: both group by
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -22,34 +27,64 @@ from stade_cli.models import linear_layers, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "tests" / "data" / "reference-smollm2"
-REFERENCE = 470.735
+REFERENCE = {"unstructured": 470.735, "2:4": 2010.939}
 
 
 @torch.no_grad()
-def prune(model: torch.nn.Module, per_layer: bool) -> None:
+def prune(model: torch.nn.Module, variant: str) -> float:
+    """Prune in place; returns the fraction of 2:4 groups whose choice depends on tie-breaking."""
+    tied = groups = 0
     for _i, _prefix, block in iterate_blocks(model):
         for mod in linear_layers(block).values():
             w = mod.weight.data
-            if per_layer:  # one threshold for the whole layer, as the Wanda repository's prune_magnitude
+            if variant.startswith("2:4"):
+                g = w.abs().reshape(w.shape[0], -1, 4)
+                ordered = torch.sort(g, dim=-1).values
+                tied += int((ordered[..., 1] == ordered[..., 2]).sum())
+                groups += ordered.shape[0] * ordered.shape[1]
+                if "topk" in variant:  # the repository's choice among ties
+                    idx = torch.topk(g, 2, dim=-1, largest=False)[1]
+                else:
+                    idx = torch.sort(g, dim=-1, stable=True).indices[..., :2]
+                w.copy_(w.reshape(g.shape).scatter(-1, idx, 0.0).reshape(w.shape))
+            elif variant.startswith(
+                "per-layer"
+            ):  # one threshold for the whole layer, as the Wanda repository's prune_magnitude
                 thresh = torch.sort(w.abs().flatten())[0][int(w.numel() * 0.5)]
                 w[w.abs() <= thresh] = 0
-            else:  # method.md: exactly half of every row
+            else:  # method.md: exactly half of every row, ties by index
                 idx = torch.sort(w.abs(), dim=1, stable=True).indices[:, : w.shape[1] // 2]
                 w.scatter_(1, idx, 0.0)
+    return tied / groups if groups else 0.0
 
 
 def main() -> None:
     heldout = load_token_file(REF / "heldout_ids.safetensors", "[1, N]")
+    # stade's own variants (per row; ties by index) are the `magnitude` rows of bench/reproduce.py.
+    variants = {
+        "per-layer threshold (Wanda repository)": "unstructured",
+        "2:4 ties by torch.topk (Wanda repository)": "2:4",
+    }
+    if "--all" in sys.argv:
+        variants = {
+            "per-row (stade, method.md)": "unstructured",
+            "2:4 ties by index (stade, method.md)": "2:4",
+            **variants,
+        }
     rows = {}
-    for scope in ("per-row (stade, method.md)", "per-layer (Wanda repository)"):
+    for variant, pattern in variants.items():
         loaded = load_model("smollm2-135m", "float32", "cpu")
-        prune(loaded.model, per_layer=scope.startswith("per-layer"))
-        rows[scope] = perplexity(loaded.model, heldout, 512, 8, "cpu", description=scope).ppl
-    for scope, ppl in rows.items():
-        out.print(f"magnitude 50% {scope}: {ppl:.3f}  (reference {REFERENCE}, {(ppl - REFERENCE) / REFERENCE:+.2%})")
+        tied = prune(loaded.model, variant)
+        ppl = perplexity(loaded.model, heldout, 512, 8, "cpu", description=variant).ppl
+        ref = REFERENCE[pattern]
+        rows[variant] = {"ppl": ppl, "reference": ref, "rel_diff": (ppl - ref) / ref, "tied_groups": tied}
+        out.print(
+            f"magnitude {variant}: {ppl:.3f} (reference {ref}, {(ppl - ref) / ref:+.2%})"
+            + (f"; 2:4 groups decided by a tie: {tied:.1%}" if pattern == "2:4" else "")
+        )
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "magnitude-scope.json").write_text(json.dumps({"reference": REFERENCE, "ppl": rows}, indent=2) + "\n")
+    (results / "magnitude-scope.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
