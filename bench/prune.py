@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,12 +31,13 @@ CASES = [("wanda", "unstructured", "0.5"), ("stade", "2:4", None), ("sparsegpt",
 def stade(*args: str) -> tuple[float, int]:
     """Run one stade command in a fresh process; (wall seconds, peak RSS bytes of that process)."""
     exe = shutil.which("stade", path=str(Path(sys.executable).parent)) or "stade"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    subprocess.run([exe, *args], check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    child = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _pid, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not the max over all children
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) * 1024
+    if status != 0:
+        raise SystemExit(f"stade {' '.join(args)} failed")
+    return wall, usage.ru_maxrss * 1024
 
 
 def main() -> int:
