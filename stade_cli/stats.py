@@ -6,6 +6,7 @@ import hashlib
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +235,9 @@ class Statistics:
     def has_hessian(self) -> bool:
         return "hessian" in self.manifest["statistics"]
 
-    @property
+    @cached_property
     def layers(self) -> dict[str, dict[str, Any]]:
+        """Manifest entries by layer name, built once (every per-layer lookup reads it)."""
         return {entry["name"]: entry for entry in self.manifest["layers"]}
 
     def layer(self, name: str, hessian: bool = False, device: torch.device | str = "cpu") -> LayerStats:
