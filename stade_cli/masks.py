@@ -71,16 +71,32 @@ def check_divisible(pattern: Pattern, layer: str, in_features: int) -> None:
         )
 
 
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the `k` lowest entries of each row of `scores` (rows, cols), ties broken by lower column first.
+
+    The same set as the first `k` of a stable ascending sort, found by selection (kthvalue) instead:
+    only the k-th value is located, so it costs O(cols) per row rather than a full sort.
+    """
+    cols = scores.shape[1]
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=1, keepdim=True).values
+    below = scores < kth
+    at = scores == kth
+    need = k - below.sum(1, keepdim=True)  # how many of the entries equal to the k-th value to take
+    if torch.equal(at.sum(1, keepdim=True), need):  # the usual case: no tie straddles the cut
+        return below | at
+    return below | (at & (at.cumsum(1) <= need))
+
+
 def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
     """True where a weight is pruned: the lowest scores, ties broken by lower column index first."""
     rows, cols = scores.shape
-    mask = torch.zeros_like(scores, dtype=torch.bool)
     if pattern.structured:
         grouped = scores.reshape(rows, cols // pattern.m, pattern.m)  # (out, in/M, M)
         idx = torch.sort(grouped, dim=-1, stable=True).indices[..., : pattern.n]
-        return mask.reshape(grouped.shape).scatter_(-1, idx, True).reshape(rows, cols)
-    k = int(cols * sparsity)
-    if k == 0:
-        return mask
-    idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    return mask.scatter_(1, idx, True)
+        mask = torch.zeros_like(grouped, dtype=torch.bool)
+        return mask.scatter_(-1, idx, True).reshape(rows, cols)
+    return lowest_k(scores, int(cols * sparsity))

@@ -243,8 +243,9 @@ def get_weight(module: nn.Module) -> torch.Tensor:
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Rebind rather than copy: writing into weights loaded from a memory-mapped file faults every page."""
     w = weight.t() if type(module).__name__ == "Conv1D" else weight
-    module.weight.data.copy_(w.to(module.weight.dtype))
+    module.weight.data = w.to(module.weight.dtype).contiguous()
 
 
 def in_features(module: nn.Module) -> int:

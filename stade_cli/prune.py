@@ -116,24 +116,47 @@ def output_error(w: torch.Tensor, w_new: torch.Tensor, db: torch.Tensor | None, 
     return float(err), float(energy)
 
 
-def prune_weight(
-    w: torch.Tensor, st: LayerStats, config: PruneConfig, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
-    """(new weight, mask, bias change or None, damping) for one layer; `w` is the original (out, in) float32."""
+Pruned = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]
+
+
+def prune_group(ws: list[torch.Tensor], st: LayerStats, config: PruneConfig, names: list[str]) -> list[Pruned]:
+    """(new weight, mask, bias change or None, damping) for layers that share one input and so `st`.
+
+    `ws` are the original (out, in) float32 weights. The solver runs once on their stacked rows:
+    one Hessian factor and one column sweep instead of one per layer (each row's update is its own).
+    """
     metric = config.metric
-    damping = None
     if metric.solver:
         assert st.hessian is not None
-        res = sparsegpt_prune(w, st.hessian, config.ratio, config.parsed_pattern)
-        w_new, mask, damping = res.weight, res.mask, res.damping
+        rows = [w.shape[0] for w in ws]
+        res = sparsegpt_prune(torch.cat(ws), st.hessian, config.ratio, config.parsed_pattern, segments=rows)
+        parts = [
+            (w_new, mask, res.damping) for w_new, mask in zip(res.weight.split(rows), res.mask.split(rows), strict=True)
+        ]
     else:
-        mask = mask_from_scores(metric.score(w, st, gen), config.ratio, config.parsed_pattern)  # type: ignore[misc]
-        w_new = w.masked_fill(mask, 0.0)
-    db = None
-    if config.bias_update and metric.bias_update(st):
-        # From the ORIGINAL weights, before zeroing: the pruned weights' expected contribution.
-        db = (w * mask) @ st.mean.to(w.device, torch.float32)
-    return w_new, mask, db, damping
+        parts = []
+        for w, name in zip(ws, names, strict=True):
+            scores = metric.score(w, st, _layer_generator(config.seed, name))  # type: ignore[misc]
+            if scores.isnan().any():
+                raise StadeError(
+                    f"Layer {name} has NaN {config.method} scores: its weights or calibration statistics contain NaN.",
+                    "check the model's weights, and calibrate in float32 (--dtype float32) if float16 overflowed",
+                )
+            mask = mask_from_scores(scores, config.ratio, config.parsed_pattern)
+            parts.append((w.masked_fill(mask, 0.0), mask, None))
+    out: list[Pruned] = []
+    for w, (w_new, mask, damping) in zip(ws, parts, strict=True):
+        db = None
+        if config.bias_update and metric.bias_update(st):
+            # From the ORIGINAL weights, before zeroing: the pruned weights' expected contribution.
+            db = (w * mask) @ st.mean.to(w.device, torch.float32)
+        out.append((w_new, mask, db, damping))
+    return out
+
+
+def prune_weight(w: torch.Tensor, st: LayerStats, config: PruneConfig, name: str = "layer") -> Pruned:
+    """`prune_group` for one layer."""
+    return prune_group([w], st, config, [name])[0]
 
 
 def _layer_generator(seed: int, name: str) -> torch.Generator:
@@ -144,21 +167,30 @@ def prune_block(
     prefix: str, block: nn.Module, stats_of: Any, config: PruneConfig, device: torch.device
 ) -> list[LayerReport]:
     """Prune every linear layer of one block in place (the block is on `device`)."""
-    reports = []
+    groups: list[tuple[LayerStats, list[tuple[str, nn.Module]]]] = []  # consecutive layers sharing an input
     for name, mod in linear_layers(block).items():
         full = f"{prefix}.{name}"
         st: LayerStats = stats_of(name, full)
-        w = get_weight(mod).detach().to(torch.float32)
-        w_new, mask, db, damping = prune_weight(w, st, config, _layer_generator(config.seed, full))
-        err, energy = output_error(w, w_new, db, st)
-        set_weight(mod, w_new)
-        if db is not None:
-            _add_bias(mod, db)
-        reports.append(
-            LayerReport(
-                full, tuple(w.shape), float(mask.float().mean()), err / max(energy, 1e-30), db is not None, damping
+        if groups and st.group and groups[-1][0].group == st.group:
+            groups[-1][1].append((full, mod))
+        else:
+            groups.append((st, [(full, mod)]))
+    reports = []
+    for st, members in groups:
+        ws = [get_weight(mod).detach().to(torch.float32) for _, mod in members]
+        names = [full for full, _ in members]
+        for (full, mod), w, (w_new, mask, db, damping) in zip(
+            members, ws, prune_group(ws, st, config, names), strict=True
+        ):
+            err, energy = output_error(w, w_new, db, st)
+            set_weight(mod, w_new)
+            if db is not None:
+                _add_bias(mod, db)
+            reports.append(
+                LayerReport(
+                    full, tuple(w.shape), float(mask.float().mean()), err / max(energy, 1e-30), db is not None, damping
+                )
             )
-        )
     return reports
 
 

@@ -7,21 +7,35 @@ from dataclasses import dataclass
 import torch
 
 from .errors import StadeError
-from .masks import Pattern
+from .masks import Pattern, lowest_k
 
 MAX_DAMPING_RETRIES = 5
+
+
+@dataclass
+class HessianFactor:
+    """What the solver needs from a Hessian; layers that share an input (q/k/v, gate/up) share one."""
+
+    upper: torch.Tensor  # upper Cholesky factor of (H + lambda I)^-1, float32
+    dead: torch.Tensor  # (in,) bool: input channels that never fired (diag H == 0)
+    damping: float  # the lambda finally used (as a fraction of mean(diag H))
+    retries: int
 
 
 @dataclass
 class SolverResult:
     weight: torch.Tensor  # (out, in) float32, pruned and updated
     mask: torch.Tensor  # (out, in) bool, True where pruned
-    damping: float  # the lambda finally used (as a fraction of mean(diag H))
+    damping: float
     retries: int
 
 
-def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of (H + lambda I)^-1, raising lambda 10x on failure."""
+@torch.no_grad()
+def hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFactor:
+    """Damp H, invert it through Cholesky and factor the inverse, raising lambda 10x on failure."""
+    h = hessian.detach().to(torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
     diag_mean = torch.mean(torch.diag(h))
     idx = torch.arange(h.shape[0], device=h.device)
     for attempt in range(MAX_DAMPING_RETRIES + 1):
@@ -33,7 +47,7 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
             hinv = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if info.item() == 0 and torch.isfinite(upper).all():
-                return upper, damp, attempt
+                return HessianFactor(upper, dead, damp, attempt)
     raise StadeError(
         f"SparseGPT: the Hessian is not positive definite even with damping {damp:g} x mean(diag H).",
         "calibrate on more tokens (--nsamples), or use another method",
@@ -43,48 +57,50 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     sparsity: float,
     pattern: Pattern,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    segments: list[int] | None = None,
 ) -> SolverResult:
-    """Prune `weight` (out, in) with the OBS update of the kept weights, columns in blocks of `blocksize`."""
+    """Prune `weight` (out, in) with the OBS update of the kept weights, columns in blocks of `blocksize`.
+
+    `segments`: row counts of layers stacked into `weight` (sharing one Hessian); each layer's
+    unstructured mask is chosen within its own rows, so stacking changes nothing but speed.
+
+    Column i is never written after its own step, so the kept values and the errors are read off
+    the block once at its end instead of being copied out column by column.
+    """
+    factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, percdamp)
+    hinv = factor.upper.to(weight.device)
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    w[:, factor.dead.to(w.device)] = 0
     cols = w.shape[1]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    hinv, damp, retries = _inverse_cholesky(h, percdamp)
     mask = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, i1:i2].clone()  # (out, B)
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d = torch.diag(hinv1)  # (B,)
-        m1 = torch.zeros_like(w1, dtype=torch.bool)
-        if not pattern.structured:
-            scores = (w1.square() / d.square()).flatten()
-            k = int(scores.numel() * sparsity)
-            if k:
-                m1.view(-1)[torch.sort(scores, stable=True).indices[:k]] = True
+        if pattern.structured:
+            m1 = torch.zeros_like(w1, dtype=torch.bool)
+        else:  # each layer's k lowest w^2 / d^2 in this block, over all its rows and columns at once
+            scores = (w1.square() / d.square()).split(segments or [w1.shape[0]])
+            m1 = torch.cat([lowest_k(s.reshape(1, -1), int(s.numel() * sparsity)).reshape(s.shape) for s in scores])
+        # Per-column views made once: the loop is bound by per-call overhead, not arithmetic.
+        w_cols, m_cols, d_vals, h_rows = w1.unbind(1), m1.unbind(1), d.unbind(), hinv1.unbind(0)
         for i in range(i2 - i1):
             if pattern.structured and i % pattern.m == 0:
                 tmp = w1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square()
                 idx = torch.sort(tmp, dim=1, stable=True).indices[:, : pattern.n]
                 m1[:, i : i + pattern.m].scatter_(1, idx, True)
-            col = w1[:, i]
-            q = col.masked_fill(m1[:, i], 0.0)
-            q1[:, i] = q
-            e = (col - q) / hinv1[i, i]
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)  # rank-1 update: w -= e ⊗ Hinv[i, i:]
-            err1[:, i] = e
-        w[:, i1:i2] = q1
+            e = w_cols[i].where(m_cols[i], 0.0) / d_vals[i]
+            w1[:, i + 1 :].addr_(e, h_rows[i][i + 1 :], alpha=-1.0)  # w -= e ⊗ Hinv[i, i+1:]
+        err1 = w1.where(m1, 0.0) / d
+        w[:, i1:i2] = w1.masked_fill(m1, 0.0)
         mask[:, i1:i2] = m1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if not torch.isfinite(w).all():
         raise StadeError("SparseGPT produced non-finite weights.", "calibrate on more tokens or use another method")
-    return SolverResult(w, mask, damp, retries)
+    return SolverResult(w, mask, factor.damping, factor.retries)

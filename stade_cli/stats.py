@@ -76,6 +76,7 @@ class LayerStats:
     m2: torch.Tensor  # (in,) float64
     fed_by_norm: bool
     hessian: torch.Tensor | None = None  # (in, in) float32
+    group: str = ""  # layers with the same group share one input, hence these statistics
 
     @property
     def var(self) -> torch.Tensor:
@@ -160,7 +161,7 @@ class BlockCollector:
             raise StadeError(f"Layer {name} never ran during calibration.", "is it used by the model's forward?")
         m = self.moments[g]
         h = self.hessians[g].value() if self.want_hessian else None
-        return LayerStats(m.count, m.mean, m.m2, self.fed_by_norm[name], h)
+        return LayerStats(m.count, m.mean, m.m2, self.fed_by_norm[name], h, g)
 
 
 # ----------------------------------------------------------------------------------------------- artifact
@@ -187,6 +188,7 @@ class Statistics:
     path: Path
     manifest: dict[str, Any]
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+    _recent: tuple[tuple, tuple] | None = field(default=None, repr=False)
 
     # -- reading
     @classmethod
@@ -242,19 +244,18 @@ class Statistics:
 
     def layer(self, name: str, hessian: bool = False, device: torch.device | str = "cpu") -> LayerStats:
         entry = self.layers[name]
-        f = self._open(STATS_FILE)
-        h = None
-        if hessian:
-            if not self.has_hessian:
-                raise StadeError("These statistics have no Hessians.", "re-run `stade calibrate --hessian`")
-            h = self._open(HESSIAN_FILE).get_tensor(entry["group"]).to(device)
-        return LayerStats(
-            count=int(self.manifest["count"]),
-            mean=f.get_tensor(f"{entry['group']}.mean").to(device),
-            m2=f.get_tensor(f"{entry['group']}.m2").to(device),
-            fed_by_norm=bool(entry["fed_by_norm"]),
-            hessian=h,
-        )
+        group = entry["group"]
+        key = (group, hessian, str(device))
+        if self._recent is None or self._recent[0] != key:  # q/k/v (gate/up) come in a row: read their group once
+            f = self._open(STATS_FILE)
+            h = None
+            if hessian:
+                if not self.has_hessian:
+                    raise StadeError("These statistics have no Hessians.", "re-run `stade calibrate --hessian`")
+                h = self._open(HESSIAN_FILE).get_tensor(group).to(device)
+            self._recent = (key, (f.get_tensor(f"{group}.mean").to(device), f.get_tensor(f"{group}.m2").to(device), h))
+        mean, m2, h = self._recent[1]
+        return LayerStats(int(self.manifest["count"]), mean, m2, bool(entry["fed_by_norm"]), h, group)
 
     def summary(self) -> dict[str, Any]:
         return summary(self)

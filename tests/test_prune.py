@@ -164,13 +164,13 @@ def test_stade_bias_restores_mean_output_and_reduces_error() -> None:
     st = LayerStats(mom.count, mom.mean, mom.m2, fed_by_norm=False)
     dense = x @ w.t()
     for cfg in (PruneConfig("stade", 0.5), PruneConfig("stade", None, "2:4")):
-        w_new, mask, db, _ = prune_weight(w, st, cfg, torch.Generator())
+        w_new, mask, db, _ = prune_weight(w, st, cfg)
         assert db is not None and mask.float().mean().item() == pytest.approx(0.5)
         compensated = x @ w_new.t() + db
         plain = x @ w_new.t()
         assert torch.allclose(compensated.mean(0), dense.mean(0), atol=1e-3, rtol=1e-4)
         assert (compensated - dense).square().mean() < 0.8 * (plain - dense).square().mean()
-    _, _, db_off, _ = prune_weight(w, st, PruneConfig("stade", 0.5, bias_update=False), torch.Generator())
+    _, _, db_off, _ = prune_weight(w, st, PruneConfig("stade", 0.5, bias_update=False))
     assert db_off is None
 
 
@@ -309,7 +309,7 @@ def test_sparsegpt_beats_wanda_mask_on_reconstruction() -> None:
         res = sparsegpt_prune(w, hes.value(), ratio, pattern)
         assert torch.isfinite(res.weight).all() and res.mask.float().mean().item() == pytest.approx(0.5, abs=0.01)
         cfg = PruneConfig("wanda", None if pattern.structured else ratio, str(pattern))
-        w_wanda, _, _, _ = prune_weight(w, st, cfg, torch.Generator())
+        w_wanda, _, _, _ = prune_weight(w, st, cfg)
         err_sparsegpt = torch.linalg.norm(x @ (w - res.weight).t())
         err_wanda = torch.linalg.norm(x @ (w - w_wanda).t())
         assert err_sparsegpt < err_wanda
@@ -324,6 +324,48 @@ def test_sparsegpt_escalates_damping_on_singular_hessian() -> None:
     h = 2 / 16 * x.t() @ x - 0.05 * torch.eye(64)
     res = sparsegpt_prune(torch.randn(8, 64, generator=g), h, 0.5, Pattern())
     assert res.retries >= 1 and torch.isfinite(res.weight).all()
+
+
+@pytest.mark.parametrize("levels", [None, 3, 8])  # continuous scores, then heavy ties
+def test_selection_equals_stable_sort(levels: int | None) -> None:
+    """lowest_k (kthvalue selection) picks exactly what a stable ascending sort's first k would."""
+    from stade_cli.masks import lowest_k
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(40, 96, generator=g)
+    if levels:
+        scores = (scores * levels).floor()
+    for k in (0, 1, 17, 48, 95, 96):
+        expected = torch.zeros_like(scores, dtype=torch.bool)
+        expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(lowest_k(scores, k), expected), k
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_on_stacked_layers_equals_one_layer_at_a_time(pattern: str) -> None:
+    """q/k/v share a Hessian and are solved stacked: each layer must get what it would get alone."""
+    from stade_cli.masks import parse_pattern
+    from stade_cli.sparsegpt import sparsegpt_prune
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2048, 256, generator=g) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=g))
+    h = 2 / x.shape[0] * x.t() @ x
+    ws = [torch.randn(rows, 256, generator=g) for rows in (48, 16, 16)]
+    stacked = sparsegpt_prune(torch.cat(ws), h, 0.5, parse_pattern(pattern), segments=[48, 16, 16])
+    for w, w_new, mask in zip(ws, stacked.weight.split([48, 16, 16]), stacked.mask.split([48, 16, 16]), strict=True):
+        alone = sparsegpt_prune(w, h, 0.5, parse_pattern(pattern))
+        assert torch.equal(mask, alone.mask)
+        torch.testing.assert_close(w_new, alone.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_scores_name_the_layer() -> None:
+    from stade_cli.errors import StadeError
+    from stade_cli.prune import PruneConfig, prune_weight
+    from stade_cli.stats import LayerStats
+
+    st = LayerStats(10, torch.tensor([0.0, float("nan"), 1.0, 2.0]), torch.ones(4), False)
+    with pytest.raises(StadeError, match=r"model\.layers\.0\.mlp\.down_proj has NaN wanda scores"):
+        prune_weight(torch.ones(2, 4), st, PruneConfig("wanda", 0.5), "model.layers.0.mlp.down_proj")
 
 
 def test_bad_inputs_are_refused_before_any_work(tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path) -> None:
@@ -457,7 +499,7 @@ def test_sparsegpt_beats_wanda_on_real_smollm2_layer() -> None:
     st = LayerStats(mom.count, mom.mean, mom.m2, False, hes.value())
     res = sparsegpt_prune(w, hes.value(), 0.5, PruneConfig("wanda", 0.5).parsed_pattern)
     assert torch.isfinite(res.weight).all()
-    w_wanda, _, _, _ = prune_weight(w, st, PruneConfig("wanda", 0.5), torch.Generator())
+    w_wanda, _, _, _ = prune_weight(w, st, PruneConfig("wanda", 0.5))
     assert torch.linalg.norm(x @ (w - res.weight).t()) < 0.9 * torch.linalg.norm(x @ (w - w_wanda).t())
 
 
