@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import find_blocks
+from .models import LoadedModel, find_blocks
+from .weights import materialized
 
 
 class _Stop(Exception):
@@ -108,3 +109,17 @@ def iterate_blocks(model: nn.Module) -> Iterator[tuple[int, str, nn.Module]]:
     name, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         yield i, f"{name}.{i}", block
+
+
+@contextlib.contextmanager
+def on_device(loaded: LoadedModel, prefix: str, block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The block on `device` for the `with`: moved there and back, or (lazy model) read from disk and dropped."""
+    if loaded.files is None:
+        block.to(device)
+        try:
+            yield block
+        finally:
+            block.to("cpu")
+        return
+    with materialized(block, prefix, loaded.files, loaded.dtype, loaded.block_samples):
+        yield block.to(device)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .blocks import capture_inputs, iterate_blocks, run_block
+from .blocks import capture_inputs, iterate_blocks, on_device, run_block
 from .console import progress
 from .data import calibration_windows
 from .errors import StadeError
 from .files import check_writable
-from .models import LoadedModel, config_summary, fingerprint, linear_layers, max_context
+from .models import LoadedModel, config_summary, linear_layers, max_context
 from .stats import ARTIFACT_KIND, SCHEMA_VERSION, BlockCollector, Statistics, library_versions
 
 
@@ -75,7 +75,12 @@ def calibrate(
         "schema": SCHEMA_VERSION,
         "kind": ARTIFACT_KIND,
         "versions": library_versions(),
-        "model": {"spec": loaded.spec, "path": loaded.path, "fingerprint": fingerprint(model), **config_summary(model)},
+        "model": {
+            "spec": loaded.spec,
+            "path": loaded.path,
+            "fingerprint": loaded.fingerprint(),
+            **config_summary(model),
+        },
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(device),
         "data": {
@@ -110,18 +115,17 @@ def collect(
     with progress() as bar:
         task = bar.add_task("calibrate", total=n_blocks, info="")
         for i, prefix, block in iterate_blocks(model):
-            block.to(device)
-            lin = linear_layers(block)
-            collector = BlockCollector(block, lin, device, hessian)
-            try:
-                outs = []
-                for h, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-                    out = run_block(block, type(inputs)([h], [args], [kwargs]), device)[0]
-                    collector.end_batch()
-                    outs.append(out)
-            finally:
-                collector.remove()
-                block.to("cpu")
+            with on_device(loaded, prefix, block, device):
+                lin = linear_layers(block)
+                collector = BlockCollector(block, lin, device, hessian)
+                try:
+                    outs = []
+                    for h, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+                        out = run_block(block, type(inputs)([h], [args], [kwargs]), device)[0]
+                        collector.end_batch()
+                        outs.append(out)
+                finally:
+                    collector.remove()
             inputs.hidden = outs
             for name, mod in lin.items():
                 st = collector.layer_stats(name)

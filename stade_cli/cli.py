@@ -152,7 +152,7 @@ def calibrate(
     )
     check_writable(out, force)
     dev = resolve_device(device)
-    loaded = load_model(model, dtype.value if dtype else None, dev, str(cache_dir) if cache_dir else None)
+    loaded = load_model(model, dtype.value if dtype else None, dev, str(cache_dir) if cache_dir else None, lazy=True)
     stats = run(loaded, config, out, dev, force=force, cache_dir=str(cache_dir) if cache_dir else None)
     if as_json:
         print_json(stats.summary())

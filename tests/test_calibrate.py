@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.cli import app
-from stade_cli.models import load_model
+from stade_cli.blocks import iterate_blocks
+from stade_cli.models import fingerprint, load_model
 from stade_cli.stats import Statistics
 
 CPU = torch.device("cpu")
@@ -158,6 +159,39 @@ def test_groups_share_one_input(tiny_llama_dir: Path, text_file: Path, tmp_path:
     assert not layers["model.layers.0.self_attn.o_proj"]["fed_by_norm"]
     assert not layers["model.layers.0.mlp.down_proj"]["fed_by_norm"]
     assert layers["model.layers.0.mlp.down_proj"]["shape"] == [64, 128]
+
+
+def test_lazy_loading_gives_the_same_artifact(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """Blocks read from disk one at a time (what `stade calibrate` does) change nothing in the statistics."""
+    config = CalibrationConfig(data=str(text_file), nsamples=4, seqlen=32, seed=2, hessian=True, batch_size=2)
+    lazy = load_model(str(tiny_model_dir), dtype="float32", device="cpu", lazy=True)
+    assert lazy.lazy
+    assert all(p.is_meta for _i, _p, block in iterate_blocks(lazy.model) for p in block.parameters())
+    eager = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    a = calibrate(lazy, config, tmp_path / "lazy", CPU)
+    b = calibrate(eager, config, tmp_path / "eager", CPU)
+    assert a.manifest["model"]["fingerprint"] == b.manifest["model"]["fingerprint"] == fingerprint(eager.model)
+    assert a.manifest["layers"] == b.manifest["layers"]
+    for name in a.layers:
+        x, y = a.layer(name, hessian=True), b.layer(name, hessian=True)
+        assert torch.equal(x.mean, y.mean) and torch.equal(x.m2, y.m2) and torch.equal(x.hessian, y.hessian)
+    assert all(p.is_meta for _i, _p, block in iterate_blocks(lazy.model) for p in block.parameters())
+
+
+def test_lazy_loading_falls_back_without_safetensors(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint in the old pickle format cannot be read a block at a time: it is loaded whole."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, folder)
+    torch.save(load_file(tiny_llama_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    loaded = load_model(str(folder), dtype="float32", device="cpu", lazy=True)
+    assert not loaded.lazy and loaded.fingerprint() == fingerprint(loaded.model)
 
 
 @pytest.mark.slow

@@ -1,0 +1,154 @@
+"""Loading a model's weights one decoder block at a time, straight from its safetensors files.
+
+Calibration touches each block once, so it never needs the whole model in memory: the model is
+built without weights, the layers outside the blocks (embeddings, final norm, head) are loaded,
+and each block is read from disk just before it runs and dropped after. Peak memory is then one
+block plus the activations, not the model; a 70B model calibrates on a machine with far less RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass
+class WeightFiles:
+    """Which safetensors file holds each tensor of a checkpoint."""
+
+    file_of: dict[str, Path]
+
+    @classmethod
+    def find(cls, path: str, cache_dir: str | None = None) -> WeightFiles | None:
+        """The checkpoint's safetensors files (a local folder, or a hub id via the download cache); None if none."""
+        local = Path(path)
+        if local.is_dir():
+            index = local / INDEX_FILE
+            single = local / SINGLE_FILE
+            index_path = str(index) if index.exists() else None
+            single_path = str(single) if single.exists() else None
+        else:
+            from transformers.utils import cached_file
+
+            def fetch(name: str) -> str | None:
+                kw = {"cache_dir": cache_dir, "_raise_exceptions_for_missing_entries": False}
+                try:
+                    return cached_file(path, name, **kw)
+                except OSError:
+                    return None
+
+            index_path = fetch(INDEX_FILE)
+            single_path = None if index_path else fetch(SINGLE_FILE)
+            if index_path:  # download the shards the index names
+                shards = sorted(set(json.loads(Path(index_path).read_text())["weight_map"].values()))
+                if any(fetch(s) is None for s in shards):
+                    return None
+        if index_path:
+            weight_map = json.loads(Path(index_path).read_text())["weight_map"]
+            folder = Path(index_path).parent
+            return cls({k: folder / v for k, v in weight_map.items()})
+        if single_path:
+            from safetensors import safe_open
+
+            with safe_open(single_path, framework="pt") as f:
+                return cls(dict.fromkeys(f.keys(), Path(single_path)))
+        return None
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Copies of the named tensors in `dtype`, each file opened only for as long as it is read.
+
+        Closing the file matters: the pages of a mapped file stay in the resident set while it is open.
+        """
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.file_of[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    out[k] = t.to(dtype) if t.is_floating_point() else t.clone()
+        return out
+
+
+def _persistent(module: nn.Module) -> list[str]:
+    """State-dict names of `module`: parameters and persistent buffers, what a checkpoint holds."""
+    return list(module.state_dict(keep_vars=True).keys())
+
+
+def build_lazy(config: object, dtype: torch.dtype, files: WeightFiles) -> nn.Module | None:
+    """The model with every weight outside the blocks loaded and the blocks left empty (meta), or None
+    where the checkpoint's names do not match the model's (older formats that transformers renames on load).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .models import find_blocks
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    blocks_name, _ = find_blocks(model)
+    tied = set(_tied_names(model))
+    wanted = [k for k in _persistent(model) if k not in tied]
+    if any(k not in files.file_of for k in wanted):
+        return None
+    outside = [k for k in wanted if not k.startswith(blocks_name + ".")]
+    model.load_state_dict(files.read(outside, dtype), strict=False, assign=True)
+    model.tie_weights()
+    if any(p.is_meta for n, p in model.named_parameters() if not n.startswith(blocks_name + ".")):
+        return None
+    return model
+
+
+def _tied_names(model: nn.Module) -> list[str]:
+    """State-dict names that share storage with an earlier name (e.g. lm_head tied to the embeddings)."""
+    seen: dict[int, str] = {}
+    tied = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = id(p)
+        if key in seen:
+            tied.append(name)
+        else:
+            seen[key] = name
+    # A tied head is a separate Parameter object in some models until tie_weights(); ask the config too.
+    if getattr(model.config, "tie_word_embeddings", False):
+        out = model.get_output_embeddings()
+        if out is not None:
+            for name, mod in model.named_modules():
+                if mod is out:
+                    tied.append(f"{name}.weight")
+    return tied
+
+
+@contextlib.contextmanager
+def materialized(
+    block: nn.Module, prefix: str, files: WeightFiles, dtype: torch.dtype, samples: dict[str, bytes]
+) -> Iterator[nn.Module]:
+    """Read one block's weights from disk for the duration of the `with`, then drop them again.
+
+    Each tensor's fingerprint sample is kept in `samples` on the way, so the model's fingerprint
+    needs no second read.
+    """
+    from .models import fingerprint_sample
+
+    names = _persistent(block)
+    tensors = files.read([f"{prefix}.{n}" for n in names], dtype)
+    samples.update({full: fingerprint_sample(full, t) for full, t in tensors.items()})
+    block.load_state_dict({n: tensors[f"{prefix}.{n}"] for n in names}, strict=True, assign=True)
+    try:
+        yield block
+    finally:
+        meta = {n: torch.empty_like(t, device="meta") for n, t in block.state_dict(keep_vars=True).items()}
+        block.load_state_dict(meta, strict=True, assign=True)
