@@ -24,6 +24,7 @@ from .metrics import Metric, get_metric
 from .models import LoadedModel, fingerprint, get_weight, linear_layers, set_weight
 from .sparsegpt import sparsegpt_prune
 from .stats import BlockCollector, LayerStats, Statistics, library_versions
+from .weights import WeightFiles
 
 REPORT_FILE = "stade.json"
 REPORT_KIND = "stade-prune-report"
@@ -400,24 +401,44 @@ def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, dev
 
 
 class Snapshot:
-    """The dense weights, biases and bias switches, kept so that one loaded model serves a whole sweep."""
+    """The dense weights, biases and bias switches, kept so that one loaded model serves a whole sweep.
 
-    def __init__(self, model: nn.Module) -> None:
+    Where the checkpoint's safetensors files hold the very same weights, the dense weights are read
+    back from disk block by block instead of kept in memory: a sweep then costs no second copy of the model.
+    """
+
+    def __init__(self, model: nn.Module, files: WeightFiles | None = None) -> None:
         self.model = model
-        self.linears = {
-            name: (mod.weight.detach().clone(), None if mod.bias is None else mod.bias.detach().clone())
+        layers = {
+            f"{prefix}.{local}": mod
             for _i, prefix, block in iterate_blocks(model)
             for local, mod in linear_layers(block).items()
-            for name in [f"{prefix}.{local}"]
+        }
+        _i, first_block, _b = next(iterate_blocks(model))
+        self.files = files if files is not None and _same_on_disk(layers, first_block, files) else None
+        self.linears = {
+            name: (
+                None if self.files else mod.weight.detach().clone(),
+                None if mod.bias is None else mod.bias.detach().clone(),
+            )
+            for name, mod in layers.items()
         }
         self.biased = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
         self.config = {k: v for k, v in model.config.to_dict().items() if k == "bias" or k.endswith("_bias")}
 
     def restore(self) -> None:
+        if self.files is not None:
+            for _i, prefix, block in iterate_blocks(self.model):
+                layers = {f"{prefix}.{local}": mod for local, mod in linear_layers(block).items()}
+                dtype = next(iter(layers.values())).weight.dtype
+                dense = self.files.read([f"{n}.weight" for n in layers], dtype)
+                for name, mod in layers.items():
+                    mod.weight.data.copy_(dense[f"{name}.weight"])
         for name, mod in self.model.named_modules():
             if name in self.linears:
                 w, b = self.linears[name]
-                mod.weight.data.copy_(w)
+                if w is not None:
+                    mod.weight.data.copy_(w)
                 if b is None:
                     mod.bias = None
                 else:
@@ -426,6 +447,15 @@ class Snapshot:
                 mod.bias = None
         for k, v in self.config.items():
             setattr(self.model.config, k, v)
+
+
+def _same_on_disk(layers: dict[str, nn.Module], first_block: str, files: WeightFiles) -> bool:
+    """Whether every linear weight is in the files under its own name, and the first block's are equal there."""
+    if any(f"{n}.weight" not in files.file_of for n in layers):
+        return False
+    first = {n: mod for n, mod in layers.items() if n.startswith(first_block + ".")}
+    dense = files.read([f"{n}.weight" for n in first], next(iter(first.values())).weight.dtype)
+    return all(torch.equal(dense[f"{n}.weight"], mod.weight.detach().cpu()) for n, mod in first.items())
 
 
 def output_paths(out: Path, configs: list[PruneConfig]) -> dict[PruneConfig, Path]:
@@ -455,7 +485,7 @@ def prune_sweep(
     model = loaded.model
     check_compatible(model, stats, configs)
     switches = bias_plan(model, stats, configs)
-    snap = Snapshot(model) if len(configs) > 1 else None
+    snap = Snapshot(model, WeightFiles.find(loaded.path)) if len(configs) > 1 else None
     results = []
     for idx, config in enumerate(configs):
         if idx and snap:

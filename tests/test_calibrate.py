@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from stade_cli.blocks import iterate_blocks
 from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.cli import app
-from stade_cli.blocks import iterate_blocks
 from stade_cli.models import fingerprint, load_model
 from stade_cli.stats import Statistics
 

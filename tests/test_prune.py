@@ -368,6 +368,28 @@ def test_nan_scores_name_the_layer() -> None:
         prune_weight(torch.ones(2, 4), st, PruneConfig("wanda", 0.5), "model.layers.0.mlp.down_proj")
 
 
+def test_sweep_snapshot_reads_dense_weights_back_from_disk(tiny_llama_dir: Path, llama_stats: Path) -> None:
+    """A sweep restores the dense model between runs from the checkpoint files, keeping no second copy."""
+    from stade_cli.models import load_model
+    from stade_cli.prune import PruneConfig, Snapshot, prune_model
+    from stade_cli.stats import Statistics
+    from stade_cli.weights import WeightFiles
+
+    loaded = load_model(str(tiny_llama_dir), "auto", "cpu")
+    dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    snap = Snapshot(loaded.model, WeightFiles.find(str(tiny_llama_dir)))
+    assert snap.files is not None and all(w is None for w, _b in snap.linears.values())
+    prune_model(loaded, Statistics.load(llama_stats), PruneConfig("stade", 0.5), torch.device("cpu"))
+    snap.restore()
+    restored = loaded.model.state_dict()
+    assert restored.keys() == dense.keys() and all(torch.equal(restored[k], v) for k, v in dense.items())
+
+    # Weights that differ from the files (changed after loading) are kept in memory instead.
+    loaded.model.model.layers[0].mlp.down_proj.weight.data.mul_(0.5)
+    snap = Snapshot(loaded.model, WeightFiles.find(str(tiny_llama_dir)))
+    assert snap.files is None and all(w is not None for w, _b in snap.linears.values())
+
+
 def test_bad_inputs_are_refused_before_any_work(tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path) -> None:
     from conftest import save_tiny_model
 
