@@ -17,15 +17,9 @@ echo "== 2/4 prune: magnitude, wanda, stade, stadew, sparsegpt at 50% unstructur
 $STADE prune smollm2-135m --stats "$OUT/stats" --method magnitude,wanda,stade,stadew,sparsegpt \
   --pattern unstructured,2:4 --sparsity 0.5 --out "$OUT/pruned" --force
 
-echo "== 3/4 eval: held-out news perplexity ($WINDOWS x 512) and the offline cloze task ($ITEMS items)"
-eval_one() {
-  $STADE eval "$1" --ppl sample-news --seqlen 512 --max-windows "$WINDOWS" --tasks stade_cloze --limit "$ITEMS" \
-    --out "$OUT/results/$2.json" --force >/dev/null
-}
-eval_one smollm2-135m dense
-for model in "$OUT"/pruned/*/; do
-  eval_one "$model" "$(basename "$model")"
-done
+echo "== 3/4 eval: held-out news perplexity ($WINDOWS x 512) and the offline cloze task ($ITEMS items), 11 models"
+$STADE eval smollm2-135m "$OUT"/pruned/*/ --ppl sample-news --seqlen 512 --max-windows "$WINDOWS" \
+  --tasks stade_cloze --limit "$ITEMS" --out "$OUT/results" --force >/dev/null
 
 echo "== 4/4 compare"
 $STADE compare "$OUT/results" --sort ppl:sample-news

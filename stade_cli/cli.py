@@ -296,8 +296,20 @@ def methods(as_json: JsonOpt = False) -> None:
 @app.command("eval")
 @cli_errors
 def eval_(
-    model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The results JSON file to write.")],
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Hub id, local model folder, .gguf file, or 'smollm2-135m'; several models are evaluated in turn "
+            "in one process (libraries and tasks loaded once).",
+            metavar="MODEL...",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="The results JSON file to write; with several models, a folder for one file each."
+        ),
+    ],
     ppl: Annotated[
         str,
         typer.Option(
@@ -330,28 +342,39 @@ def eval_(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure MODEL's perplexity and zero-shot accuracy as published, and write them to a results file.
+    """Measure each MODEL's perplexity and zero-shot accuracy as published, and write them to a results file.
 
     Example: stade eval pruned/wanda-50/ --ppl sample-news --tasks stade_cloze --out results/wanda-50.json
+
+    Several models (e.g. a whole sweep): stade eval smollm2-135m pruned/*/ --ppl sample-news --out results/
     """
-    from .evaluate import EvalConfig, evaluate_model, write_results
+    from .evaluate import EvalConfig, evaluate_model, results_paths, write_results
     from .files import check_writable
     from .models import load_model, resolve_device
     from .tables import render_results
+    from .zeroshot import resolve_tasks
 
     config = EvalConfig.from_strings(
         ppl, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, max_windows=max_windows
     )
-    check_writable(out, force)
+    paths = results_paths(models, out)
+    for path in paths:
+        check_writable(path, force)
+    if len(models) > 1 and config.tasks:
+        resolve_tasks(config.tasks)  # a bad task name fails before the first model is evaluated
     dev = resolve_device(device)
     cache = str(cache_dir) if cache_dir else None
-    loaded = load_model(model, dtype.value if dtype else None, dev, cache)
-    results = evaluate_model(loaded, config, dev, cache)
-    write_results(out, results, force)
+    documents = []
+    for model, path in zip(models, paths, strict=True):
+        loaded = load_model(model, dtype.value if dtype else None, dev, cache)
+        results = evaluate_model(loaded, config, dev, cache)
+        del loaded  # the next model loads into the memory this one frees
+        write_results(path, results, force)
+        documents.append(results)
+        if not as_json:
+            render_results(results)
     if as_json:
-        print_json(results)
-    else:
-        render_results(results)
+        print_json(documents[0] if len(documents) == 1 else documents)
 
 
 @app.command()

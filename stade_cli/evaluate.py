@@ -269,6 +269,26 @@ def evaluate_model(
     return results
 
 
+def results_paths(models: list[str], out: Path) -> list[Path]:
+    """`out` itself for one model; for several, out/NAME.json with NAME each model's folder name or hub id."""
+    if len(models) == 1:
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise StadeError(
+            f"--out {str(out)!r} is a file, but {len(models)} models need a folder (one results file each).",
+            "give a folder, e.g. --out results/",
+        )
+    names = [Path(m.rstrip("/")).name or m for m in models]
+    seen: dict[str, str] = {}
+    for model, name in zip(models, names, strict=True):
+        if name in seen:
+            raise StadeError(
+                f"{seen[name]!r} and {model!r} would both write {name}.json.", "evaluate them with separate --out"
+            )
+        seen[name] = model
+    return [out / f"{name}.json" for name in names]
+
+
 def write_results(path: str | Path, results: dict[str, Any], force: bool = False) -> Path:
     """Write results.json atomically; an existing file stays unless force."""
     path = Path(path)

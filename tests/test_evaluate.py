@@ -148,6 +148,29 @@ def test_dense_model_is_marked_dense(tiny_llama_dir: Path, text_file: Path, tmp_
     assert run_eval(*args, "--force").exit_code == 0
 
 
+def test_several_models_in_one_call(tiny_llama_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """One results file per model, named after its folder, each what a call of its own would write."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_dir, other)
+    common = ["--ppl", str(text_file), "--tasks", "none", "--seqlen", "64"]
+    res = run_eval(str(tiny_llama_dir), str(other) + "/", *common, "--out", str(tmp_path / "all"), "--json")
+    assert res.exit_code == 0, res.output
+    docs = json.loads(res.stdout)
+    assert [d["model"]["spec"] for d in docs] == [str(tiny_llama_dir), str(other) + "/"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted([f"{tiny_llama_dir.name}.json", "other.json"])
+    alone = tmp_path / "alone.json"
+    assert run_eval(str(other), *common, "--out", str(alone)).exit_code == 0
+    ppl = load_results(tmp_path / "all" / "other.json")["perplexity"][str(text_file)]["ppl"]
+    assert ppl == load_results(alone)["perplexity"][str(text_file)]["ppl"]
+
+    clash = run_eval(str(other), str(tmp_path / "x" / "other"), *common, "--out", str(tmp_path / "c"))
+    assert clash.exit_code == 1 and "would both write other.json" in said(clash)
+    to_file = run_eval(str(other), str(tiny_llama_dir), *common, "--out", str(alone))
+    assert to_file.exit_code == 1 and "need a folder" in said(to_file)
+    again = run_eval(str(tiny_llama_dir), str(other), *common, "--out", str(tmp_path / "all"))
+    assert again.exit_code == 1 and "already exists" in said(again)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
