@@ -12,9 +12,9 @@ from .blocks import capture_inputs, iterate_blocks, on_device, run_block
 from .console import progress
 from .data import calibration_windows
 from .errors import StadeError
-from .files import check_writable
+from .files import SafetensorsWriter, atomic_dir, check_writable
 from .models import LoadedModel, config_summary, linear_layers, max_context
-from .stats import ARTIFACT_KIND, SCHEMA_VERSION, BlockCollector, Statistics, library_versions
+from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, BlockCollector, Statistics, library_versions
 
 
 @dataclass(frozen=True)
@@ -69,46 +69,55 @@ def calibrate(
     windows = calibration_windows(config.data, loaded.tokenizer, config.nsamples, seqlen, config.seed, cache_dir)
     check_seqlen(model, windows.input_ids.shape[1])
     t_data = time.perf_counter() - t0
-    tensors, hessians, layers, t_run = collect(loaded, windows.input_ids, device, config.hessian, config.batch_size)
     n, length = windows.input_ids.shape
-    manifest = {
-        "schema": SCHEMA_VERSION,
-        "kind": ARTIFACT_KIND,
-        "versions": library_versions(),
-        "model": {
-            "spec": loaded.spec,
-            "path": loaded.path,
-            "fingerprint": loaded.fingerprint(),
-            **config_summary(model),
-        },
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "device": str(device),
-        "data": {
-            "source": windows.source,
-            "source_sha256": windows.source_sha256,
-            "token_ids_sha256": windows.sha256,
-            "nsamples": n,
-            "seqlen": length,
-            "seed": config.seed,
-            "notes": windows.notes,
-        },
-        "statistics": ["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
-        "count": n * length,
-        "layers": layers,
-        "timings": {"data_s": round(t_data, 3), "calibrate_s": round(t_run, 3)},
-    }
-    return Statistics.write(out, manifest, tensors, hessians if config.hessian else None, windows.input_ids, force)
+    with atomic_dir(out, force) as tmp:
+        # Each block's Hessians go to disk as soon as the block is done: they need not fit in memory.
+        hessians = SafetensorsWriter(tmp / HESSIAN_FILE) if config.hessian else None
+        tensors, layers, t_run = collect(loaded, windows.input_ids, device, hessians, config.batch_size)
+        if hessians is not None:
+            hessians.close()
+        manifest = {
+            "schema": SCHEMA_VERSION,
+            "kind": ARTIFACT_KIND,
+            "versions": library_versions(),
+            "model": {
+                "spec": loaded.spec,
+                "path": loaded.path,
+                "fingerprint": loaded.fingerprint(),
+                **config_summary(model),
+            },
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device": str(device),
+            "data": {
+                "source": windows.source,
+                "source_sha256": windows.source_sha256,
+                "token_ids_sha256": windows.sha256,
+                "nsamples": n,
+                "seqlen": length,
+                "seed": config.seed,
+                "notes": windows.notes,
+            },
+            "statistics": ["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
+            "count": n * length,
+            "layers": layers,
+            "timings": {"data_s": round(t_data, 3), "calibrate_s": round(t_run, 3)},
+        }
+        manifest = Statistics.write_files(tmp, manifest, tensors, windows.input_ids)
+    return Statistics(out, manifest)
 
 
 def collect(
-    loaded: LoadedModel, input_ids: torch.Tensor, device: torch.device, hessian: bool, batch_size: int
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict], float]:
-    """One dense pass, block by block: every linear layer's input statistics (and Hessians)."""
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    hessians: SafetensorsWriter | None,
+    batch_size: int,
+) -> tuple[dict[str, torch.Tensor], list[dict], float]:
+    """One dense pass, block by block: every linear layer's input statistics (Hessians into `hessians`)."""
     model = loaded.model
     t0 = time.perf_counter()
     inputs = capture_inputs(model, input_ids, batch_size, device)
     tensors: dict[str, torch.Tensor] = {}
-    hessians: dict[str, torch.Tensor] = {}
     layers: list[dict] = []
     n_blocks = len(list(iterate_blocks(model)))
     tokens = input_ids.numel()
@@ -117,7 +126,7 @@ def collect(
         for i, prefix, block in iterate_blocks(model):
             with on_device(loaded, prefix, block, device):
                 lin = linear_layers(block)
-                collector = BlockCollector(block, lin, device, hessian)
+                collector = BlockCollector(block, lin, device, hessians is not None)
                 try:
                     outs = []
                     for h, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
@@ -134,10 +143,10 @@ def collect(
                 if f"{group}.mean" not in tensors:  # a group's statistics are stored once
                     tensors[f"{group}.mean"] = st.mean.cpu()
                     tensors[f"{group}.m2"] = st.m2.cpu()
-                    if hessian:
-                        hessians[group] = st.hessian.cpu()  # type: ignore[union-attr]
+                    if hessians is not None:
+                        hessians.add(group, st.hessian)  # type: ignore[arg-type]
                 shape = list(mod.weight.shape) if type(mod).__name__ != "Conv1D" else list(mod.weight.shape)[::-1]
                 layers.append({"name": full, "block": i, "shape": shape, "fed_by_norm": st.fed_by_norm, "group": group})
             rate = tokens * (i + 1) / n_blocks / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, info=f"{rate:,.0f} tok/s")
-    return tensors, hessians, layers, time.perf_counter() - t0
+    return tensors, layers, time.perf_counter() - t0

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import StadeError
-from .files import atomic_dir, read_json, sha256_file, write_json
+from .files import read_json, sha256_file, write_json
 
 SCHEMA_VERSION = 1
 ARTIFACT_KIND = "stade-statistics"
@@ -272,30 +272,24 @@ class Statistics:
 
     # -- writing
     @staticmethod
-    def write(
-        out: Path,
-        manifest: dict[str, Any],
-        tensors: dict[str, torch.Tensor],
-        hessians: dict[str, torch.Tensor] | None,
-        input_ids: torch.Tensor,
-        force: bool,
-    ) -> Statistics:
-        """Write the artifact atomically; the manifest records each file's size and hash."""
+    def write_files(
+        folder: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], input_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        """Write the statistics, the token ids and, last, the manifest with every data file's size and hash.
+
+        `folder` is the artifact's temporary folder; Hessians, when asked for, are already in it.
+        """
         from safetensors.torch import save_file
 
-        with atomic_dir(out, force) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATS_FILE))
-            save_file({"input_ids": input_ids.contiguous()}, str(tmp / TOKENS_FILE))
-            files = [STATS_FILE, TOKENS_FILE]
-            if hessians is not None:
-                save_file({k: v.contiguous() for k, v in hessians.items()}, str(tmp / HESSIAN_FILE))
-                files.append(HESSIAN_FILE)
-            manifest = {
-                **manifest,
-                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files},
-            }
-            write_json(tmp / "manifest.json", manifest)
-        return Statistics(out, manifest)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / STATS_FILE))
+        save_file({"input_ids": input_ids.contiguous()}, str(folder / TOKENS_FILE))
+        files = [f for f in (STATS_FILE, TOKENS_FILE, HESSIAN_FILE) if (folder / f).exists()]
+        manifest = {
+            **manifest,
+            "files": {f: {"bytes": (folder / f).stat().st_size, "sha256": sha256_file(folder / f)} for f in files},
+        }
+        write_json(folder / "manifest.json", manifest)
+        return manifest
 
 
 def block_summary(stats: Statistics) -> list[dict[str, Any]]:

@@ -194,6 +194,29 @@ def test_lazy_loading_falls_back_without_safetensors(tiny_llama_dir: Path, tmp_p
     assert not loaded.lazy and loaded.fingerprint() == fingerprint(loaded.model)
 
 
+def test_streamed_safetensors_file_reads_back(tmp_path: Path) -> None:
+    """Hessians are written one at a time by our own writer: safetensors must read every tensor back exactly."""
+    from safetensors.torch import load_file
+
+    from stade_cli.files import SafetensorsWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.h": torch.randn(7, 7, generator=g),
+        "a.m": torch.randn(5, generator=g, dtype=torch.float64),
+        "c.bf": torch.randn(3, 4, generator=g).bfloat16(),
+        "d.ids": torch.arange(6).reshape(2, 3),
+        "e.scalar": torch.tensor(2.5),
+    }
+    writer = SafetensorsWriter(tmp_path / "t.safetensors")
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.close()
+    back = load_file(tmp_path / "t.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+
+
 @pytest.mark.slow
 def test_smollm2_statistics_match_dense_forward(smollm2, tmp_path: Path) -> None:
     config = CalibrationConfig(data="sample-wiki", nsamples=8, seqlen=256, seed=0, hessian=True, batch_size=8)
