@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -114,12 +118,37 @@ def iterate_blocks(model: nn.Module) -> Iterator[tuple[int, str, nn.Module]]:
 @contextlib.contextmanager
 def on_device(loaded: LoadedModel, prefix: str, block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     """The block on `device` for the `with`: moved there and back, or (lazy model) read from disk and dropped."""
-    if loaded.files is None:
-        block.to(device)
-        try:
-            yield block
-        finally:
-            block.to("cpu")
-        return
-    with materialized(block, prefix, loaded.files, loaded.dtype, loaded.block_samples):
-        yield block.to(device)
+    try:
+        if loaded.files is None:
+            block.to(device)
+            try:
+                yield block
+            finally:
+                block.to("cpu")
+            return
+        with materialized(block, prefix, loaded.files, loaded.dtype, loaded.block_samples):
+            yield block.to(device)
+    finally:
+        release_memory()
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # pragma: no cover - not glibc
+        return None
+
+
+def release_memory() -> None:
+    """Hand memory freed by the last block back to the OS.
+
+    glibc keeps freed activations in its heaps, fragmented, so without this the resident set grows
+    by part of a block's activations with every block (measured: +10-35 MB per SmolLM2 block, varying run to run).
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import BlockInputs, capture_inputs, iterate_blocks, run_block
+from .blocks import BlockInputs, capture_inputs, iterate_blocks, release_memory, run_block
 from .console import progress
 from .errors import StadeError
 from .files import atomic_dir, check_writable, write_json
@@ -317,6 +317,7 @@ def prune_model(
                     report.layers += prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
             finally:
                 block.to("cpu")
+                release_memory()
             bar.advance(task)
     report.timings["prune_s"] = round(time.perf_counter() - t0, 3)
     for r in report.layers:

@@ -233,6 +233,18 @@ class Statistics:
                 ) from None
         return self._handles[fname]
 
+    def _read_hessian(self, group: str) -> torch.Tensor:
+        """A copy of one group's Hessian, the file closed again at once: the pages of a mapped file stay
+        resident while it is open, and the Hessians of a whole model can be far larger than the model."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path / HESSIAN_FILE), framework="pt") as f:
+                return f.get_tensor(group).clone()
+        except Exception as exc:
+            hint = "re-run `stade calibrate --force`"
+            raise StadeError(f"Cannot read {self.path / HESSIAN_FILE}: {exc}", hint) from None
+
     @property
     def has_hessian(self) -> bool:
         return "hessian" in self.manifest["statistics"]
@@ -252,7 +264,7 @@ class Statistics:
             if hessian:
                 if not self.has_hessian:
                     raise StadeError("These statistics have no Hessians.", "re-run `stade calibrate --hessian`")
-                h = self._open(HESSIAN_FILE).get_tensor(group).to(device)
+                h = self._read_hessian(group).to(device)
             self._recent = (key, (f.get_tensor(f"{group}.mean").to(device), f.get_tensor(f"{group}.m2").to(device), h))
         mean, m2, h = self._recent[1]
         return LayerStats(int(self.manifest["count"]), mean, m2, bool(entry["fed_by_norm"]), h, group)
