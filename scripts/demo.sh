@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${DEMO_OUT:-demo-out}
 STADE=${STADE:-.venv/bin/stade}
 WINDOWS=${DEMO_WINDOWS:-32}   # held-out perplexity windows of 512 tokens (147 exist; 32 keep the demo short)
-ITEMS=${DEMO_ITEMS:-200}      # cloze items per model
+ITEMS=${DEMO_ITEMS:-150}      # cloze items per model (4 endings each)
 start=$(date +%s)
 mkdir -p "$OUT/results"
 

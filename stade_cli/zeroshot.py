@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .console import progress
 from .errors import StadeError
 from .files import atomic_dir
 
@@ -210,6 +211,32 @@ def _metric(row: dict[str, Any], name: str) -> tuple[float | None, float | None]
     return as_float(value), as_float(stderr)
 
 
+def _with_progress(hflm: type) -> type:
+    """lm_eval's HF wrapper with its loglikelihood requests counted on a Rich bar instead of tqdm's,
+    which would print a line per update through stade's own progress display."""
+
+    class ProgressLM(hflm):  # type: ignore[misc, valid-type]
+        _bar: tuple[Any, Any] | None = None
+
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+            with progress() as bar:
+                task = bar.add_task("zero-shot", total=len(requests), info="requests")
+                self._bar = (bar, task)
+                try:
+                    return super().loglikelihood(requests, disable_tqdm=True)
+                finally:
+                    bar.update(task, completed=len(requests))
+                    self._bar = None
+
+        def _model_call(self, inps: Any, *args: Any, **kwargs: Any) -> Any:
+            logits = super()._model_call(inps, *args, **kwargs)
+            if self._bar is not None:  # rows of a batch; requests sharing a context may share a row
+                self._bar[0].advance(self._bar[1], inps.shape[0])
+            return logits
+
+    return ProgressLM
+
+
 def zero_shot(
     loaded: LoadedModel, tasks: list[TaskSpec], batch_size: int = 8, limit: int | None = None
 ) -> dict[str, Any]:
@@ -224,7 +251,7 @@ def zero_shot(
         paths = sorted({t.include_path for t in tasks if t.include_path})
         only_local = all(t.include_path for t in tasks)
         manager = TaskManager(include_path=paths or None, include_defaults=not only_local)
-        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+        lm = _with_progress(HFLM)(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         try:
             raw = simple_evaluate(
                 model=lm,
