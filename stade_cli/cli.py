@@ -301,7 +301,7 @@ def eval_(
         typer.Argument(
             help="Hub id, local model folder, .gguf file, or 'smollm2-135m'; several models are evaluated in turn "
             "in one process (libraries and tasks loaded once).",
-            metavar="MODEL...",
+            metavar="MODEL",
         ),
     ],
     out: Annotated[
