@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
+from reproduce import REF, REFERENCE, ROOT  # the published figures, in one place
 
 from stade_cli.blocks import iterate_blocks
 from stade_cli.console import out
 from stade_cli.data import load_token_file
 from stade_cli.evaluate import perplexity
 from stade_cli.models import linear_layers, load_model
-
-ROOT = Path(__file__).resolve().parent.parent
-REF = ROOT / "tests" / "data" / "reference-smollm2"
-REFERENCE = {"unstructured": 470.735, "2:4": 2010.939}
 
 
 @torch.no_grad()
@@ -76,7 +72,7 @@ def main() -> None:
         loaded = load_model("smollm2-135m", "float32", "cpu")
         tied = prune(loaded.model, variant)
         ppl = perplexity(loaded.model, heldout, 512, 8, "cpu", description=variant).ppl
-        ref = REFERENCE[pattern]
+        ref = REFERENCE[("magnitude", pattern)]
         rows[variant] = {"ppl": ppl, "reference": ref, "rel_diff": (ppl - ref) / ref, "tied_groups": tied}
         out.print(
             f"magnitude {variant}: {ppl:.3f} (reference {ref}, {(ppl - ref) / ref:+.2%})"

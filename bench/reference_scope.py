@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
+from reproduce import REF, REFERENCE, ROOT  # the published figures, in one place
 from torch import nn
 
 from stade_cli.blocks import capture_inputs, iterate_blocks, run_block
@@ -37,16 +37,6 @@ from stade_cli.masks import parse_pattern
 from stade_cli.models import linear_layers, load_model
 from stade_cli.prune import PruneConfig, prune_model
 
-ROOT = Path(__file__).resolve().parent.parent
-REF = ROOT / "tests" / "data" / "reference-smollm2"
-REFERENCE = {
-    ("sparsegpt", "unstructured"): 62.172,
-    ("sparsegpt", "2:4"): 132.867,
-    ("stade", "unstructured"): 74.644,
-    ("stade", "2:4"): 350.803,
-    ("stadew", "unstructured"): 69.356,
-    ("stadew", "2:4"): 299.854,
-}
 NOT_FED_BY_NORM = ("self_attn.o_proj", "mlp.down_proj")  # where stadew uses stade (SmolLM2 is a Llama)
 CPU = torch.device("cpu")
 

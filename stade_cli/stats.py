@@ -234,8 +234,9 @@ class Statistics:
         return self._handles[fname]
 
     def _read_hessian(self, group: str) -> torch.Tensor:
-        """A copy of one group's Hessian, the file closed again at once: the pages of a mapped file stay
-        resident while it is open, and the Hessians of a whole model can be far larger than the model."""
+        """A copy of one group's Hessian. safetensors' tensors live in a mapping of the whole file, whose pages
+        stay resident while any tensor from it lives; the copy lets it go at once (a model's Hessians can
+        be far larger than the model)."""
         from safetensors import safe_open
 
         try:

@@ -48,12 +48,10 @@ class WeightFiles:
 
             index_path = fetch(INDEX_FILE)
             single_path = None if index_path else fetch(SINGLE_FILE)
-            if index_path:  # download the shards the index names
-                shards = sorted(set(json.loads(Path(index_path).read_text())["weight_map"].values()))
-                if any(fetch(s) is None for s in shards):
-                    return None
         if index_path:
             weight_map = json.loads(Path(index_path).read_text())["weight_map"]
+            if not local.is_dir() and any(fetch(s) is None for s in sorted(set(weight_map.values()))):
+                return None  # the shards the index names could not be downloaded
             folder = Path(index_path).parent
             return cls({k: folder / v for k, v in weight_map.items()})
         if single_path:
@@ -64,9 +62,10 @@ class WeightFiles:
         return None
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Copies of the named tensors in `dtype`, each file opened only for as long as it is read.
+        """The named tensors in `dtype`.
 
-        Closing the file matters: the pages of a mapped file stay in the resident set while it is open.
+        Each call maps its files anew, and a mapping lives only as long as the tensors read from it:
+        a block's pages leave the resident set with the block, rather than accumulating in one mapping.
         """
         from safetensors import safe_open
 
@@ -78,7 +77,7 @@ class WeightFiles:
             with safe_open(str(file), framework="pt") as f:
                 for k in keys:
                     t = f.get_tensor(k)
-                    out[k] = t.to(dtype) if t.is_floating_point() else t.clone()
+                    out[k] = t.to(dtype) if t.is_floating_point() else t
         return out
 
 
