@@ -23,7 +23,8 @@ from stade_cli.blocks import iterate_blocks
 from stade_cli.console import out
 from stade_cli.data import load_token_file
 from stade_cli.evaluate import perplexity
-from stade_cli.models import linear_layers, load_model
+from stade_cli.layers import linear_layers
+from stade_cli.models import load_model
 
 
 @torch.no_grad()

@@ -33,8 +33,9 @@ from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.console import out
 from stade_cli.data import load_token_file
 from stade_cli.evaluate import perplexity
+from stade_cli.layers import linear_layers
 from stade_cli.masks import parse_pattern
-from stade_cli.models import linear_layers, load_model
+from stade_cli.models import load_model
 from stade_cli.prune import PruneConfig, prune_model
 
 NOT_FED_BY_NORM = ("self_attn.o_proj", "mlp.down_proj")  # where stadew uses stade (SmolLM2 is a Llama)

@@ -23,11 +23,13 @@ import torch
 from rich.table import Table
 
 from stade_cli.calibrate import CalibrationConfig, calibrate
+from stade_cli.checkpoint import Snapshot
 from stade_cli.console import err, out
 from stade_cli.data import load_token_file
 from stade_cli.evaluate import perplexity
-from stade_cli.models import LoadedModel, full_fingerprint, load_model
-from stade_cli.prune import PruneConfig, Snapshot, prune_model
+from stade_cli.fingerprint import full_fingerprint
+from stade_cli.models import LoadedModel, load_model
+from stade_cli.prune import PruneConfig, prune_model
 from stade_cli.stats import Statistics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import LoadedModel, find_blocks
+from .layers import find_blocks
+from .models import LoadedModel
 from .weights import materialized
 
 

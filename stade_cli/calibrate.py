@@ -13,7 +13,8 @@ from .console import progress
 from .data import calibration_windows
 from .errors import StadeError
 from .files import SafetensorsWriter, atomic_dir, check_writable
-from .models import LoadedModel, config_summary, linear_layers, max_context
+from .layers import linear_layers
+from .models import LoadedModel, config_summary, max_context
 from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, BlockCollector, Statistics, library_versions
 
 

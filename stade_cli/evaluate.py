@@ -12,16 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import REPORT_FILE, REPORT_KIND
 from .console import progress
 from .errors import StadeError
 from .files import check_writable, read_json, write_json
-from .models import LoadedModel, config_summary, find_blocks, fingerprint, linear_layers, max_context
+from .fingerprint import fingerprint
+from .layers import find_blocks, linear_layers
+from .models import LoadedModel, config_summary, max_context
 from .zeroshot import PUBLISHED_TASKS, parse_tasks, resolve_tasks, zero_shot
 
 RESULTS_KIND = "stade-results"
 RESULTS_SCHEMA = 1
-PRUNE_REPORT = "stade.json"
-PRUNE_REPORT_KIND = "stade-prune-report"
 C4_MAX_WINDOWS = 256  # the published code keeps the first 256 * seqlen validation tokens of C4
 DEFAULT_PPL = ("wikitext2",)
 
@@ -162,11 +163,11 @@ def dataset_perplexity(
 
 def prune_report(path: str) -> dict[str, Any] | None:
     """The `stade.json` a pruned folder carries, checked; None for a model `stade prune` did not write."""
-    report_path = Path(path) / PRUNE_REPORT
+    report_path = Path(path) / REPORT_FILE
     if not report_path.is_file():
         return None
     report = read_json(report_path, "Pruning report")
-    if report.get("kind") != PRUNE_REPORT_KIND:
+    if report.get("kind") != REPORT_KIND:
         raise StadeError(
             f"{str(report_path)!r} is not a stade pruning report (kind {report.get('kind')!r}).",
             "remove or rename it, or re-run `stade prune`",

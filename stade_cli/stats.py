@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import StadeError
 from .files import read_json, sha256_file, write_json
+from .layers import is_norm
 
 SCHEMA_VERSION = 1
 ARTIFACT_KIND = "stade-statistics"
@@ -115,8 +116,6 @@ class BlockCollector:
         self._norm_outputs: list[torch.Tensor] = []
         self._first_batch = True
         self._handles = [mod.register_forward_hook(self._layer_hook(name)) for name, mod in layers.items()]
-        from .models import is_norm
-
         self._handles += [m.register_forward_hook(self._norm_hook) for m in block.modules() if is_norm(m)]
 
     def _norm_hook(self, _mod: nn.Module, _args: tuple, out: Any) -> None:

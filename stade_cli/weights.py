@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fingerprint import fingerprint_sample
+from .layers import find_blocks
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -93,8 +96,6 @@ def build_lazy(config: object, dtype: torch.dtype, files: WeightFiles) -> nn.Mod
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .models import find_blocks
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
@@ -140,8 +141,6 @@ def materialized(
     Each tensor's fingerprint sample is kept in `samples` on the way, so the model's fingerprint
     needs no second read.
     """
-    from .models import fingerprint_sample
-
     names = _persistent(block)
     tensors = files.read([f"{prefix}.{n}" for n in names], dtype)
     samples.update({full: fingerprint_sample(full, t) for full, t in tensors.items()})

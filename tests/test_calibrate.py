@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from stade_cli.blocks import iterate_blocks
 from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.cli import app
-from stade_cli.models import fingerprint, load_model
+from stade_cli.fingerprint import fingerprint
+from stade_cli.models import load_model
 from stade_cli.stats import Statistics
 
 CPU = torch.device("cpu")

@@ -370,8 +370,9 @@ def test_nan_scores_name_the_layer() -> None:
 
 def test_sweep_snapshot_reads_dense_weights_back_from_disk(tiny_llama_dir: Path, llama_stats: Path) -> None:
     """A sweep restores the dense model between runs from the checkpoint files, keeping no second copy."""
+    from stade_cli.checkpoint import Snapshot
     from stade_cli.models import load_model
-    from stade_cli.prune import PruneConfig, Snapshot, prune_model
+    from stade_cli.prune import PruneConfig, prune_model
     from stade_cli.stats import Statistics
     from stade_cli.weights import WeightFiles
 

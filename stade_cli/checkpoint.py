@@ -1,0 +1,195 @@
+"""A pruned model on disk: the bias switches plain transformers needs, the checkpoint and its stade.json.
+
+Also `Snapshot`, which keeps the dense weights so that one loaded model serves a whole sweep.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .blocks import iterate_blocks
+from .errors import StadeError
+from .files import atomic_dir, write_json
+from .layers import linear_layers
+from .models import LoadedModel
+from .stats import LayerStats, Statistics, library_versions
+from .weights import WeightFiles
+
+if TYPE_CHECKING:
+    from .prune import PruneConfig, PruneReport
+
+REPORT_FILE = "stade.json"
+REPORT_KIND = "stade-prune-report"
+
+
+def bias_plan(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -> dict[str, bool]:
+    """The config switches that make plain transformers load the biases STADE adds, checked on a meta copy.
+
+    Returns the switches to set; raises where the architecture cannot hold a needed bias.
+    """
+    needed = set()
+    for c in configs:
+        if not c.bias_update:
+            continue
+        for entry in stats.manifest["layers"]:
+            st = LayerStats(1, torch.zeros(1), torch.zeros(1), bool(entry["fed_by_norm"]))
+            if c.metric.bias_update(st) and model.get_submodule(entry["name"]).bias is None:
+                needed.add(entry["name"])
+    if not needed:
+        return {}
+    cfg = model.config
+    switches = {k: True for k, v in cfg.to_dict().items() if (k == "bias" or k.endswith("_bias")) and v is False}
+    missing = sorted(needed)
+    if switches:
+        from transformers import AutoModelForCausalLM
+
+        trial = cfg.__class__.from_dict({**cfg.to_dict(), **switches})
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(trial)
+        missing = [n for n in missing if getattr(meta.get_submodule(n), "bias", None) is None]
+    if missing:
+        raise StadeError(
+            f"{type(model).__name__} has no config switch that gives {missing[0]} a bias"
+            + (f" (and {len(missing) - 1} more layers)" if len(missing) > 1 else "")
+            + ", so STADE's bias update could not be saved in a checkpoint that plain transformers loads.",
+            "pass --no-bias-update (the published code's effective behaviour) or choose a method without it",
+        )
+    return switches
+
+
+def finish_biases(model: nn.Module, switches: dict[str, bool]) -> None:
+    """Set the bias switches and give every layer the switched config expects a bias (zeros where none)."""
+    if not switches:
+        return
+    for k, v in switches.items():
+        setattr(model.config, k, v)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config)
+    for name, mod in meta.named_modules():
+        if getattr(mod, "bias", None) is not None and isinstance(mod, nn.Linear):
+            real = model.get_submodule(name)
+            if real.bias is None:
+                real.bias = nn.Parameter(torch.zeros(real.out_features, dtype=real.weight.dtype))
+
+
+def save_checkpoint(
+    loaded: LoadedModel,
+    report: PruneReport,
+    stats: Statistics,
+    out: Path,
+    force: bool,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """Write a plain transformers checkpoint (sharded safetensors + index), tokenizer, and stade.json (returned)."""
+    t0 = time.perf_counter()
+    model = loaded.model
+    with atomic_dir(out, force) as tmp:
+        if dtype is not None and dtype != loaded.dtype:  # convert a copy: the loaded model serves the next run
+            own = model.config.dtype
+            model.config.dtype = dtype
+            try:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+                model.save_pretrained(tmp, max_shard_size="2GB", state_dict=state)
+            finally:
+                model.config.dtype = own
+        else:
+            model.save_pretrained(tmp, max_shard_size="2GB")
+        loaded.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        report.timings["write_s"] = round(time.perf_counter() - t0, 3)
+        doc = report_dict(loaded, report, stats, device)
+        write_json(tmp / REPORT_FILE, doc)
+    return doc
+
+
+def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, device: torch.device) -> dict[str, Any]:
+    c = report.config
+    return {
+        "schema": 1,
+        "kind": REPORT_KIND,
+        "method": c.method,
+        "pattern": c.pattern,
+        "sparsity": c.ratio,
+        "achieved_sparsity": round(report.achieved_sparsity, 6),
+        "bias_update": c.bias_update and any(r.bias_updated for r in report.layers),
+        "sequential": c.sequential,
+        "seed": c.seed,
+        "model": {"spec": loaded.spec, "path": loaded.path},
+        "statistics": {
+            "path": str(stats.path),
+            "fingerprint": stats.fingerprint,
+            "data": stats.manifest["data"]["source"],
+            "nsamples": stats.manifest["data"]["nsamples"],
+            "seqlen": stats.manifest["data"]["seqlen"],
+        },
+        "versions": library_versions(),
+        "device": str(device),
+        "timings": report.timings,
+        "warnings": report.warnings,
+        "layers": [r.as_dict() for r in report.layers],
+    }
+
+
+class Snapshot:
+    """The dense weights, biases and bias switches, kept so that one loaded model serves a whole sweep.
+
+    Where the checkpoint's safetensors files hold the very same weights, the dense weights are read
+    back from disk block by block instead of kept in memory: a sweep then costs no second copy of the model.
+    """
+
+    def __init__(self, model: nn.Module, files: WeightFiles | None = None) -> None:
+        self.model = model
+        layers = {
+            f"{prefix}.{local}": mod
+            for _i, prefix, block in iterate_blocks(model)
+            for local, mod in linear_layers(block).items()
+        }
+        _i, first_block, _b = next(iterate_blocks(model))
+        self.files = files if files is not None and _same_on_disk(layers, first_block, files) else None
+        self.linears = {
+            name: (
+                None if self.files else mod.weight.detach().clone(),
+                None if mod.bias is None else mod.bias.detach().clone(),
+            )
+            for name, mod in layers.items()
+        }
+        self.biased = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
+        self.config = {k: v for k, v in model.config.to_dict().items() if k == "bias" or k.endswith("_bias")}
+
+    def restore(self) -> None:
+        if self.files is not None:
+            for _i, prefix, block in iterate_blocks(self.model):
+                layers = {f"{prefix}.{local}": mod for local, mod in linear_layers(block).items()}
+                dtype = next(iter(layers.values())).weight.dtype
+                dense = self.files.read([f"{n}.weight" for n in layers], dtype)
+                for name, mod in layers.items():
+                    mod.weight.data.copy_(dense[f"{name}.weight"])
+        for name, mod in self.model.named_modules():
+            if name in self.linears:
+                w, b = self.linears[name]
+                if w is not None:
+                    mod.weight.data.copy_(w)
+                if b is None:
+                    mod.bias = None
+                else:
+                    mod.bias.data.copy_(b)
+            elif isinstance(mod, nn.Linear) and mod.bias is not None and name not in self.biased:
+                mod.bias = None
+        for k, v in self.config.items():
+            setattr(self.model.config, k, v)
+
+
+def _same_on_disk(layers: dict[str, nn.Module], first_block: str, files: WeightFiles) -> bool:
+    """Whether every linear weight is in the files under its own name, and the first block's are equal there."""
+    if any(f"{n}.weight" not in files.file_of for n in layers):
+        return False
+    first = {n: mod for n, mod in layers.items() if n.startswith(first_block + ".")}
+    dense = files.read([f"{n}.weight" for n in first], next(iter(first.values())).weight.dtype)
+    return all(torch.equal(dense[f"{n}.weight"], mod.weight.detach().cpu()) for n, mod in first.items())
