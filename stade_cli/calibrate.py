@@ -10,11 +10,11 @@ import torch
 
 from .blocks import capture_inputs, iterate_blocks, on_device, run_block
 from .console import progress
-from .data import calibration_windows
+from .data import calibration_windows, check_token_ids
 from .errors import StadeError
 from .files import SafetensorsWriter, atomic_dir, check_writable
 from .layers import linear_layers
-from .models import LoadedModel, config_summary, max_context
+from .models import LoadedModel, config_summary, max_context, vocab_size
 from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, BlockCollector, Statistics, library_versions
 
 
@@ -69,6 +69,7 @@ def calibrate(
     t0 = time.perf_counter()
     windows = calibration_windows(config.data, loaded.tokenizer, config.nsamples, seqlen, config.seed, cache_dir)
     check_seqlen(model, windows.input_ids.shape[1])
+    check_token_ids(windows.input_ids, vocab_size(model), windows.source)
     t_data = time.perf_counter() - t0
     n, length = windows.input_ids.shape
     with atomic_dir(out, force) as tmp:

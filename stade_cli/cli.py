@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -73,30 +73,122 @@ def _root(
 
 
 def cli_errors(fn: F) -> F:
-    """Turn a StadeError into one red line plus a hint (exit 1); STADE_DEBUG=1 shows the traceback."""
+    """Every failure as one red line plus a hint, never a traceback (STADE_DEBUG=1 shows it).
+
+    A StadeError is the user's to fix (exit 1); out-of-memory gets the knobs that help (exit 1); any
+    other exception is a bug: its traceback goes to a log file under $STADE_HOME (exit 1). Ctrl-C
+    (exit 130) and SIGTERM from `timeout` or a scheduler (exit 143) clean up and say so.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from rich.markup import escape
+        import click
 
-        from .console import err
-        from .errors import StadeError
+        from .errors import StadeError, Terminated
 
+        previous = _on_sigterm()
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except StadeError as exc:
             if os.environ.get("STADE_DEBUG"):
                 raise
-            err.print(f"[bold red]Error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
-            if exc.hint:
-                err.print(f"[yellow]Hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
-            err.print("[dim]Set STADE_DEBUG=1 for the traceback.[/]")
-            raise typer.Exit(1) from None
+            _fail(exc.message, exc.hint)
         except KeyboardInterrupt:
-            err.print("[bold red]Interrupted.[/] No partial output was left behind.")
-            raise typer.Exit(130) from None
+            _interrupted("Interrupted.", 130)
+        except Terminated:
+            _interrupted("Terminated (SIGTERM).", 143)
+        except Exception as exc:
+            if os.environ.get("STADE_DEBUG"):
+                raise
+            if _out_of_memory(exc):
+                _fail(
+                    f"Out of memory: {_first_line(exc)}",
+                    "lower --batch-size, or use --device auto to run where there is more memory",
+                )
+            _fail(*_unexpected(exc))
+        finally:
+            _restore_sigterm(previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, hint: str | None) -> NoReturn:
+    from rich.markup import escape
+
+    from .console import err
+
+    err.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    if hint:
+        err.print(f"[yellow]Hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+    err.print("[dim]Set STADE_DEBUG=1 for the traceback.[/]")
+    raise typer.Exit(1)
+
+
+def _interrupted(what: str, code: int) -> NoReturn:
+    from .console import err
+
+    err.print(f"[bold red]{what}[/] No partial output was left behind.")
+    raise typer.Exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, and the CPU allocator's RuntimeError when main memory runs out."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
+def _unexpected(exc: BaseException) -> tuple[str, str]:
+    """Write the traceback to $STADE_HOME/logs/stade-<time>.log; the message and hint that point at it."""
+    import sys
+    import traceback
+    from datetime import datetime, timezone
+
+    from .models import stade_home
+
+    summary = f"Unexpected {type(exc).__name__}: {_first_line(exc)}"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    log = stade_home() / "logs" / f"stade-{stamp}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(
+            f"stade {__version__}\ncommand: {' '.join(sys.argv)}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        )
+    except OSError as log_exc:
+        return summary, f"the report could not be written to {log} ({log_exc.strerror}); run with STADE_DEBUG=1"
+    return f"{summary} (the full report is in {log})", "this is a bug in stade: please report it with that file"
+
+
+def _on_sigterm() -> Any:
+    """Turn SIGTERM into an exception, so that partial outputs are removed as on Ctrl-C."""
+    import signal
+    import threading
+
+    from .errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_json(data: object) -> None:
@@ -137,7 +229,7 @@ def calibrate(
     """
     from .calibrate import CalibrationConfig
     from .calibrate import calibrate as run
-    from .files import check_writable
+    from .files import check_apart, check_writable
     from .models import load_model, resolve_device
     from .tables import render_stats
 
@@ -151,6 +243,7 @@ def calibrate(
         batch_size=batch_size,
     )
     check_writable(out, force)
+    check_apart(out, [("the model", model), ("the --data file", data)])
     dev = resolve_device(device)
     loaded = load_model(model, dtype.value if dtype else None, dev, str(cache_dir) if cache_dir else None, lazy=True)
     stats = run(loaded, config, out, dev, force=force, cache_dir=str(cache_dir) if cache_dir else None)
@@ -180,8 +273,12 @@ def stats_show(
         render_stats(stats)
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _csv(value: str, option: str | None = None) -> list[str]:
+    """A comma-separated option; with `option` named, an empty list is refused (it would do nothing)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if option is not None and not items:
+        raise typer.BadParameter(f"{value!r} names nothing; give at least one value.", param_hint=option)
+    return items
 
 
 @app.command()
@@ -219,28 +316,30 @@ def prune(
     Example: stade prune smollm2-135m --stats stats/ --method wanda,stade --pattern unstructured,2:4
     --sparsity 0.5 --out pruned/
     """
-    from .files import check_writable
+    from .files import check_apart, check_writable
     from .masks import parse_pattern
     from .models import load_model, parse_dtype, resolve_device
-    from .prune import PruneConfig, output_paths, prune_sweep
+    from .prune import SWEEP_SUMMARY, PruneConfig, output_paths, prune_sweep
     from .stats import Statistics
     from .tables import render_prune, render_sweep
 
     ratios: list[float | None] = [None]
     if sparsity is not None:
         try:
-            ratios = [float(r) for r in _csv(sparsity)]
+            ratios = [float(r) for r in _csv(sparsity, "--sparsity")]
         except ValueError:
             raise typer.BadParameter(
                 f"{sparsity!r} is not a comma-separated list of numbers.", param_hint="--sparsity"
             ) from None
     configs = []
-    for m in _csv(method):
-        for p in _csv(pattern):
+    for m in _csv(method, "--method"):
+        for p in _csv(pattern, "--pattern"):
             for r in ratios if not parse_pattern(p).structured else [ratios[0] if len(ratios) == 1 else None]:
                 configs.append(PruneConfig(m, r, p, bias_update, sequential, seed))
-    for path in output_paths(out, configs).values():
+    written = list(output_paths(out, configs).values()) + ([out / SWEEP_SUMMARY] if len(configs) > 1 else [])
+    for path in written:
         check_writable(path, force)
+        check_apart(path, [("--stats", stats), ("the model", model)])
     stats_art = Statistics.load(stats)
     dev = resolve_device(device)
     # The checkpoint's own dtype: scores are computed in float32 anyway, and the output keeps the source's dtype.
@@ -348,8 +447,9 @@ def eval_(
 
     Several models (e.g. a whole sweep): stade eval smollm2-135m pruned/*/ --ppl sample-news --out results/
     """
+    from .errors import StadeError
     from .evaluate import EvalConfig, evaluate_model, results_paths, write_results
-    from .files import check_writable
+    from .files import check_apart, check_writable
     from .models import load_model, resolve_device
     from .tables import render_results
     from .zeroshot import resolve_tasks
@@ -360,6 +460,7 @@ def eval_(
     paths = results_paths(models, out)
     for path in paths:
         check_writable(path, force)
+        check_apart(path, [("the model", m) for m in models] + [("the --ppl file", p) for p in config.ppl])
     if len(models) > 1 and config.tasks:
         resolve_tasks(config.tasks)  # a bad task name fails before the first model is evaluated
     dev = resolve_device(device)
@@ -369,7 +470,11 @@ def eval_(
         loaded = load_model(model, dtype.value if dtype else None, dev, cache)
         results = evaluate_model(loaded, config, dev, cache)
         del loaded  # the next model loads into the memory this one frees
-        write_results(path, results, force)
+        try:
+            write_results(path, results, force)
+        except StadeError as exc:  # nothing computed is lost: the results go to stdout instead
+            print_json(results)
+            raise StadeError(exc.message, "the results are printed above on stdout; save them from there") from None
         documents.append(results)
         if not as_json:
             render_results(results)
@@ -394,11 +499,15 @@ def compare(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Also draw perplexity against sparsity to this .png file.")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing --plot file.")] = False,
 ) -> None:
     """Compare results files side by side: best value per column, change against the dense baseline.
 
     Example: stade compare results/ --sort ppl:wikitext2 --plot ppl.png
     """
+    from rich.markup import escape
+
+    from .compare import check_plot_path
     from .compare import compare as run
     from .compare import plot as draw
     from .console import err
@@ -406,9 +515,11 @@ def compare(
 
     if as_json + markdown + as_csv > 1:
         raise typer.BadParameter("choose one of --json, --markdown and --csv.")
+    if plot is not None:
+        check_plot_path(plot, force)
     comparison = run(results, baseline, sort)
     if plot is not None:
-        err.print(f"Plot written to {draw(comparison, plot)}", highlight=False)
+        err.print(f"Plot written to {escape(str(draw(comparison, plot, force)))}", highlight=False)
     if as_json:
         print_json(comparison.to_dict())
     elif markdown or as_csv:

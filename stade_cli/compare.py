@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import StadeError
 from .evaluate import RESULTS_KIND, check_results
-from .files import read_json
+from .files import check_writable, read_json, write_error
 
 COMPARISON_KIND = "stade-comparison"
 
@@ -231,6 +231,52 @@ def _row(doc: dict[str, Any]) -> Row:
     )
 
 
+def _protocol(doc: dict[str, Any], metric: str, name: str) -> str | None:
+    """What a result was measured under, where that changes the number: a perplexity's seqlen and window
+    count, a task's item limit, and for a mean, the tasks averaged. Other results: None."""
+    if metric == "ppl":
+        entry = (doc.get("perplexity") or {}).get(name) or {}
+        return f"seqlen {entry.get('seqlen')}, {entry.get('windows')} windows"
+    if metric in ("acc", "acc_norm"):
+        zs = doc.get("zeroshot") or {}
+        tag = f"limit {zs['limit']}" if zs.get("limit") else "all items"
+        if name == "mean":
+            tag += " of " + ", ".join(sorted(zs.get("tasks") or {}))
+        return tag
+    return None
+
+
+def _split_protocols(docs: list[dict[str, Any]], rows: list[Row]) -> list[str]:
+    """Give results measured under different protocols their own columns (a delta between them would mislead)."""
+    notes = []
+    keys = list(dict.fromkeys(k for r in rows for k in r.values))
+    for key in keys:
+        metric, _, name = key.partition(":")
+        tags = {id(r): _protocol(d, metric, name) for d, r in zip(docs, rows, strict=True) if key in r.values}
+        distinct = list(dict.fromkeys(tags.values()))
+        if len(distinct) < 2:
+            continue
+        for r in rows:
+            if key in r.values:
+                r.values[f"{key} ({tags[id(r)]})"] = r.values.pop(key)
+        notes.append(
+            f"{metric} {name} was measured under different protocols ({'; '.join(map(str, distinct))}): "
+            "one column each, never compared across"
+        )
+    return notes
+
+
+def _model_identity(doc: dict[str, Any]) -> tuple[Any, ...]:
+    """The architecture and shape a result's model has: results of different models get no deltas."""
+    model = doc.get("model") or {}
+    return tuple(model.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size"))
+
+
+def _describe(identity: tuple[Any, ...]) -> str:
+    model_type, layers, hidden = identity
+    return f"{model_type}, {layers} layers of width {hidden}"
+
+
 def _columns(rows: list[Row]) -> list[Column]:
     """Every metric any row has, grouped by metric in registry order, names in order of first appearance."""
     columns = []
@@ -276,6 +322,7 @@ def build(
     if baseline is not None and not any(d["_source"] == baseline["_source"] for d in docs):
         docs = [baseline, *docs]
     rows = [_row(d) for d in docs]
+    notes += _split_protocols(docs, rows)
     base_row: Row | None = None
     if baseline is not None:
         base_row = next(r for r in rows if r.source == baseline["_source"])
@@ -288,7 +335,14 @@ def build(
     columns = _columns(rows)
     if base_row is not None:
         base_row.is_baseline = True
-        for r in rows:
+        base_model = _model_identity(docs[rows.index(base_row)])
+        for d, r in zip(docs, rows, strict=True):
+            if _model_identity(d) != base_model:
+                notes.append(
+                    f"{r.label} is a different model ({_describe(_model_identity(d))}) from the baseline "
+                    f"({_describe(base_model)}): no deltas for it"
+                )
+                continue
             r.deltas = {k: v - base_row.values[k] for k, v in r.values.items() if k in base_row.values}
     best: dict[str, float] = {}
     for c in columns:
@@ -313,7 +367,16 @@ def _series(row: Row) -> str:
     return row.method if row.pattern in (None, "unstructured") else f"{row.method} {row.pattern}"
 
 
-def plot(comparison: Comparison, out: str | Path) -> Path:
+def check_plot_path(out: Path, force: bool) -> None:
+    """--plot must name a .png file that does not exist yet (unless force) in a writable folder."""
+    if out.suffix.lower() != ".png":
+        raise StadeError(f"--plot {str(out)!r} does not end in .png; the plot is a PNG image.", "name it e.g. ppl.png")
+    if out.is_dir():
+        raise StadeError(f"--plot {str(out)!r} is a folder.", f"give a file name, e.g. {str(out / 'ppl.png')!r}")
+    check_writable(out, force)
+
+
+def plot(comparison: Comparison, out: str | Path, force: bool = False) -> Path:
     """Perplexity against sparsity, one line per method (and N:M pattern), one panel per dataset."""
     try:
         import matplotlib
@@ -324,6 +387,7 @@ def plot(comparison: Comparison, out: str | Path) -> Path:
     except ImportError:
         raise StadeError("--plot needs matplotlib, which is not installed.", "pip install 'stade[plot]'") from None
     out = Path(out)
+    check_plot_path(out, force)
     columns = [c for c in comparison.columns if c.metric == "ppl"]
     if not columns:
         raise StadeError("Nothing to plot: no results have a perplexity.", "run `stade eval --ppl ...` first")
@@ -353,9 +417,16 @@ def plot(comparison: Comparison, out: str | Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".incomplete.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
+    tmp = out.with_name(out.stem + ".incomplete.png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=120, format="png")
+        tmp.replace(out)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(out, exc) from None
+        raise
+    finally:
+        plt.close(fig)
     return out

@@ -24,10 +24,11 @@ T = TypeVar("T")
 def progress(**kwargs: object) -> Progress:
     """A progress bar on stderr with a free-text field for rates such as tokens/s."""
     return Progress(
-        TextColumn("[bold blue]{task.description}"),
+        # Descriptions hold data and model names: shown as they are, never read as Rich markup.
+        TextColumn("{task.description}", style="bold blue", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import difflib
 import hashlib
 import importlib.metadata
 import json
@@ -160,15 +161,7 @@ def local_documents(path: Path) -> Documents:
                 texts.append(row["text"])
             docs = Documents(str(path), texts)
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise StadeError(
-                    f"Parquet file {str(path)!r} has no 'text' column (it has: {', '.join(table.column_names)}).",
-                    "rename the column holding the documents to 'text'",
-                )
-            docs = Documents(str(path), [t for t in table.column("text").to_pylist() if t])
+            docs = Documents(str(path), _parquet_texts(path))
         else:
             raise StadeError(f"Unsupported data file type {suffix!r} for {str(path)!r}.", ALL_SOURCES_HINT)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -177,6 +170,43 @@ def local_documents(path: Path) -> Documents:
         raise StadeError(f"Data file {str(path)!r} holds no text.", "give a file with documents in it")
     docs.sha256 = sha256_file(path)
     return docs
+
+
+def _parquet_texts(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise StadeError(
+            f"Parquet file {str(path)!r} is not readable: {' '.join(str(exc).split())}",
+            "is it a complete .parquet file?",
+        ) from None
+    if "text" not in table.column_names:
+        raise StadeError(
+            f"Parquet file {str(path)!r} has no 'text' column (it has: {', '.join(table.column_names)}).",
+            "rename the column holding the documents to 'text'",
+        )
+    kind = table.schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise StadeError(
+            f"Parquet file {str(path)!r}: the 'text' column holds {kind}, not strings.",
+            "the 'text' column must hold the documents as strings",
+        )
+    return [t for t in table.column("text").to_pylist() if t]
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, source: str) -> None:
+    """Every id must index the model's embedding: an id outside [0, vocab) would crash the forward pass."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise StadeError(
+            f"{source!r} holds token id {bad}, outside this model's vocabulary "
+            f"of {vocab_size} (ids 0..{vocab_size - 1}).",
+            "were the ids made with this model's tokenizer?",
+        )
 
 
 def is_token_file(source: str) -> bool:
@@ -217,7 +247,9 @@ def documents(source: str, split: str = "train", cache_dir: str | None = None) -
     path = Path(source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES[:3]:
         return local_documents(path)
-    raise StadeError(f"Unknown data source {source!r}.", ALL_SOURCES_HINT)
+    close = difflib.get_close_matches(source, [*HUB_SOURCES, *BUILTIN_SOURCES], n=2, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? Or {ALL_SOURCES_HINT}" if close else ALL_SOURCES_HINT
+    raise StadeError(f"Unknown data source {source!r}.", hint)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -300,6 +332,11 @@ def calibration_windows(
         path = Path(source).expanduser()
         ids = load_token_file(path, "[n, seqlen]")
         n, length = ids.shape
+        if length < 2:
+            raise StadeError(
+                f"{source!r} holds windows of {length} token; a window needs at least 2 (--seqlen must be at least 2).",
+                "give windows of 2 tokens or more",
+            )
         if nsamples is not None and nsamples != n:
             raise StadeError(
                 f"--nsamples {nsamples} disagrees with {source!r}, which holds {n} windows.",

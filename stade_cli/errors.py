@@ -13,3 +13,7 @@ class StadeError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class Terminated(BaseException):
+    """SIGTERM (from `timeout` or a job scheduler), raised like KeyboardInterrupt so that cleanups run."""

@@ -18,13 +18,14 @@ from .errors import StadeError
 from .files import check_writable, read_json, write_json
 from .fingerprint import fingerprint
 from .layers import find_blocks, linear_layers
-from .models import LoadedModel, config_summary, max_context
+from .models import LoadedModel, config_summary, max_context, vocab_size
 from .zeroshot import PUBLISHED_TASKS, parse_tasks, resolve_tasks, zero_shot
 
 RESULTS_KIND = "stade-results"
 RESULTS_SCHEMA = 1
 C4_MAX_WINDOWS = 256  # the published code keeps the first 256 * seqlen validation tokens of C4
 DEFAULT_PPL = ("wikitext2",)
+MAX_EXP = math.log(1.7976931348623157e308)  # math.exp overflows above this (~709.78)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ def perplexity(
             rate = len(nlls) * seqlen / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=batch.shape[0], info=f"{rate:,.0f} tok/s")
     seconds = time.perf_counter() - t0
-    ppl = math.exp(sum(nlls) / n)
+    mean_nll = sum(nlls) / n
+    ppl = math.exp(mean_nll) if mean_nll < MAX_EXP else math.inf  # a broken model's NLL can pass exp's range
     return PerplexityResult(ppl=ppl, windows=n, seqlen=seqlen, tokens=n * seqlen, window_nll=nlls, seconds=seconds)
 
 
@@ -141,9 +143,10 @@ def dataset_perplexity(
     max_windows: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity of one --ppl source, with where its ids came from."""
-    from .data import eval_ids, ids_sha256
+    from .data import check_token_ids, eval_ids, ids_sha256
 
     ids, sha = eval_ids(source, loaded.tokenizer, cache_dir)
+    check_token_ids(ids, vocab_size(loaded.model), source)
     notes = []
     if source == "c4":
         ids = ids[:, : C4_MAX_WINDOWS * seqlen]
@@ -273,6 +276,11 @@ def evaluate_model(
 def results_paths(models: list[str], out: Path) -> list[Path]:
     """`out` itself for one model; for several, out/NAME.json with NAME each model's folder name or hub id."""
     if len(models) == 1:
+        if out.is_dir():  # found before the evaluation, not after it (--force cannot make a folder a file)
+            raise StadeError(
+                f"--out {str(out)!r} is a folder; for one model it names the results file.",
+                f"give a file name, e.g. --out {str(out / 'results.json')!r}",
+            )
         return [out]
     if out.exists() and not out.is_dir():
         raise StadeError(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,9 +19,80 @@ from .errors import StadeError
 
 
 def check_writable(out: Path, force: bool) -> None:
-    """Refuse to replace an existing output unless --force was given (called before any work)."""
+    """Refuse to replace an existing output unless --force, and refuse a location that cannot be written.
+
+    Called before any work, so that a read-only or misplaced --out is found before hours of compute.
+    """
     if out.exists() and not force:
         raise StadeError(f"Output {str(out)!r} already exists.", "pass --force to replace it, or choose another --out")
+    check_location(out)
+
+
+def check_location(out: Path) -> None:
+    """The folder that will hold `out` must be (or be creatable inside) a writable folder.
+
+    The test is a real one: a probe file is created and removed in the nearest existing folder, since
+    permission bits say nothing for root or for a read-only mount.
+    """
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StadeError(f"Cannot write {str(out)!r}: {str(parent)!r} is a file, not a folder.", "choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stade-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StadeError(
+            f"Cannot write {str(out)!r}: {str(parent)!r} is not writable ({exc.strerror or exc}).",
+            "choose another --out",
+        ) from None
+
+
+def check_apart(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output that is, contains or lies inside an input: --force would destroy the input.
+
+    `inputs` are (description, path) pairs such as ("--stats", "stats/"); names that are not local paths
+    (a hub id) are skipped.
+    """
+    target = out.expanduser().resolve()
+    for what, path in inputs:
+        if path is None or not Path(path).expanduser().exists():
+            continue
+        source = Path(path).expanduser().resolve()
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "is inside"
+        else:
+            continue
+        raise StadeError(
+            f"Output {str(out)!r} {relation} {what} {str(path)!r}: writing it would destroy the input.",
+            "choose an --out apart from every input",
+        )
+
+
+def cause(exc: BaseException) -> str:
+    """The reason of an OS or safetensors write error, in a few words ("No space left on device")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    match = re.search(r'message: "([^"]+)"', text)  # safetensors wraps the OS error in a Rust debug string
+    return match.group(1) if match else text
+
+
+def write_error(path: Path, exc: BaseException) -> StadeError:
+    return StadeError(
+        f"Could not write {str(path)!r}: {cause(exc)}.", "free some space or choose another --out, then run again"
+    )
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """OS errors and safetensors' own (it reports a full disk as SafetensorError)."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
 
 
 @contextmanager
@@ -29,22 +102,33 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
     tmp = out.with_name(out.name + ".incomplete")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise write_error(out, exc) from None
     try:
         yield tmp
-    except BaseException:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(exc):
+            raise write_error(out, exc) from None
         raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
 
 
 def write_json(path: Path, data: object) -> None:
     """Write JSON atomically: a temp file, then rename."""
     tmp = path.with_name(path.name + ".incomplete")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
+        raise
 
 
 def sha256_file(path: Path) -> str:

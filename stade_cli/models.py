@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,13 @@ def resolve_model(spec: str) -> str:
                 f"{spec!r} is not a model folder: it has no config.json.",
                 "give a folder written by save_pretrained or `stade prune`",
             )
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StadeError(
+                f"The config.json of model folder {spec!r} is not valid JSON: {exc}.",
+                "was it edited by hand or cut short? restore it from the original model",
+            ) from None
         has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
         if not has_weights:
             raise StadeError(
@@ -208,7 +216,13 @@ def load_model(
         if model is None:
             files = None
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, cache_dir=cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+        except (ValueError, TypeError) as exc:
+            raise StadeError(
+                f"Model {spec!r} has no usable tokenizer: {' '.join(str(exc).split())}",
+                "save the tokenizer with the model (tokenizer.save_pretrained(folder))",
+            ) from exc
     except StadeError:
         raise
     except ValueError as exc:
@@ -221,10 +235,24 @@ def load_model(
         raise StadeError(f"Could not load model {spec!r}: {msg}") from exc
     except OSError as exc:
         first = str(exc).splitlines()[0]
+        if Path(path).is_dir():
+            raise StadeError(f"Could not load model folder {spec!r}: {first}", "is the folder complete?") from exc
+        if "/" not in spec:  # most likely a mistyped local folder, not a hub id
+            raise StadeError(
+                f"Model {spec!r} is neither a folder here nor a model on the hub: {first}",
+                f"check the folder name; hub ids look like org/name (offline, the built-in model is {BUILTIN_MODEL!r})",
+            ) from exc
         raise StadeError(
             f"Could not find model {spec!r}: {first}",
             f"check the hub id or path (offline? the built-in model is {BUILTIN_MODEL!r})",
         ) from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise StadeError(
+            f"The weights of model {spec!r} are unreadable: {' '.join(str(exc).split())}.",
+            "a .safetensors file is truncated or corrupt: copy or download the model again",
+        ) from None
     model.eval()
     find_blocks(model)  # fail early on architectures without a layer list
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, files=files)
@@ -247,6 +275,13 @@ def config_summary(model: nn.Module) -> dict[str, object]:
         "hidden_size": getattr(cfg, "hidden_size", None),
         "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
     }
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the input embedding: every token id must be below this."""
+    get = getattr(model, "get_input_embeddings", None)
+    rows = getattr(get() if callable(get) else None, "num_embeddings", None)
+    return int(rows if isinstance(rows, int) else model.config.vocab_size)
 
 
 def max_context(model: nn.Module) -> int | None:

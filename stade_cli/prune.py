@@ -287,6 +287,9 @@ def prune_model(
     return report
 
 
+SWEEP_SUMMARY = "summary.json"  # a sweep's index of its checkpoints, in the --out folder
+
+
 def output_paths(out: Path, configs: list[PruneConfig]) -> dict[PruneConfig, Path]:
     """One config writes `out` itself; a sweep writes out/method-pattern-sparsity for each."""
     if len(configs) == 1:
@@ -309,7 +312,7 @@ def prune_sweep(
     if len(set(configs)) != len(configs):
         raise StadeError("The sweep names the same combination twice.", "remove the duplicate method/pattern/ratio")
     paths = output_paths(out, configs)
-    for p in paths.values():
+    for p in [*paths.values(), *([out / SWEEP_SUMMARY] if len(configs) > 1 else [])]:
         check_writable(p, force)
     model = loaded.model
     check_compatible(model, stats, configs)
@@ -325,7 +328,7 @@ def prune_sweep(
     if snap:
         snap.restore()
         write_json(
-            out / "summary.json",
+            out / SWEEP_SUMMARY,
             {
                 "kind": "stade-prune-sweep",
                 "runs": [

@@ -203,6 +203,7 @@ class Statistics:
                 f"Statistics in {str(path)!r} use schema {manifest['schema']}, newer than this stade understands.",
                 "upgrade stade",
             )
+        check_manifest(path, manifest)
         stats = cls(path, manifest)
         if verify:
             stats.verify()
@@ -302,6 +303,62 @@ class Statistics:
         }
         write_json(folder / "manifest.json", manifest)
         return manifest
+
+
+MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "files": dict,
+    "layers": list,
+    "count": int,
+    "model": dict,
+    "data": dict,
+    "statistics": list,
+    "dtype": str,
+}
+LAYER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "block": int,
+    "shape": list,
+    "fed_by_norm": bool,
+    "group": str,
+}
+
+
+def check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """The manifest has every field stade reads, of the right type, and accounts for every data file.
+
+    A hand-edited manifest would otherwise fail deep inside pruning (KeyError, ValueError), and a
+    data file left out of `files` would silently escape the hash check.
+    """
+    where = str(path / "manifest.json")
+    hint = "the manifest was edited or damaged: re-run `stade calibrate --force`"
+
+    def bad(what: str) -> StadeError:
+        return StadeError(f"Statistics manifest {where!r} {what}.", hint)
+
+    for key, kind in MANIFEST_FIELDS.items():
+        if key not in manifest:
+            raise bad(f"has no {key!r}")
+        if not isinstance(manifest[key], kind) or (kind is int and isinstance(manifest[key], bool)):
+            raise bad(f"has a {key!r} of the wrong type ({type(manifest[key]).__name__})")
+    if not isinstance(manifest["model"].get("fingerprint"), str):
+        raise bad("has no model fingerprint")
+    for key in ("source", "nsamples", "seqlen"):
+        if key not in manifest["data"]:
+            raise bad(f"has no data {key!r}")
+    for i, entry in enumerate(manifest["layers"]):
+        if not isinstance(entry, dict):
+            raise bad(f"has a layer entry {i} that is not an object")
+        for key, kind in LAYER_FIELDS.items():
+            if not isinstance(entry.get(key), kind):
+                raise bad(f"has a layer entry {i} without a valid {key!r}")
+    for fname, meta in manifest["files"].items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
+            raise bad(f"has no size and hash for {fname!r}")
+    needed = {STATS_FILE, TOKENS_FILE} | ({HESSIAN_FILE} if "hessian" in manifest["statistics"] else set())
+    present = {f.name for f in path.iterdir() if f.is_file() and f.suffix == ".safetensors"}
+    for fname in sorted(needed | present):
+        if fname not in manifest["files"]:
+            raise bad(f"does not account for the data file {fname!r} (no size and hash for it)")
 
 
 def block_summary(stats: Statistics) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.table import Table
 
 from .console import out
@@ -16,17 +17,17 @@ if TYPE_CHECKING:
 def render_stats(stats: Statistics) -> None:
     s = stats.summary()
     data = s["data"]
-    out.print(f"[bold]Statistics[/] {s['path']}  [dim]{s['fingerprint'][:16]}[/]")
+    out.print(f"[bold]Statistics[/] {escape(s['path'])}  [dim]{s['fingerprint'][:16]}[/]")
     out.print(
-        f"model [cyan]{s['model']['spec']}[/] ({s['model']['architecture']}, {s['dtype']}), "
+        f"model [cyan]{escape(s['model']['spec'])}[/] ({s['model']['architecture']}, {s['dtype']}), "
         f"{s['layers']} linear layers in {len(s['blocks'])} blocks"
     )
     out.print(
-        f"data [cyan]{data['source']}[/]: {data['nsamples']} x {data['seqlen']} tokens, seed {data['seed']}, "
+        f"data [cyan]{escape(data['source'])}[/]: {data['nsamples']} x {data['seqlen']} tokens, seed {data['seed']}, "
         f"ids sha256 {data['token_ids_sha256'][:12]}; statistics: {', '.join(s['statistics'])}"
     )
     for note in data.get("notes", []):
-        out.print(f"[yellow]note:[/] {note}")
+        out.print(f"[yellow]note:[/] {escape(note)}")
     table = Table(title="Layer inputs per block")
     for col in ("block", "inputs", "channels", "mean min", "mean max", "std min", "std max", "|mean|>std"):
         table.add_column(col, justify="right")
@@ -63,7 +64,7 @@ def render_prune(path: str, report: dict) -> None:
     mode = "sequential" if report["sequential"] else "one-shot"
     timings = report["timings"]
     table = Table(
-        title=f"{report['method']} {report['pattern']} {report['sparsity']:g} ({mode}) → {path}",
+        title=f"{report['method']} {report['pattern']} {report['sparsity']:g} ({mode}) → {escape(path)}",
         caption=f"achieved sparsity {report['achieved_sparsity']:.4f}; "
         f"prune {timings.get('prune_s', 0):.1f}s, write {timings.get('write_s', 0):.1f}s",
     )
@@ -83,7 +84,7 @@ def render_prune(path: str, report: dict) -> None:
         )
     out.print(table)
     for w in report.get("warnings", []):
-        out.print(f"[yellow]warning:[/] {w}")
+        out.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 def _block_of(name: str) -> str:
@@ -107,7 +108,7 @@ def render_sweep(results: list[tuple[str, dict]]) -> None:
             "sequential" if r["sequential"] else "one-shot",
             "yes" if r["bias_update"] else "no",
             f"{r['timings'].get('prune_s', 0):.1f}",
-            path,
+            escape(path),
         )
     out.print(table)
 
@@ -118,7 +119,8 @@ def render_results(results: dict) -> None:
     pattern = f", {results['pattern']}" if results.get("pattern") else ""
     target = results.get("sparsity") or 0.0
     out.print(
-        f"[bold]Results[/] [cyan]{model['spec']}[/] ({model['architecture']}, {model['dtype']}, {results['device']}): "
+        f"[bold]Results[/] [cyan]{escape(model['spec'])}[/] "
+        f"({model['architecture']}, {model['dtype']}, {results['device']}): "
         f"{results['method']}{pattern}, target {100 * target:.1f}% / "
         f"measured {100 * model['measured_sparsity']:.1f}% sparse"
     )
@@ -128,7 +130,12 @@ def render_results(results: dict) -> None:
             table.add_column(col, justify="left" if col == "dataset" else "right")
         for name, r in results["perplexity"].items():
             table.add_row(
-                name, f"{r['ppl']:.4f}", str(r["windows"]), str(r["seqlen"]), str(r["tokens"]), f"{r['seconds']:.1f}"
+                escape(name),
+                f"{r['ppl']:.4f}",
+                str(r["windows"]),
+                str(r["seqlen"]),
+                str(r["tokens"]),
+                f"{r['seconds']:.1f}",
             )
         out.print(table)
     zs = results["zeroshot"]
@@ -143,7 +150,7 @@ def render_results(results: dict) -> None:
 
         for name, e in zs["tasks"].items():
             table.add_row(
-                name,
+                escape(name),
                 pct(e.get("acc")),
                 pct(e.get("acc_stderr")),
                 pct(e.get("acc_norm")),
@@ -160,18 +167,18 @@ def render_comparison(comparison: Comparison) -> None:
     """The comparison table: best value per column in bold green, deltas to the baseline beside each value."""
     from .compare import format_cell
 
-    title = "Comparison" + (f" (deltas against {comparison.baseline})" if comparison.baseline else "")
+    title = "Comparison" + (f" (deltas against {escape(comparison.baseline)})" if comparison.baseline else "")
     table = Table(title=title)
     for col in ("model", "method", "pattern", "target", "achieved"):
         table.add_column(col, justify="left" if col in ("model", "method", "pattern") else "right")
     for c in comparison.columns:
         arrow = "↑" if c.higher_is_better else "↓"
-        table.add_column(f"{c.label} {arrow}", justify="right")
+        table.add_column(f"{escape(c.label)} {arrow}", justify="right")
     for r in comparison.rows:
         cells = [
-            f"[bold]{r.label}[/] [dim](baseline)[/]" if r.is_baseline else r.label,
-            r.method,
-            r.pattern or "",
+            f"[bold]{escape(r.label)}[/] [dim](baseline)[/]" if r.is_baseline else escape(r.label),
+            escape(r.method),
+            escape(r.pattern or ""),
             "" if r.sparsity is None else f"{100 * r.sparsity:.1f}%",
             "" if r.achieved_sparsity is None else f"{100 * r.achieved_sparsity:.1f}%",
         ]
@@ -181,4 +188,4 @@ def render_comparison(comparison: Comparison) -> None:
         table.add_row(*cells)
     out.print(table)
     for note in comparison.notes:
-        out.print(f"[yellow]note:[/] {note}")
+        out.print(f"[yellow]note:[/] {escape(note)}")

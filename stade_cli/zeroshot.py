@@ -204,6 +204,30 @@ def quiet_lm_eval() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextmanager
+def silent_harness() -> Iterator[None]:
+    """No stray lines on stderr while lm_eval runs: it asks `git describe` for the current folder (which prints
+    `fatal: not a git repository` outside one) and draws tqdm bars, as does datasets when it reads a task's
+    JSON; stade's own progress bar counts the requests instead. Restored afterwards."""
+    import functools
+
+    import datasets.utils.logging as ds_logging
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    from tqdm import tqdm
+
+    saved = (lm_eval.evaluator.get_git_commit_hash, lm_eval.api.task.tqdm, ds_logging.is_progress_bar_enabled())
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash, lm_eval.api.task.tqdm = saved[0], saved[1]
+        if saved[2]:
+            ds_logging.enable_progress_bar()
+
+
 def _metric(row: dict[str, Any], name: str) -> tuple[float | None, float | None]:
     value = row.get(f"{name},none", row.get(name))
     stderr = row.get(f"{name}_stderr,none", row.get(f"{name}_stderr"))
@@ -253,15 +277,16 @@ def zero_shot(
         manager = TaskManager(include_path=paths or None, include_defaults=not only_local)
         lm = _with_progress(HFLM)(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         try:
-            raw = simple_evaluate(
-                model=lm,
-                tasks=[t.name for t in tasks],
-                num_fewshot=0,
-                limit=limit,
-                task_manager=manager,
-                log_samples=False,
-                bootstrap_iters=1000,
-            )
+            with silent_harness():
+                raw = simple_evaluate(
+                    model=lm,
+                    tasks=[t.name for t in tasks],
+                    num_fewshot=0,
+                    limit=limit,
+                    task_manager=manager,
+                    log_samples=False,
+                    bootstrap_iters=1000,
+                )
         except StadeError:
             raise
         except Exception as exc:
