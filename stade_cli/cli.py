@@ -82,14 +82,14 @@ def cli_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import click
+        from typer.exceptions import TyperException
 
         from .errors import StadeError, Terminated
 
         previous = _on_sigterm()
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, TyperException):  # usage errors: click's own message and exit 2
             raise
         except StadeError as exc:
             if os.environ.get("STADE_DEBUG"):

@@ -80,7 +80,8 @@ def cause(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = " ".join(str(exc).split()) or type(exc).__name__
-    match = re.search(r'message: "([^"]+)"', text)  # safetensors wraps the OS error in a Rust debug string
+    # safetensors wraps the OS error in Rust's words: '... I/O error: File too large (os error 27)'
+    match = re.search(r'message: "([^"]+)"', text) or re.search(r"([A-Z][^:()]*) \(os error \d+\)", text)
     return match.group(1) if match else text
 
 
