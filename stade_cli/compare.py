@@ -233,16 +233,13 @@ def _row(doc: dict[str, Any]) -> Row:
 
 def _protocol(doc: dict[str, Any], metric: str, name: str) -> str | None:
     """What a result was measured under, where that changes the number: a perplexity's seqlen and window
-    count, a task's item limit, and for a mean, the tasks averaged. Other results: None."""
+    count, a task's item limit. Other results: None."""
     if metric == "ppl":
         entry = (doc.get("perplexity") or {}).get(name) or {}
         return f"seqlen {entry.get('seqlen')}, {entry.get('windows')} windows"
     if metric in ("acc", "acc_norm"):
         zs = doc.get("zeroshot") or {}
-        tag = f"limit {zs['limit']}" if zs.get("limit") else "all items"
-        if name == "mean":
-            tag += " of " + ", ".join(sorted(zs.get("tasks") or {}))
-        return tag
+        return f"limit {zs['limit']}" if zs.get("limit") else "all items"
     return None
 
 

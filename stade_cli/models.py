@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -281,7 +282,10 @@ def vocab_size(model: nn.Module) -> int:
     """Rows of the input embedding: every token id must be below this."""
     get = getattr(model, "get_input_embeddings", None)
     rows = getattr(get() if callable(get) else None, "num_embeddings", None)
-    return int(rows if isinstance(rows, int) else model.config.vocab_size)
+    if isinstance(rows, int):
+        return rows
+    config: Any = model.config
+    return int(config.vocab_size)
 
 
 def max_context(model: nn.Module) -> int | None:

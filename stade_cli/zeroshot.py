@@ -210,20 +210,20 @@ def silent_harness() -> Iterator[None]:
     `fatal: not a git repository` outside one) and draws tqdm bars, as does datasets when it reads a task's
     JSON; stade's own progress bar counts the requests instead. Restored afterwards."""
     import functools
+    import importlib
 
-    import datasets.utils.logging as ds_logging
-    import lm_eval.api.task
-    import lm_eval.evaluator
-    from tqdm import tqdm
-
-    saved = (lm_eval.evaluator.get_git_commit_hash, lm_eval.api.task.tqdm, ds_logging.is_progress_bar_enabled())
-    lm_eval.evaluator.get_git_commit_hash = lambda: None
-    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+    evaluator: Any = importlib.import_module("lm_eval.evaluator")
+    task: Any = importlib.import_module("lm_eval.api.task")
+    ds_logging: Any = importlib.import_module("datasets.utils.logging")
+    tqdm = importlib.import_module("tqdm").tqdm
+    saved = (evaluator.get_git_commit_hash, task.tqdm, ds_logging.is_progress_bar_enabled())
+    evaluator.get_git_commit_hash = lambda: None
+    task.tqdm = functools.partial(tqdm, disable=True)
     ds_logging.disable_progress_bar()
     try:
         yield
     finally:
-        lm_eval.evaluator.get_git_commit_hash, lm_eval.api.task.tqdm = saved[0], saved[1]
+        evaluator.get_git_commit_hash, task.tqdm = saved[0], saved[1]
         if saved[2]:
             ds_logging.enable_progress_bar()
 
