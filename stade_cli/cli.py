@@ -102,6 +102,8 @@ def cli_errors(fn: F) -> F:
         except Exception as exc:
             if os.environ.get("STADE_DEBUG"):
                 raise
+            if isinstance(exc, OSError) and exc.filename:  # the machine's, not a bug: a file that cannot be used
+                _fail(f"{exc.strerror or exc}: {str(exc.filename)!r}", None)
             if _out_of_memory(exc):
                 _fail(
                     f"Out of memory: {_first_line(exc)}",

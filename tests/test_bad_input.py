@@ -374,6 +374,8 @@ CASES = [
          0, (), markup_names, check=names_shown),
     Case("8 markup in an error", "eval '{tmp}/no[/such]' " + ONE,
          1, ("'{tmp}/no[/such]' does not exist",)),
+    Case("8 OS error on an input: one line", "stats show {tmp}/stats",
+         1, ("Is a directory: '{tmp}/stats/manifest.json'",), folder_at("stats/manifest.json")),
     Case("8 sweep summary.json exists", SWEEP + " --out {tmp}/sweep",
          1, ("'{tmp}/sweep/summary.json' already exists",), file_at("sweep/summary.json", b"{}"), UP),
     # 9. smaller
