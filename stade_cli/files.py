@@ -28,15 +28,31 @@ def check_writable(out: Path, force: bool) -> None:
     check_location(out)
 
 
+def _existing_parent(out: Path) -> Path:
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
+def check_space(out: Path, needed: int) -> None:
+    """Refuse, before the work, an output that cannot fit in the free space where it goes."""
+    parent = _existing_parent(out)
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise StadeError(
+            f"{str(out)!r} needs about {needed / 1e9:.2f} GB, but only {free / 1e9:.2f} GB are free there.",
+            "free some space or choose another --out",
+        )
+
+
 def check_location(out: Path) -> None:
     """The folder that will hold `out` must be (or be creatable inside) a writable folder.
 
     The test is a real one: a probe file is created and removed in the nearest existing folder, since
     permission bits say nothing for root or for a read-only mount.
     """
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_parent(out)
     if not parent.is_dir():
         raise StadeError(f"Cannot write {str(out)!r}: {str(parent)!r} is a file, not a folder.", "choose another --out")
     try:

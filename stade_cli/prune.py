@@ -19,7 +19,7 @@ from .blocks import BlockInputs, capture_inputs, iterate_blocks, on_device, run_
 from .checkpoint import Snapshot, bias_plan, finish_biases, save_checkpoint
 from .console import progress
 from .errors import StadeError
-from .files import check_writable, write_json
+from .files import check_space, check_writable, write_json
 from .fingerprint import fingerprint
 from .layers import get_weight, linear_layers, set_weight
 from .masks import Pattern, check_divisible, mask_from_scores, parse_pattern, resolve_sparsity
@@ -287,6 +287,12 @@ def prune_model(
     return report
 
 
+def checkpoint_bytes(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """About what one checkpoint of `model` takes on disk (weights in `dtype`, else their own)."""
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once, as safetensors stores them
+    return sum(p.numel() * (dtype if dtype is not None and p.is_floating_point() else p.dtype).itemsize for p in params)
+
+
 SWEEP_SUMMARY = "summary.json"  # a sweep's index of its checkpoints, in the --out folder
 
 
@@ -316,6 +322,7 @@ def prune_sweep(
         check_writable(p, force)
     model = loaded.model
     check_compatible(model, stats, configs)
+    check_space(out, len(configs) * checkpoint_bytes(model, dtype))
     switches = bias_plan(model, stats, configs)
     snap = Snapshot(model, WeightFiles.find(loaded.path)) if len(configs) > 1 else None
     results = []

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -204,6 +205,12 @@ def no_space(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
     mp.setattr(Path, "write_text", full)
 
 
+def small_disk(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
+    """100 kB free: less than the tiny checkpoint's ~0.5 MB. Pruning must not even start."""
+    mp.setattr("stade_cli.files.shutil.disk_usage", lambda _p: SimpleNamespace(total=10**9, used=10**9, free=100_000))
+    mp.setattr("stade_cli.prune.prune_model", lambda *a, **k: pytest.fail("pruning started"))
+
+
 def markup_names(w: World, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """Names that read as Rich markup ([/x] would raise MarkupError, [red] would vanish); short, to show whole."""
     shutil.copytree(w.model, tmp / "m[/x]")
@@ -298,6 +305,8 @@ CASES = [
          1, ("is not writable",), upfront=UP),
     Case("1 eval --out read-only", EVAL + " --out {ro}/r.json",
          1, ("is not writable",), upfront=UP),
+    Case("1 prune, disk too small: refused before pruning", PRUNE + " --out {tmp}/p",
+         1, ("'{tmp}/p' needs about 0.", "only 0.00 GB are free"), small_disk),
     Case("1 prune, disk full", PRUNE + " --out {tmp}/p",
          1, ("Could not write '{tmp}/p'", "File too large"), around=FULL_64K),
     Case("1 calibrate, disk full", CALIBRATE + " --hessian --out {tmp}/s",
