@@ -107,9 +107,13 @@ def write_error(path: Path, exc: BaseException) -> StadeError:
     )
 
 
-def is_write_error(exc: BaseException) -> bool:
-    """OS errors and safetensors' own (it reports a full disk as SafetensorError)."""
-    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
+def is_write_error(exc: BaseException, folder: Path) -> bool:
+    """An error writing into `folder`: an OS error on a file there (or on no named file, as a full disk's
+    write() gives), or safetensors failing to serialize. Errors reading an input are not: they name it."""
+    if isinstance(exc, OSError):
+        return exc.filename is None or str(exc.filename).startswith(str(folder))
+    text = str(exc)
+    return type(exc).__name__ == "SafetensorError" and "serializ" in text and "deserializ" not in text
 
 
 @contextmanager
@@ -130,7 +134,7 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
         os.replace(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_write_error(exc):
+        if is_write_error(exc, tmp):
             raise write_error(out, exc) from None
         raise
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import StadeError
 from .fingerprint import fingerprint_sample
 from .layers import find_blocks
 
@@ -70,17 +71,23 @@ class WeightFiles:
         Each call maps its files anew, and a mapping lives only as long as the tensors read from it:
         a block's pages leave the resident set with the block, rather than accumulating in one mapping.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.file_of[n], []).append(n)
         out = {}
         for file, keys in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
-                for k in keys:
-                    t = f.get_tensor(k)
-                    out[k] = t.to(dtype) if t.is_floating_point() else t
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for k in keys:
+                        t = f.get_tensor(k)
+                        out[k] = t.to(dtype) if t.is_floating_point() else t
+            except SafetensorError as exc:  # found only now that the blocks are read one at a time
+                raise StadeError(
+                    f"Weights file {str(file)!r} is unreadable: {' '.join(str(exc).split())}.",
+                    "a .safetensors file is truncated or corrupt: copy or download the model again",
+                ) from None
         return out
 
 

@@ -135,6 +135,18 @@ def truncate_weights(folder: Path) -> None:
         f.truncate((folder / "model.safetensors").stat().st_size // 2)
 
 
+def sharded_truncated(w: World, tmp: Path, _mp: pytest.MonkeyPatch) -> None:
+    """The Llama in shards in {tmp}/m, its last shard cut short (a copy interrupted)."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(w.model).save_pretrained(tmp / "m", max_shard_size="150KB")
+    for f in w.model.glob("tokenizer*"):
+        shutil.copy(f, tmp / "m")
+    last = sorted((tmp / "m").glob("model-*.safetensors"))[-1]
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size // 2)
+
+
 def bad_config(folder: Path) -> None:
     (folder / "config.json").write_text('{"model_type": "lla')
 
@@ -355,6 +367,8 @@ CASES = [
          1, ("weights of model '{tmp}/m' are unreadable",), model_copy(truncate_weights)),
     Case("6 calibrate truncated weights", "calibrate {tmp}/m --data {text} --nsamples 2 --seqlen 16 --out {tmp}/s",
          1, ("are unreadable",), model_copy(truncate_weights)),
+    Case("6 calibrate, a shard truncated", "calibrate {tmp}/m --data {text} --nsamples 2 --seqlen 16 --out {tmp}/s",
+         1, ("is unreadable", "model-0000"), sharded_truncated),
     Case("6 parquet text not strings", PARQUET,
          1, ("'text' column holds int64",), parquet([1, 2, 3])),
     Case("6 parquet corrupt", PARQUET,
