@@ -526,6 +526,8 @@ def compare(
         print_json(comparison.to_dict())
     elif markdown or as_csv:
         typer.echo(comparison.to_markdown() if markdown else comparison.to_csv(), nl=False)
+        for note in comparison.notes:  # why columns are apart, or rows without deltas: beside the table, not in it
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     else:
         render_comparison(comparison)
 

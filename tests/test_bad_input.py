@@ -486,6 +486,13 @@ def test_compare_keeps_protocols_and_models_apart(world: World) -> None:
     assert "different protocols" in notes and "qwen2" in notes and "llama" in notes
 
 
+def test_compare_markdown_says_why_beside_the_table(world: World) -> None:
+    res = stade(["compare", str(world.results), "--markdown"])
+    assert res.exit_code == 0, res.output
+    assert "(seqlen 16, 3 windows)" in res.stdout and "(seqlen 32, 3 windows)" in res.stdout
+    assert "note: ppl" in res.stderr and "different protocols" in res.stderr
+
+
 def test_perplexity_overflow_is_inf(world: World) -> None:
     """8: a broken model's mean NLL above 709 overflows math.exp; the perplexity is inf, not a crash."""
     from transformers import AutoModelForCausalLM
