@@ -291,6 +291,7 @@ BIG = torch.tensor([[1, 2, 300, 4]] * 2)  # 300: the tiny models have 260 ids
 NEGATIVE = torch.tensor([[1, 2, -3, 4]] * 2)
 PPL = "stade_cli.evaluate.perplexity"
 BUG = ZeroDivisionError("boom")
+CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 80000000000 bytes.")
 OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 UP = True  # refused before any model is loaded
@@ -391,6 +392,8 @@ CASES = [
     # 8. unexpected errors, markup, a sweep's summary
     Case("8 out of memory: one line, a hint", EVAL + " --out {tmp}/r.json",
          1, ("Out of memory", "CUDA out of memory"), raising(PPL, OOM), check=oom_hint),
+    Case("8 out of main memory: one line, a hint", EVAL + " --out {tmp}/r.json",
+         1, ("Out of memory", "can't allocate memory"), raising(PPL, CPU_OOM), check=oom_hint),
     Case("8 unexpected exception: logged", EVAL + " --out {tmp}/r.json",
          1, ("Unexpected ZeroDivisionError: boom",), raising(PPL, BUG), check=report_logged),
     Case("8 markup in names (works)", MARKUP,
