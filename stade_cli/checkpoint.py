@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "stade.json"
 REPORT_KIND = "stade-prune-report"
+MAX_SHARD_SIZE = "2GB"  # per safetensors shard of a written checkpoint (streaming writes the same shards)
 
 
 def bias_plan(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -> dict[str, bool]:
@@ -97,11 +98,11 @@ def save_checkpoint(
             model.config.dtype = dtype
             try:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-                model.save_pretrained(tmp, max_shard_size="2GB", state_dict=state)
+                model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE, state_dict=state)
             finally:
                 model.config.dtype = own
         else:
-            model.save_pretrained(tmp, max_shard_size="2GB")
+            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         loaded.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         report.timings["write_s"] = round(time.perf_counter() - t0, 3)
         doc = report_dict(loaded, report, stats, device)
@@ -121,6 +122,7 @@ def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, dev
         "bias_update": c.bias_update and any(r.bias_updated for r in report.layers),
         "sequential": c.sequential,
         "seed": c.seed,
+        "route": report.route,
         "model": {"spec": loaded.spec, "path": loaded.path},
         "statistics": {
             "path": str(stats.path),

@@ -321,8 +321,9 @@ def prune(
     from .files import check_apart, check_writable
     from .masks import parse_pattern
     from .models import load_model, parse_dtype, resolve_device
-    from .prune import SWEEP_SUMMARY, PruneConfig, output_paths, prune_sweep
+    from .prune import SWEEP_SUMMARY, PruneConfig, output_paths
     from .stats import Statistics
+    from .streaming import prune_checkpoints
     from .tables import render_prune, render_sweep
 
     ratios: list[float | None] = [None]
@@ -345,9 +346,11 @@ def prune(
     stats_art = Statistics.load(stats)
     dev = resolve_device(device)
     # The checkpoint's own dtype: scores are computed in float32 anyway, and the output keeps the source's dtype.
-    loaded = load_model(model, "auto", dev, str(cache_dir) if cache_dir else None)
-    results = prune_sweep(
-        loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size
+    # Blocks stay on disk and stream through one at a time where the checkpoint allows (see streaming.py).
+    loaded = load_model(model, "auto", dev, str(cache_dir) if cache_dir else None, lazy=True)
+    cache = str(cache_dir) if cache_dir else None
+    results = prune_checkpoints(
+        loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size, cache
     )
     if as_json:
         print_json(

@@ -178,7 +178,74 @@ SAFETENSORS_DTYPES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
+# safetensors' dtype enum, in its order: a file lists its tensors from the last of these to the first, then by name.
+_ENUM_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+
+
+def _write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The tensor's little-endian bytes on the CPU, without a copy where it is already there and contiguous."""
+    t = tensor.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class PlannedSafetensors:
+    """A safetensors file whose every tensor is known (name, dtype, shape) before any is written.
+
+    The header goes first and each tensor is written at its offset whenever it comes, in any order:
+    no side file and no copy. The layout is the one `safetensors.torch.save_file` writes (larger
+    dtypes first, then by name, the header padded to 8 bytes), so the file is byte for byte the same.
+    """
+
+    def __init__(
+        self, path: Path, entries: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None = None
+    ) -> None:
+        self.path = path
+        order = sorted(entries, key=lambda n: (-_ENUM_ORDER.index(SAFETENSORS_DTYPES[entries[n][0]]), n))
+        header: dict[str, dict] = {"__metadata__": metadata} if metadata is not None else {}
+        self.slots: dict[str, tuple[int, int, torch.dtype, list[int]]] = {}
+        offset = 0
+        for name in order:
+            dtype, shape = entries[name]
+            size = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.slots[name] = (offset, size, dtype, list(shape))
+            offset += size
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        self._base = 8 + len(head)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        _write_at(self._fd, struct.pack("<Q", len(head)) + head, 0)
+        os.ftruncate(self._fd, self._base + offset)
+        self._missing = set(entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, size, dtype, shape = self.slots[name]
+        if tensor.dtype != dtype or list(tensor.shape) != shape:
+            raise ValueError(f"{name}: planned {dtype} {shape}, got {tensor.dtype} {list(tensor.shape)}")
+        _write_at(self._fd, _raw(tensor), self._base + offset)
+        self._missing.discard(name)
+
+    def close(self) -> None:
+        """Flush and close; every planned tensor must have been written."""
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        if self._missing:
+            raise ValueError(f"{self.path.name}: {len(self._missing)} tensors never written, e.g. {min(self._missing)}")
 
 
 class SafetensorsWriter:

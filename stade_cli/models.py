@@ -119,6 +119,11 @@ def resolve_model(spec: str) -> str:
     if path.exists():
         if not path.is_dir():
             raise StadeError(f"{spec!r} is a file, not a model.", "give a model folder, a .gguf file or a hub id")
+        if path.name.endswith(".incomplete"):
+            raise StadeError(
+                f"{spec!r} is the unfinished output of an interrupted run, not a model.",
+                "re-run the command that writes it (its final folder appears only when it completes)",
+            )
         if not (path / "config.json").exists():
             raise StadeError(
                 f"{spec!r} is not a model folder: it has no config.json.",

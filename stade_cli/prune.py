@@ -92,6 +92,7 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    route: str = "in-memory"  # how the checkpoint was written: "streaming" (block by block) or "in-memory"
 
     @property
     def achieved_sparsity(self) -> float:
@@ -204,15 +205,25 @@ def _add_bias(mod: nn.Module, db: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def check_compatible(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -> None:
-    """Everything that can be wrong is found here, before any weight changes."""
-    recorded = stats.manifest["model"]["fingerprint"]
-    if recorded != fingerprint(model):
+def check_fingerprint(stats: Statistics, model_fingerprint: str) -> None:
+    if stats.manifest["model"]["fingerprint"] != model_fingerprint:
         raise StadeError(
             f"The statistics in {str(stats.path)!r} were computed on another model "
             f"({stats.manifest['model']['spec']!r}; weights fingerprint differs).",
             "run `stade calibrate` on this model",
         )
+
+
+def check_compatible(
+    model: nn.Module, stats: Statistics, configs: list[PruneConfig], weights_in_memory: bool = True
+) -> None:
+    """Everything that can be wrong is found here, before any weight changes.
+
+    A model whose blocks stay on disk (streaming) has its fingerprint checked by the caller once
+    every block has been read, before any output is committed.
+    """
+    if weights_in_memory:
+        check_fingerprint(stats, fingerprint(model))
     layers = stats.layers
     for i, prefix, block in iterate_blocks(model):
         for name, mod in linear_layers(block).items():
@@ -245,6 +256,25 @@ def _one_shot_stats(stats: Statistics, config: PruneConfig, device: torch.device
     return lambda _name, full: stats.layer(full, hessian=hessian, device=device)
 
 
+def prune_step(
+    prefix: str, block: nn.Module, stats: Statistics, config: PruneConfig, device: torch.device, inputs: BlockInputs | None
+) -> list[LayerReport]:
+    """Prune one block (already on `device`). With `inputs` (sequential), recalibrate it on them first,
+    then advance them to the pruned block's outputs, which feed the next block."""
+    if inputs is None:
+        return prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
+    collector = BlockCollector(block, linear_layers(block), device, "hessian" in config.metric.needs)
+    try:
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+            run_block(block, BlockInputs([h], [a], [k]), device)
+            collector.end_batch()
+    finally:
+        collector.remove()
+    reports = prune_block(prefix, block, _sequential_stats(collector), config, device)
+    inputs.hidden = run_block(block, inputs, device)
+    return reports
+
+
 def prune_model(
     loaded: LoadedModel,
     stats: Statistics,
@@ -266,19 +296,7 @@ def prune_model(
         task = bar.add_task(f"{config.name}{' (sequential)' if config.sequential else ''}", total=len(blocks), info="")
         for _i, prefix, block in blocks:
             with on_device(loaded, prefix, block, device):
-                if recalibrate:
-                    assert inputs is not None
-                    collector = BlockCollector(block, linear_layers(block), device, "hessian" in config.metric.needs)
-                    try:
-                        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-                            run_block(block, BlockInputs([h], [a], [k]), device)
-                            collector.end_batch()
-                    finally:
-                        collector.remove()
-                    report.layers += prune_block(prefix, block, _sequential_stats(collector), config, device)
-                    inputs.hidden = run_block(block, inputs, device)  # the pruned block feeds the next one
-                else:
-                    report.layers += prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
+                report.layers += prune_step(prefix, block, stats, config, device, inputs if recalibrate else None)
             bar.advance(task)
     report.timings["prune_s"] = round(time.perf_counter() - t0, 3)
     for r in report.layers:
@@ -312,8 +330,12 @@ def prune_sweep(
     force: bool = False,
     dtype: torch.dtype | None = None,
     batch_size: int = 8,
+    route_note: str | None = None,
 ) -> list[tuple[Path, dict[str, Any]]]:
-    """Prune once per config from one loaded model and one statistics artifact; returns (path, stade.json)."""
+    """Prune once per config from one loaded model and one statistics artifact; returns (path, stade.json).
+
+    `route_note` says why this model is pruned in memory rather than streamed (recorded in stade.json).
+    """
     out = Path(out)
     if len(set(configs)) != len(configs):
         raise StadeError("The sweep names the same combination twice.", "remove the duplicate method/pattern/ratio")
@@ -330,21 +352,17 @@ def prune_sweep(
         if idx and snap:
             snap.restore()
         report = prune_model(loaded, stats, config, device, batch_size)
+        if route_note:
+            report.warnings.append(route_note)
         finish_biases(model, switches if any(r.bias_updated for r in report.layers) else {})
         results.append((paths[config], save_checkpoint(loaded, report, stats, paths[config], force, device, dtype)))
     if snap:
         snap.restore()
-        write_json(
-            out / SWEEP_SUMMARY,
-            {
-                "kind": "stade-prune-sweep",
-                "runs": [
-                    {
-                        "path": str(p),
-                        **{k: r[k] for k in ("method", "pattern", "sparsity", "achieved_sparsity", "sequential")},
-                    }
-                    for p, r in results
-                ],
-            },
-        )
+        write_json(out / SWEEP_SUMMARY, sweep_summary(results))
     return results
+
+
+def sweep_summary(results: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+    """summary.json of a sweep: one line per checkpoint."""
+    keys = ("method", "pattern", "sparsity", "achieved_sparsity", "sequential")
+    return {"kind": "stade-prune-sweep", "runs": [{"path": str(p), **{k: r[k] for k in keys}} for p, r in results]}
