@@ -97,7 +97,7 @@ def save_checkpoint(
             own = model.config.dtype
             model.config.dtype = dtype
             try:
-                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+                state = _converted(model.state_dict(), dtype)
                 model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE, state_dict=state)
             finally:
                 model.config.dtype = own
@@ -108,6 +108,21 @@ def save_checkpoint(
         doc = report_dict(loaded, report, stats, device)
         write_json(tmp / REPORT_FILE, doc)
     return doc
+
+
+def _converted(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict in `dtype`, tied tensors (one storage) still one tensor, so that they are saved once."""
+    done: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = v
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in done:
+            done[key] = v.to(dtype)
+        out[k] = done[key]
+    return out
 
 
 def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, device: torch.device) -> dict[str, Any]:

@@ -220,7 +220,11 @@ class PlannedSafetensors:
         for name in order:
             dtype, shape = entries[name]
             size = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self.slots[name] = (offset, size, dtype, list(shape))
             offset += size
         head = json.dumps(header, separators=(",", ":")).encode()

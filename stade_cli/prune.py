@@ -257,7 +257,12 @@ def _one_shot_stats(stats: Statistics, config: PruneConfig, device: torch.device
 
 
 def prune_step(
-    prefix: str, block: nn.Module, stats: Statistics, config: PruneConfig, device: torch.device, inputs: BlockInputs | None
+    prefix: str,
+    block: nn.Module,
+    stats: Statistics,
+    config: PruneConfig,
+    device: torch.device,
+    inputs: BlockInputs | None,
 ) -> list[LayerReport]:
     """Prune one block (already on `device`). With `inputs` (sequential), recalibrate it on them first,
     then advance them to the pruned block's outputs, which feed the next block."""

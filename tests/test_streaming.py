@@ -1,0 +1,178 @@
+"""Streaming prune writes the very checkpoint the in-memory route writes; a killed run leaves nothing complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stade_cli.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+RUN_CLI = "from stade_cli.cli import main; main()"
+# The same CLI with every streamed block slowed down, so that a test can kill it mid-run.
+RUN_SLOW_CLI = (
+    "import time, stade_cli.streaming as s; f = s._prune_into; "
+    "s._prune_into = lambda *a: (time.sleep(0.4), f(*a))[1]; " + RUN_CLI
+)
+
+
+def files_digest(folder: Path, skip: tuple[str, ...] = ("stade.json", "summary.json")) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
+
+
+def save_model(family: str, path: Path, tied: bool = False, layers: int = 2) -> Path:
+    from conftest import tiny_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family)
+    cfg.tie_word_embeddings = tied
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def calibrate_cli(model: Path, out: Path) -> Path:
+    args = ["calibrate", model, "--data", "sample-news", "--nsamples", 4, "--seqlen", 32, "--device", "cpu"]
+    res = runner.invoke(app, [str(a) for a in [*args, "--hessian", "--out", out]])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.parametrize(
+    ("family", "tied", "dtype", "shard"),
+    [("llama", False, None, "40KB"), ("qwen2", True, torch.bfloat16, "30KB"), ("llama", False, None, "2GB")],
+)
+def test_streaming_writes_the_in_memory_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, tied: bool, dtype: torch.dtype | None, shard: str
+) -> None:
+    """A sweep (bias update, 2:4 sparsegpt, sequential wanda) streamed and in memory: the same files, byte for byte."""
+    import stade_cli.checkpoint as checkpoint
+    from stade_cli.models import load_model
+    from stade_cli.prune import PruneConfig, prune_sweep
+    from stade_cli.stats import Statistics
+    from stade_cli.streaming import stream_sweep
+
+    monkeypatch.setattr(checkpoint, "MAX_SHARD_SIZE", shard)
+    model = save_model(family, tmp_path / "m", tied)
+    stats = Statistics.load(calibrate_cli(model, tmp_path / "stats"))
+    bias = family == "llama"  # Qwen2 has no switch for o_proj/down_proj biases
+    configs = [
+        PruneConfig("stade", 0.5, bias_update=bias),
+        PruneConfig("sparsegpt", None, "2:4"),
+        PruneConfig("wanda", 0.5, sequential=True),
+    ]
+    cpu = torch.device("cpu")
+    memory = prune_sweep(load_model(str(model), "auto", cpu), stats, configs, tmp_path / "mem", cpu, dtype=dtype)
+    lazy = load_model(str(model), "auto", cpu, lazy=True)
+    assert lazy.lazy
+    streamed = stream_sweep(lazy, stats, configs, tmp_path / "str", cpu, dtype=dtype)
+    a, b = files_digest(tmp_path / "mem"), files_digest(tmp_path / "str")
+    assert a == b
+    shards = [n for n in a if n.endswith(".safetensors")]
+    assert len(shards) > 3 if shard != "2GB" else len(shards) == 3
+    assert any(n.endswith("index.json") for n in a) == (shard != "2GB")
+    for (_, ra), (_, rb) in zip(memory, streamed, strict=True):
+        assert (ra["route"], rb["route"]) == ("in-memory", "streaming")
+        for key in ("layers", "achieved_sparsity", "bias_update", "statistics"):
+            assert ra[key] == rb[key]
+    if bias:
+        cfg = json.loads((tmp_path / "str" / configs[0].name / "config.json").read_text())
+        assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
+    if tied:
+        index = json.loads((tmp_path / "str" / configs[0].name / "model.safetensors.index.json").read_text())
+        assert "lm_head.weight" not in index["weight_map"]
+
+
+def test_streamed_checkpoint_gives_the_pruned_models_logits(tmp_path: Path) -> None:
+    """Reloaded with plain transformers, the streamed checkpoint computes what the pruned model in memory computes."""
+    from transformers import AutoModelForCausalLM
+
+    from stade_cli.models import load_model
+    from stade_cli.prune import PruneConfig, prune_sweep
+    from stade_cli.stats import Statistics
+
+    model = save_model("llama", tmp_path / "m")
+    stats_dir = calibrate_cli(model, tmp_path / "stats")
+    stats = Statistics.load(stats_dir)
+    cpu = torch.device("cpu")
+    loaded = load_model(str(model), "float32", cpu)
+    prune_sweep(loaded, stats, [PruneConfig("stade", 0.5)], tmp_path / "mem", cpu)
+    res = runner.invoke(
+        app,
+        [str(a) for a in ["prune", model, "--stats", stats_dir, "--method", "stade", "--sparsity", 0.5]]
+        + ["--device", "cpu", "--out", str(tmp_path / "str")],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "str" / "stade.json").read_text())["route"] == "streaming"
+    ids = stats.token_ids()[:2]
+    with torch.no_grad():
+        expected = loaded.model(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "str", dtype=torch.float32)(ids).logits
+    assert torch.equal(expected, got)
+
+
+def test_checkpoint_not_in_safetensors_is_pruned_in_memory_and_says_so(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    dense = save_model("llama", tmp_path / "m")
+    stats = calibrate_cli(dense, tmp_path / "stats")
+    bin_model = tmp_path / "bin"
+    bin_model.mkdir()
+    torch.save(AutoModelForCausalLM.from_pretrained(dense).state_dict(), bin_model / "pytorch_model.bin")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (bin_model / f).write_bytes((dense / f).read_bytes())
+    assert not list(bin_model.glob("*.safetensors"))
+    args = ["prune", bin_model, "--stats", stats, "--method", "wanda", "--sparsity", 0.5, "--device", "cpu"]
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "o"]])
+    assert res.exit_code == 0, res.output
+    assert "pruned in memory" in res.output
+    report = json.loads((tmp_path / "o" / "stade.json").read_text())
+    assert report["route"] == "in-memory" and any("in memory" in w for w in report["warnings"])
+
+
+@pytest.mark.slow
+def test_killed_streaming_prune_leaves_nothing_complete_and_reruns(tmp_path: Path) -> None:
+    """SIGKILL mid-run: no final folder, the .incomplete one is refused as a model; the same command then works."""
+    model = save_model("llama", tmp_path / "m", layers=6)
+    stats = calibrate_cli(model, tmp_path / "stats")
+    out = tmp_path / "pruned"
+    args = ["prune", str(model), "--stats", str(stats), "--method", "wanda", "--sparsity", "0.5"]
+    args += ["--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", RUN_SLOW_CLI, *args], cwd=ROOT, env=env)
+    partial = out.with_name(out.name + ".incomplete")
+    deadline = time.monotonic() + 120
+    while not (partial / "model.safetensors").exists():
+        assert child.poll() is None, "the prune ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # a block or two into the run
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    assert not out.exists() and partial.exists()
+    res = runner.invoke(app, ["eval", str(partial), "--out", str(tmp_path / "r.json"), "--tasks", "none"])
+    assert res.exit_code == 1 and "interrupted run" in res.output
+    rerun = subprocess.run([sys.executable, "-c", RUN_CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not partial.exists()
+    assert json.loads((out / "stade.json").read_text())["route"] == "streaming"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
