@@ -13,9 +13,11 @@ from .console import progress
 from .data import calibration_windows, check_token_ids
 from .errors import StadeError
 from .files import SafetensorsWriter, atomic_dir, check_writable
-from .layers import linear_layers
+from .layers import in_features, linear_layers
 from .models import LoadedModel, config_summary, max_context, vocab_size
 from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, BlockCollector, Statistics, library_versions
+
+HESSIAN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class CalibrationConfig:
     seed: int = 0
     hessian: bool = False
     batch_size: int = 8
+    hessian_dtype: str = "float32"  # how Hessians are stored; accumulated and solved in float32 whatever this is
 
     def __post_init__(self) -> None:
         if self.nsamples is not None and self.nsamples < 1:
@@ -34,6 +37,10 @@ class CalibrationConfig:
             raise StadeError(f"--seqlen must be at least 2, got {self.seqlen}.")
         if self.batch_size < 1:
             raise StadeError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise StadeError(
+                f"--hessian-dtype {self.hessian_dtype!r} is not supported.", f"use one of {', '.join(HESSIAN_DTYPES)}"
+            )
 
 
 def default_seqlen(model: torch.nn.Module) -> int:
@@ -74,8 +81,9 @@ def calibrate(
     n, length = windows.input_ids.shape
     with atomic_dir(out, force) as tmp:
         # Each block's Hessians go to disk as soon as the block is done: they need not fit in memory.
-        hessians = SafetensorsWriter(tmp / HESSIAN_FILE) if config.hessian else None
-        tensors, layers, t_run = collect(loaded, windows.input_ids, device, hessians, config.batch_size)
+        hdtype = HESSIAN_DTYPES[config.hessian_dtype]
+        hessians = SafetensorsWriter(tmp / HESSIAN_FILE, hessian_room(model, hdtype)) if config.hessian else None
+        tensors, layers, t_run = collect(loaded, windows.input_ids, device, hessians, config.batch_size, hdtype)
         if hessians is not None:
             hessians.close()
         manifest = {
@@ -100,6 +108,7 @@ def calibrate(
                 "notes": windows.notes,
             },
             "statistics": ["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
+            **({"hessian_dtype": config.hessian_dtype, "hessian_sha256": hessians.hashes} if hessians else {}),
             "count": n * length,
             "layers": layers,
             "timings": {"data_s": round(t_data, 3), "calibrate_s": round(t_run, 3)},
@@ -108,12 +117,23 @@ def calibrate(
     return Statistics(out, manifest)
 
 
+def hessian_room(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Header room for the Hessians: one per linear layer at most (layers sharing an input share one)."""
+    entries = {}
+    for _i, prefix, block in iterate_blocks(model):
+        for name, mod in linear_layers(block).items():
+            n = in_features(mod)
+            entries[f"{prefix}.{name}"] = (dtype, [n, n])
+    return SafetensorsWriter.room_for(entries)
+
+
 def collect(
     loaded: LoadedModel,
     input_ids: torch.Tensor,
     device: torch.device,
     hessians: SafetensorsWriter | None,
     batch_size: int,
+    hessian_dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], list[dict], float]:
     """One dense pass, block by block: every linear layer's input statistics (Hessians into `hessians`)."""
     model = loaded.model
@@ -146,7 +166,8 @@ def collect(
                     tensors[f"{group}.mean"] = st.mean.cpu()
                     tensors[f"{group}.m2"] = st.m2.cpu()
                     if hessians is not None:
-                        hessians.add(group, st.hessian)  # type: ignore[arg-type]
+                        assert st.hessian is not None
+                        hessians.add(group, st.hessian.to(hessian_dtype))
                 shape = list(mod.weight.shape) if type(mod).__name__ != "Conv1D" else list(mod.weight.shape)[::-1]
                 layers.append({"name": full, "block": i, "shape": shape, "fed_by_norm": st.fed_by_norm, "group": group})
             rate = tokens * (i + 1) / n_blocks / max(time.perf_counter() - t0, 1e-9)

@@ -118,7 +118,7 @@ def _converted(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, 
         if not v.is_floating_point():
             out[k] = v
             continue
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        key = (v.untyped_storage().data_ptr(), int(v.storage_offset()), tuple(v.shape))
         if key not in done:
             done[key] = v.to(dtype)
         out[k] = done[key]

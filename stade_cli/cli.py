@@ -218,6 +218,12 @@ def calibrate(
     hessian: Annotated[
         bool, typer.Option("--hessian", help="Also keep the second-moment matrices sparsegpt needs.")
     ] = False,
+    hessian_dtype: Annotated[
+        str,
+        typer.Option(
+            "--hessian-dtype", help="float32 or bfloat16 (half the disk); SparseGPT solves in float32 either way."
+        ),
+    ] = "float32",
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
@@ -243,6 +249,7 @@ def calibrate(
         seed=seed,
         hessian=hessian,
         batch_size=batch_size,
+        hessian_dtype=hessian_dtype,
     )
     check_writable(out, force)
     check_apart(out, [("the model", model), ("the --data file", data)])
@@ -348,9 +355,8 @@ def prune(
     # The checkpoint's own dtype: scores are computed in float32 anyway, and the output keeps the source's dtype.
     # Blocks stay on disk and stream through one at a time where the checkpoint allows (see streaming.py).
     loaded = load_model(model, "auto", dev, str(cache_dir) if cache_dir else None, lazy=True)
-    cache = str(cache_dir) if cache_dir else None
     results = prune_checkpoints(
-        loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size, cache
+        loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size
     )
     if as_json:
         print_json(

@@ -198,7 +198,7 @@ def _write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
 def _raw(tensor: torch.Tensor) -> memoryview:
     """The tensor's little-endian bytes on the CPU, without a copy where it is already there and contiguous."""
     t = tensor.detach().to("cpu").contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 class PlannedSafetensors:
@@ -236,7 +236,7 @@ class PlannedSafetensors:
         self._missing = set(entries)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        offset, size, dtype, shape = self.slots[name]
+        offset, _size, dtype, shape = self.slots[name]
         if tensor.dtype != dtype or list(tensor.shape) != shape:
             raise ValueError(f"{name}: planned {dtype} {shape}, got {tensor.dtype} {list(tensor.shape)}")
         _write_at(self._fd, _raw(tensor), self._base + offset)
@@ -253,34 +253,51 @@ class PlannedSafetensors:
 
 
 class SafetensorsWriter:
-    """A safetensors file written one tensor at a time, so that only the tensor being added is in memory.
+    """A safetensors file written one tensor at a time, in place: only the tensor being added is in memory,
+    and the file is written once (no side file, no copy). A 13B model's Hessians are 40+ GB.
 
-    The data go to a side file as they come; `close()` writes the header (which needs every offset)
-    and appends the data behind it. A 13B model's Hessians are 40+ GB: they cannot wait in memory.
+    The header goes first, but which tensors come is known only as they come (a block's layers that share
+    an input share one tensor). So room for the largest header they could need is kept at the start,
+    the data follow it as they come, and `close()` writes the header there, padded with spaces as
+    safetensors itself pads. `hashes` has each tensor's sha256, for checking one tensor as it is read.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, header_room: int) -> None:
         self.path = path
-        self._data_path = path.with_name(path.name + ".data")
-        self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed in close()
+        self._room = header_room + (-header_room % 8)
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.seek(8 + self._room)
         self._header: dict[str, dict] = {}
         self._offset = 0
+        self.hashes: dict[str, str] = {}
+
+    @staticmethod
+    def room_for(entries: dict[str, tuple[torch.dtype, list[int]]]) -> int:
+        """Header bytes that any subset of these tensors, written in any order, fits in."""
+        big = 10**18  # offsets never have more digits than this
+        header = {
+            n: {"dtype": SAFETENSORS_DTYPES[d], "shape": list(s), "data_offsets": [big, big]}
+            for n, (d, s) in entries.items()
+        }
+        return len(json.dumps(header, separators=(",", ":")).encode())
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().to("cpu").contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # little-endian bytes, any dtype
-        end = self._offset + len(raw)
-        entry = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, end]}
+        raw = _raw(tensor)
+        end = self._offset + raw.nbytes
+        entry = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, end],
+        }
         self._header[name] = entry
-        self._data.write(raw)
+        self._file.write(raw)
+        self.hashes[name] = hashlib.sha256(raw).hexdigest()
         self._offset = end
 
     def close(self) -> None:
-        self._data.close()
         head = json.dumps(self._header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)  # the data start 8-byte aligned, as safetensors itself writes them
-        with open(self.path, "wb") as f, open(self._data_path, "rb") as data:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            shutil.copyfileobj(data, f, 1 << 24)
-        self._data_path.unlink()
+        if len(head) > self._room:
+            raise ValueError(f"{self.path.name}: header of {len(head)} bytes exceeds the {self._room} kept for it")
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", self._room) + head + b" " * (self._room - len(head)))
+        self._file.close()

@@ -157,6 +157,7 @@ class LoadedModel:
     path: str
     files: WeightFiles | None = None  # set when the blocks are read from disk one at a time (lazy)
     block_samples: dict[str, bytes] = field(default_factory=dict)  # fingerprint parts of lazily read blocks
+    cache_dir: str | None = None  # where a hub model's files were fetched; later reads of them look there too
 
     @property
     def dtype(self) -> torch.dtype:
@@ -261,7 +262,7 @@ def load_model(
         ) from None
     model.eval()
     find_blocks(model)  # fail early on architectures without a layer list
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, files=files)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, files=files, cache_dir=cache_dir)
 
 
 def quiet_transformers() -> None:

@@ -351,7 +351,7 @@ def prune_sweep(
     check_compatible(model, stats, configs)
     check_space(out, len(configs) * checkpoint_bytes(model, dtype))
     switches = bias_plan(model, stats, configs)
-    snap = Snapshot(model, WeightFiles.find(loaded.path)) if len(configs) > 1 else None
+    snap = Snapshot(model, WeightFiles.find(loaded.path, loaded.cache_dir)) if len(configs) > 1 else None
     results = []
     for idx, config in enumerate(configs):
         if idx and snap:

@@ -188,6 +188,8 @@ class Statistics:
     manifest: dict[str, Any]
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _recent: tuple[tuple, tuple] | None = field(default=None, repr=False)
+    _hash_on_read: bool = field(default=False, repr=False)
+    _hashed: set[str] = field(default_factory=set, repr=False)
 
     # -- reading
     @classmethod
@@ -204,26 +206,48 @@ class Statistics:
                 "upgrade stade",
             )
         check_manifest(path, manifest)
-        stats = cls(path, manifest)
+        stats = cls(path, manifest, _hash_on_read=verify)
         if verify:
             stats.verify()
         return stats
 
     def verify(self) -> None:
-        """Every data file must exist with the size and hash the manifest recorded (catches truncation)."""
+        """Every data file must exist with the size the manifest recorded (catches truncation at once).
+
+        Hashes are checked as files are read (`_check_hash`): a 70B model's Hessians are hundreds of GB,
+        and a run that does not read them (wanda) must not hash them.
+        """
         for fname, meta in self.manifest["files"].items():
             f = self.path / fname
             if not f.exists():
                 raise StadeError(f"Statistics file {str(f)!r} is missing.", "re-run `stade calibrate`")
-            if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
+            if f.stat().st_size != meta["bytes"]:
                 raise StadeError(
-                    f"Statistics file {str(f)!r} is corrupted or truncated (its hash differs from the manifest's).",
+                    f"Statistics file {str(f)!r} is corrupted or truncated: {f.stat().st_size} bytes, the manifest "
+                    f"says {meta['bytes']}.",
                     "re-run `stade calibrate --force`",
                 )
+
+    def _corrupted(self, what: str) -> StadeError:
+        return StadeError(
+            f"Statistics file {what} is corrupted (its hash differs from the manifest's).",
+            "re-run `stade calibrate --force`",
+        )
+
+    def _check_hash(self, fname: str) -> None:
+        """The file's hash, checked once, the first time this run reads from it."""
+        if not self._hash_on_read or fname in self._hashed:
+            return
+        f = self.path / fname
+        if sha256_file(f) != self.manifest["files"][fname]["sha256"]:
+            raise self._corrupted(repr(str(f)))
+        self._hashed.add(fname)
 
     def _open(self, fname: str) -> Any:
         if fname not in self._handles:
             from safetensors import safe_open
+
+            self._check_hash(fname)
 
             try:
                 self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
@@ -239,12 +263,20 @@ class Statistics:
         be far larger than the model)."""
         from safetensors import safe_open
 
+        per_tensor = self.manifest.get("hessian_sha256")
+        if per_tensor is None:
+            self._check_hash(HESSIAN_FILE)  # an artifact from before per-tensor hashes: the whole file, once
         try:
             with safe_open(str(self.path / HESSIAN_FILE), framework="pt") as f:
-                return f.get_tensor(group).clone()
+                h = f.get_tensor(group).clone()
         except Exception as exc:
             hint = "re-run `stade calibrate --force`"
             raise StadeError(f"Cannot read {self.path / HESSIAN_FILE}: {exc}", hint) from None
+        if self._hash_on_read and per_tensor is not None:
+            raw = h.contiguous().reshape(-1).view(torch.uint8).numpy().data
+            if hashlib.sha256(raw).hexdigest() != per_tensor.get(group):
+                raise self._corrupted(f"{str(self.path / HESSIAN_FILE)!r} (Hessian {group})")
+        return h.float()  # stored in float32 or bfloat16; SparseGPT solves in float32 either way
 
     @property
     def has_hessian(self) -> bool:

@@ -54,7 +54,6 @@ def prune_checkpoints(
     force: bool = False,
     dtype: torch.dtype | None = None,
     batch_size: int = 8,
-    cache_dir: str | None = None,
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Prune and write every config's checkpoint: streaming where the model was loaded lazily, else in memory
     (said on stderr and recorded in stade.json as `route`)."""
@@ -67,7 +66,7 @@ def prune_checkpoints(
         except NotStreamable as exc:  # raised before any output exists
             reason = f"{exc}, so it is pruned in memory (the whole model in host RAM)"
             spec = loaded.spec
-            loaded = load_model(loaded.path, loaded.dtype, "cpu", cache_dir)
+            loaded = load_model(loaded.path, loaded.dtype, "cpu", loaded.cache_dir)
             loaded.spec = spec
     err.print(f"[yellow]Note:[/] {reason}.", highlight=False, soft_wrap=True)
     return prune_sweep(loaded, stats, configs, out, device, force, dtype, batch_size, route_note=reason)
@@ -99,7 +98,7 @@ def uses_bias(stats: Statistics, config: PruneConfig) -> bool:
     )
 
 
-def plan_layout(model: nn.Module, switches: dict[str, bool], dtype: torch.dtype | None) -> Layout:
+def plan_layout(model: Any, switches: dict[str, bool], dtype: torch.dtype | None) -> Layout:
     """What save_pretrained writes for `model` pruned with these bias switches: names (tied copies dropped,
     biases the switched config expects added after their weights), dtypes, shapes, shards and index."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -129,9 +128,9 @@ def plan_layout(model: nn.Module, switches: dict[str, bool], dtype: torch.dtype 
     # lazy model's names are the checkpoint's own, i.e. none applied, which from_pretrained records as [].
     unset = not hasattr(model, "_weight_conversions")
     if unset:
-        model._weight_conversions = []  # type: ignore[assignment]
+        model._weight_conversions = []
     try:
-        reverted = revert_weight_conversion(model, dict(meta_state))  # type: ignore[arg-type]
+        reverted = revert_weight_conversion(model, dict(meta_state))
     finally:
         if unset:
             del model._weight_conversions
@@ -144,7 +143,7 @@ def plan_layout(model: nn.Module, switches: dict[str, bool], dtype: torch.dtype 
     )
     index = None
     if split.is_sharded:
-        total = int(model.num_parameters()) + added  # type: ignore[operator]
+        total = int(model.num_parameters()) + added
         index = {"metadata": {"total_parameters": total, **split.metadata}, "weight_map": split.tensor_to_filename}
     return Layout(entries, dict(split.filename_to_tensors), index)
 
@@ -165,7 +164,7 @@ class CheckpointWriter:
         self.shards[self.file_of[name]].write(name, tensor.detach().to(dtype))
 
     def write_block(self, prefix: str, block: nn.Module) -> None:
-        """Every tensor of the output under `prefix`; a bias the switched config expects but the block lacks is zeros."""
+        """Every output tensor under `prefix`; a bias the switched config expects but the block lacks is zeros."""
         state = block.state_dict()
         for name, (dtype, shape) in self.layout.entries.items():
             if not name.startswith(prefix + "."):
@@ -186,18 +185,18 @@ class CheckpointWriter:
             (self.folder / "model.safetensors.index.json").write_text(text)
 
 
-def write_config(model: nn.Module, folder: Path, switches: dict[str, bool]) -> None:
+def write_config(model: Any, folder: Path, switches: dict[str, bool]) -> None:
     """config.json and generation_config.json as save_pretrained writes them, with these bias switches set."""
     cfg = model.config
     own = {k: getattr(cfg, k) for k in switches}
     for k, v in switches.items():
         setattr(cfg, k, v)
     try:
-        cfg.dtype = str(model.dtype).split(".")[1]  # type: ignore[attr-defined]
+        cfg.dtype = str(model.dtype).split(".")[1]
         cfg.architectures = [type(model).__name__]
         cfg.save_pretrained(folder)
-        if model.can_generate():  # type: ignore[operator]
-            model.generation_config.save_pretrained(folder)  # type: ignore[union-attr,operator]
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder)
     finally:
         for k, v in own.items():
             setattr(cfg, k, v)
@@ -308,4 +307,4 @@ def _prune_into(
 def _drop_added_biases(block: nn.Module, biased: set[str]) -> None:
     for name, mod in block.named_modules():
         if isinstance(mod, nn.Linear) and mod.bias is not None and name not in biased:
-            mod.bias = None
+            mod.register_parameter("bias", None)

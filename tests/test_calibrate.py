@@ -209,13 +209,19 @@ def test_streamed_safetensors_file_reads_back(tmp_path: Path) -> None:
         "d.ids": torch.arange(6).reshape(2, 3),
         "e.scalar": torch.tensor(2.5),
     }
-    writer = SafetensorsWriter(tmp_path / "t.safetensors")
+    # Room is kept for more tensors than come (as calibrate keeps room for one Hessian per layer).
+    room = SafetensorsWriter.room_for(
+        {n: (t.dtype, list(t.shape)) for n, t in {**tensors, "z": tensors["b.h"]}.items()}
+    )
+    writer = SafetensorsWriter(tmp_path / "t.safetensors", room)
     for name, t in tensors.items():
         writer.add(name, t)
     writer.close()
     back = load_file(tmp_path / "t.safetensors")
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
-    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # written in place: no side file
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert (tmp_path / "t.safetensors").stat().st_size == 8 + room + (-room % 8) + data
 
 
 @pytest.mark.slow
