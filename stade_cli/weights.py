@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import StadeError
-from .fingerprint import fingerprint_sample
+from .fingerprint import fingerprint_sample, sample_step
 from .layers import find_blocks
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -89,6 +89,58 @@ class WeightFiles:
                     "a .safetensors file is truncated or corrupt: copy or download the model again",
                 ) from None
         return out
+
+    def samples(self, names: list[str], dtype: torch.dtype) -> dict[str, bytes]:
+        """Fingerprint samples of the named tensors, read strided from the files: only the pages the sample
+        touches are read, not the tensors (a 70B model's fingerprint must not read 140 GB)."""
+        import numpy as np
+
+        out = {}
+        headers: dict[Path, dict[str, tuple[int, dict]]] = {}
+        for name in names:
+            file = self.file_of[name]
+            try:
+                if file not in headers:
+                    headers[file] = _header(file)
+                base, entry = headers[file][name]
+                dt = _DTYPES[entry["dtype"]]
+                shape = entry["shape"]
+                numel = int(np.prod(shape)) if shape else 1
+                item = torch.tensor([], dtype=dt).element_size()
+                start = base + entry["data_offsets"][0]
+                raw = np.memmap(file, dtype=np.dtype(f"u{item}"), mode="r", offset=start, shape=(numel,))
+                picked = np.array(raw[:: sample_step(numel)])
+                del raw
+            except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:  # a truncated or damaged file
+                raise StadeError(
+                    f"Weights file {str(file)!r} is unreadable: {' '.join(str(exc).split())}.",
+                    "a .safetensors file is truncated or corrupt: copy or download the model again",
+                ) from None
+            strided = torch.from_numpy(picked).view(dt)
+            strided = strided.to(dtype) if strided.is_floating_point() else strided
+            out[name] = fingerprint_sample(name, torch.empty(shape, device="meta"), strided)
+        return out
+
+
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(file: Path) -> dict[str, tuple[int, dict]]:
+    """A safetensors file's entries: name -> (byte offset of the data section, entry)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (8 + n, v) for k, v in header.items()}
 
 
 def _persistent(module: nn.Module) -> list[str]:

@@ -176,3 +176,37 @@ def test_killed_streaming_prune_leaves_nothing_complete_and_reruns(tmp_path: Pat
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("disk_dtype", [torch.float32, torch.bfloat16])
+def test_fingerprint_from_strided_file_samples_equals_the_loaded_ones(tmp_path: Path, disk_dtype: torch.dtype) -> None:
+    """The lazy fingerprint reads a strided sample of each tensor from the files; it must equal the in-memory one."""
+    from transformers import AutoModelForCausalLM
+
+    from stade_cli.fingerprint import fingerprint
+    from stade_cli.models import load_model
+
+    dense = save_model("qwen2", tmp_path / "m", tied=True)
+    if disk_dtype != torch.float32:
+        AutoModelForCausalLM.from_pretrained(dense, dtype=disk_dtype).save_pretrained(dense)
+    for dtype in ("float32", "bfloat16"):
+        lazy = load_model(str(dense), dtype, "cpu", lazy=True)
+        assert lazy.lazy and not lazy.block_samples
+        assert lazy.fingerprint() == fingerprint(load_model(str(dense), dtype, "cpu").model)
+
+
+def test_statistics_of_another_model_are_refused_before_any_block_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stade_cli.streaming
+
+    stats = calibrate_cli(save_model("llama", tmp_path / "a"), tmp_path / "stats")
+    other = tmp_path / "b"
+    from conftest import save_tiny_model
+
+    save_tiny_model("llama", other, seed=1)
+    monkeypatch.setattr(stade_cli.streaming, "materialized", lambda *a: pytest.fail("a block was read"))
+    args = ["prune", other, "--stats", stats, "--method", "wanda", "--sparsity", 0.5, "--device", "cpu"]
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "o"]])
+    assert res.exit_code == 1 and "another model" in res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.incomplete").exists()

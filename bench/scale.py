@@ -1,0 +1,165 @@
+"""Bounded memory at scale: peak host RAM of `calibrate` and `prune` on a synthetic Llama of 2.6 GB (float32).
+
+A random-weight Llama (hidden 2048, 12 blocks, vocab 8192) is written as sharded safetensors into
+bench/work/scale/ (git-ignored), one block at a time, so this script itself never holds the model. Each
+stage then runs as its own process, as a user runs it, and its peak RSS (the child's ru_maxrss) is taken
+above a baseline process that only imports the interpreter and libraries. Targets (issue 11): calibrate
+and streaming prune each <= 0.25x the model's bytes; the in-memory prune is measured for contrast, and
+the streamed and in-memory checkpoints are compared byte for byte.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scale.py [--keep]
+
+Writes bench/results/scale.json. Memory is what matters here; wall times are reported but the machine
+may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work" / "scale"
+RESULTS = ROOT / "bench" / "results" / "scale.json"
+TARGET = 0.25
+CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+NSAMPLES, SEQLEN = 8, 128
+IMPORTS = (
+    "import torch, transformers, safetensors, accelerate, stade_cli.cli; from transformers import LlamaForCausalLM"
+)
+CLI = "from stade_cli.cli import main; main()"
+IN_MEMORY = """
+import sys, torch
+from stade_cli.models import load_model
+from stade_cli.prune import PruneConfig, prune_sweep
+from stade_cli.stats import Statistics
+model, stats, out = sys.argv[1:4]
+loaded = load_model(model, "auto", "cpu")
+prune_sweep(loaded, Statistics.load(stats), [PruneConfig("wanda", 0.5)], out, torch.device("cpu"))
+"""
+
+
+def make_model(folder: Path) -> int:
+    """Write the random Llama block by block (one shard per block); returns the weights' bytes."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_tokenizer
+
+    folder.mkdir(parents=True)
+    config = LlamaConfig(**CONFIG)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    names = list(model.state_dict().items())
+    groups: dict[str, list[tuple[str, torch.Size]]] = {}
+    for name, t in names:
+        parts = name.split(".")
+        key = f"layers.{parts[2]}" if name.startswith("model.layers.") else "outside"
+        groups.setdefault(key, []).append((name, t.shape))
+    g = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, (_key, members) in enumerate(groups.items()):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {}
+        for name, shape in members:
+            shard[name] = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=g) * 0.02
+            weight_map[name] = fname
+            total += shard[name].numel() * 4
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        del shard
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    ids = torch.randint(0, CONFIG["vocab_size"], (NSAMPLES, SEQLEN), generator=g)
+    save_file({"input_ids": ids}, str(folder.parent / "ids.safetensors"))
+    return total
+
+
+def run(args: list[str]) -> tuple[float, int]:
+    """One fresh process: (wall seconds, its own peak RSS in bytes)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    child = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(args[:3])}")
+    return time.perf_counter() - t0, usage.ru_maxrss * 1024
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.suffix == ".safetensors" or p.name.endswith("index.json")
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep bench/work/scale afterwards")
+    opts = parser.parse_args()
+    shutil.rmtree(WORK, ignore_errors=True)
+    model = WORK / "model"
+    size = make_model(model)
+    ids, stats = WORK / "ids.safetensors", WORK / "stats"
+    cpu = ["--device", "cpu"]
+    prune = ["-c", CLI, "prune", str(model), "--stats", str(stats), "--sparsity", "0.5", *cpu]
+    calibrate = ["-c", CLI, "calibrate", str(model), "--data", str(ids), "--hessian", *cpu]
+    stages = {
+        "baseline": ["-c", IMPORTS],
+        "calibrate --hessian": [*calibrate, "--out", str(stats)],
+        "prune (streaming)": [*prune, "--method", "wanda", "--out", str(WORK / "streamed")],
+        "prune sweep of 2 (streaming)": [*prune, "--method", "wanda,magnitude", "--out", str(WORK / "sweep")],
+        "prune (in-memory)": ["-c", IN_MEMORY, str(model), str(stats), str(WORK / "in-memory")],
+    }
+    rows = {}
+    for name, args in stages.items():
+        wall, rss = run(args)
+        rows[name] = {"wall_s": round(wall, 1), "peak_rss_gib": round(rss / 2**30, 3)}
+        print(f"{name}: {rss / 2**30:.2f} GiB peak RSS, {wall:.0f} s", flush=True)
+    base = rows["baseline"]["peak_rss_gib"] * 2**30
+    for name, row in rows.items():
+        if name != "baseline":
+            above = row["peak_rss_gib"] * 2**30 - base
+            row["above_baseline_gib"] = round(above / 2**30, 3)
+            row["x_model_bytes"] = round(above / size, 3)
+    same = digest(WORK / "streamed") == digest(WORK / "in-memory")
+    result = {
+        "model": {**CONFIG, "float32_bytes": size, "gib": round(size / 2**30, 3)},
+        "calibration": {"nsamples": NSAMPLES, "seqlen": SEQLEN, "hessian": True},
+        "target_x_model_bytes": TARGET,
+        "stages": rows,
+        "streamed_equals_in_memory": same,
+        "meets_target": all(rows[s]["x_model_bytes"] <= TARGET for s in ("calibrate --hessian", "prune (streaming)")),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if not opts.keep:
+        shutil.rmtree(WORK, ignore_errors=True)
+    return 0 if result["meets_target"] and same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
