@@ -105,6 +105,58 @@ def window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     return out
 
 
+LOGITS_CHUNK = (
+    256  # positions whose float32 log-probabilities exist at once: [chunk, vocab], not [batch, seqlen, vocab]
+)
+
+
+def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on some positions' final hidden states, with the output scaling some families apply."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    logits = head(hidden)
+    cfg = model.config
+    scale = getattr(cfg, "logit_scale", None)  # Cohere
+    if isinstance(scale, (int, float)):
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    if isinstance(cap, (int, float)) and cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def chunked_nll(model: nn.Module, windows: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+    """Mean NLL of each window's seqlen-1 predicted tokens (B,), the head and log-softmax run `chunk` positions
+    at a time, so neither the logits [B, T, V] nor their float32 log-softmax ever exist whole.
+    A 128k vocabulary at 8 x 2048 tokens is 8 GB of float32 logits; a chunk of 256 is 128 MB per window.
+    """
+    hidden = model.get_decoder()(input_ids=windows, use_cache=False).last_hidden_state  # type: ignore[operator]
+    targets = windows[:, 1:]
+    total = torch.zeros(windows.shape[0], dtype=torch.float64, device=hidden.device)
+    steps = windows.shape[1] - 1
+    for start in range(0, steps, chunk):
+        end = min(start + chunk, steps)
+        logp = torch.log_softmax(_head_logits(model, hidden[:, start:end]).float(), dim=-1)  # (B, c, V)
+        picked = logp.gather(-1, targets[:, start:end, None].to(logp.device))[..., 0]
+        total += picked.double().sum(1)
+        del logp
+    return (-total / steps).float().cpu()
+
+
+def _chunks_agree(model: nn.Module, windows: torch.Tensor) -> bool:
+    """Whether the chunked route computes this model's own logits (checked once on a short prefix); a family
+    that post-processes its logits in a way `_head_logits` does not know keeps the plain route."""
+    try:
+        if model.get_output_embeddings() is None:  # type: ignore[operator]
+            return False
+        probe = windows[:1, : min(16, windows.shape[1])]
+        hidden = model.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state  # type: ignore[operator]
+        mine = _head_logits(model, hidden).float()
+        theirs = model(input_ids=probe, use_cache=False).logits.float()
+    except (AttributeError, TypeError, NotImplementedError):
+        return False
+    return mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3)
+
+
 def perplexity(
     model: nn.Module,
     ids: torch.Tensor,
@@ -120,8 +172,12 @@ def perplexity(
     t0 = time.perf_counter()
     with torch.inference_mode(), progress() as bar:
         task = bar.add_task(description, total=n, info="")
+        chunked = _chunks_agree(model, windows.to(device))
         for start in range(0, n, batch_size):
             batch = windows[start : start + batch_size].to(device)  # (B, T)
+            if chunked:
+                nlls.extend(chunked_nll(model, batch).tolist())
+                continue
             logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
             nlls.extend(window_nll(logits, batch).tolist())
             del logits

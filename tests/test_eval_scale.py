@@ -1,0 +1,53 @@
+"""Perplexity with the head and log-softmax run in chunks of positions: the same figure as the whole logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def reference_nll(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Each window's mean NLL from the model's whole logits, in float64."""
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    return -logp.gather(-1, windows[:, 1:, None])[..., 0].mean(1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("chunk", [5, 256])
+def test_chunked_nll_equals_whole_logits(tmp_path: Path, family: str, chunk: int) -> None:
+    from conftest import save_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from stade_cli.evaluate import _chunks_agree, chunked_nll
+
+    path = save_tiny_model(family, tmp_path / family)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    windows = torch.randint(0, 256, (3, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _chunks_agree(model, windows)
+        got = chunked_nll(model, windows, chunk)
+    assert torch.allclose(got.double(), reference_nll(model, windows), rtol=0, atol=1e-6)
+
+
+def test_perplexity_takes_the_chunked_route_and_keeps_its_figure(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    import stade_cli.evaluate as ev
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 32 * 6), generator=torch.Generator().manual_seed(1))
+    calls: list[tuple[int, ...]] = []
+    real = ev.chunked_nll
+    monkeypatch.setattr(ev, "chunked_nll", lambda m, w: calls.append(tuple(w.shape)) or real(m, w))
+    result = ev.perplexity(model, ids, 32, batch_size=4)
+    assert calls == [(4, 32), (2, 32)]
+    expected = math.exp(float(reference_nll(model, ids.reshape(6, 32)).mean()))
+    assert result.ppl == pytest.approx(expected, rel=1e-6)
