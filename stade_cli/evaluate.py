@@ -110,9 +110,9 @@ LOGITS_CHUNK = (
 )
 
 
-def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head on some positions' final hidden states, with the output scaling some families apply."""
-    head = model.get_output_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings()
     logits = head(hidden)
     cfg = model.config
     scale = getattr(cfg, "logit_scale", None)  # Cohere
@@ -124,12 +124,12 @@ def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def chunked_nll(model: nn.Module, windows: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+def chunked_nll(model: Any, windows: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
     """Mean NLL of each window's seqlen-1 predicted tokens (B,), the head and log-softmax run `chunk` positions
     at a time, so neither the logits [B, T, V] nor their float32 log-softmax ever exist whole.
     A 128k vocabulary at 8 x 2048 tokens is 8 GB of float32 logits; a chunk of 256 is 128 MB per window.
     """
-    hidden = model.get_decoder()(input_ids=windows, use_cache=False).last_hidden_state  # type: ignore[operator]
+    hidden = model.get_decoder()(input_ids=windows, use_cache=False).last_hidden_state
     targets = windows[:, 1:]
     total = torch.zeros(windows.shape[0], dtype=torch.float64, device=hidden.device)
     steps = windows.shape[1] - 1
@@ -142,14 +142,14 @@ def chunked_nll(model: nn.Module, windows: torch.Tensor, chunk: int = LOGITS_CHU
     return (-total / steps).float().cpu()
 
 
-def _chunks_agree(model: nn.Module, windows: torch.Tensor) -> bool:
+def _chunks_agree(model: Any, windows: torch.Tensor) -> bool:
     """Whether the chunked route computes this model's own logits (checked once on a short prefix); a family
     that post-processes its logits in a way `_head_logits` does not know keeps the plain route."""
     try:
-        if model.get_output_embeddings() is None:  # type: ignore[operator]
+        if model.get_output_embeddings() is None:
             return False
         probe = windows[:1, : min(16, windows.shape[1])]
-        hidden = model.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state  # type: ignore[operator]
+        hidden = model.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
         mine = _head_logits(model, hidden).float()
         theirs = model(input_ids=probe, use_cache=False).logits.float()
     except (AttributeError, TypeError, NotImplementedError):

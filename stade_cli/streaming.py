@@ -271,7 +271,8 @@ def stream_sweep(
             t_end = time.perf_counter()
             writers[c].close()
             write_config(model, folders[c], switched[c])
-            loaded.tokenizer.save_pretrained(folders[c])  # type: ignore[attr-defined]
+            tokenizer: Any = loaded.tokenizer
+            tokenizer.save_pretrained(folders[c])
             report = reports[c]
             if any(r.bias_updated for r in report.layers) != bool(switched[c]) and switches:
                 raise StadeError(f"Internal error: {c.name} added biases other than planned.")
