@@ -51,3 +51,22 @@ def test_perplexity_takes_the_chunked_route_and_keeps_its_figure(
     assert calls == [(4, 32), (2, 32)]
     expected = math.exp(float(reference_nll(model, ids.reshape(6, 32)).mean()))
     assert result.ppl == pytest.approx(expected, rel=1e-6)
+
+
+def test_device_out_of_memory_is_one_line_with_a_hint(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import stade_cli.evaluate as ev
+    from stade_cli.cli import app
+
+    def oom(*_a: object, **_k: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB\nmore detail")
+
+    monkeypatch.setattr(ev, "evaluate_model", oom)
+    args = ["eval", str(tiny_llama_dir), "--tasks", "none", "--ppl", "sample-news", "--out", str(tmp_path / "r.json")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "Out of memory: CUDA out of memory. Tried to allocate 8.00 GiB" in res.output
+    assert "--batch-size" in res.output and "more detail" not in res.output
