@@ -447,6 +447,16 @@ def eval_(
     ] = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Spread the model over devices within these budgets, as accelerate spells them: "
+            "0=70GiB,1=70GiB,cpu=200GiB (the rest is read from disk as it runs). --device auto with several GPUs "
+            "spreads over them even without it.",
+            rich_help_panel="Hardware",
+        ),
+    ] = None,
     dtype: DtypeOpt = None,
     cache_dir: CacheDirOpt = None,
     force: ForceOpt = False,
@@ -458,6 +468,9 @@ def eval_(
 
     Several models (e.g. a whole sweep): stade eval smollm2-135m pruned/*/ --ppl sample-news --out results/
     """
+    import tempfile
+
+    from .dispatch import dispatch_kwargs, parse_max_memory, wants_dispatch
     from .errors import StadeError
     from .evaluate import EvalConfig, evaluate_model, results_paths, write_results
     from .files import check_apart, check_writable
@@ -476,11 +489,16 @@ def eval_(
         resolve_tasks(config.tasks)  # a bad task name fails before the first model is evaluated
     dev = resolve_device(device)
     cache = str(cache_dir) if cache_dir else None
+    spread = wants_dispatch(device, max_memory)
+    if max_memory is not None:
+        parse_max_memory(max_memory)  # a bad budget fails before any model loads
     documents = []
     for model, path in zip(models, paths, strict=True):
-        loaded = load_model(model, dtype.value if dtype else None, dev, cache)
-        results = evaluate_model(loaded, config, dev, cache)
-        del loaded  # the next model loads into the memory this one frees
+        with tempfile.TemporaryDirectory(prefix="stade-offload-") as offload:
+            dispatch = dispatch_kwargs(max_memory, offload) if spread else None
+            loaded = load_model(model, dtype.value if dtype else None, dev, cache, dispatch=dispatch)
+            results = evaluate_model(loaded, config, dev, cache)
+            del loaded  # the next model loads into the memory this one frees
         try:
             write_results(path, results, force)
         except StadeError as exc:  # nothing computed is lost: the results go to stdout instead

@@ -14,11 +14,13 @@ from torch import nn
 
 from .checkpoint import REPORT_FILE, REPORT_KIND
 from .console import progress
+from .dispatch import placement
 from .errors import StadeError
 from .files import check_writable, read_json, write_json
 from .fingerprint import fingerprint
 from .layers import find_blocks, linear_layers
 from .models import LoadedModel, config_summary, max_context, vocab_size
+from .weights import WeightFiles
 from .zeroshot import PUBLISHED_TASKS, parse_tasks, resolve_tasks, zero_shot
 
 RESULTS_KIND = "stade-results"
@@ -234,25 +236,64 @@ def prune_report(path: str) -> dict[str, Any] | None:
     return report
 
 
-def measured_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over the weights of every linear layer in the decoder blocks."""
+def measured_sparsity(model: nn.Module, files: WeightFiles | None = None) -> float:
+    """Fraction of exact zeros over the weights of every linear layer in the decoder blocks.
+
+    `files`: where weights that accelerate left on disk (meta here) are read from, one at a time.
+    """
     zeros = total = 0
-    for block in find_blocks(model)[1]:
-        for layer in linear_layers(block).values():
+    name, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for local, layer in linear_layers(block).items():
             w = layer.weight
+            if w.is_meta and files is not None:
+                key = f"{name}.{i}.{local}.weight"
+                w = files.read([key], w.dtype)[key]
             zeros += int((w == 0).sum())
             total += w.numel()
     return zeros / total if total else 0.0
 
 
+def _offloaded_files(loaded: LoadedModel) -> WeightFiles | None:
+    """The checkpoint's files where accelerate left some weights on disk (meta here); None where none are."""
+    model = loaded.model
+    offloaded = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if not offloaded:
+        return None
+    files = WeightFiles.find(loaded.path, loaded.cache_dir)
+    tied = {n for n, _p in model.named_parameters(remove_duplicate=False)} - {n for n, _p in model.named_parameters()}
+    if files is None or any(n not in files.file_of and n not in tied for n in offloaded):
+        raise StadeError(
+            f"Part of {loaded.spec!r} was left on disk by --max-memory, and its checkpoint is not safetensors "
+            "under the model's own names, so its fingerprint cannot be taken.",
+            "raise --max-memory so that the model fits in memory",
+        )
+    return files
+
+
+def _fingerprint(loaded: LoadedModel, files: WeightFiles | None) -> str:
+    """fingerprint(model); weights left on disk are sampled from the files (a tied copy from its source)."""
+    if files is None:
+        return fingerprint(loaded.model)
+    model = loaded.model
+    source = {id(p): n for n, p in model.named_parameters()}
+    samples = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p.is_meta:
+            src = n if n in files.file_of else source[id(p)]
+            samples[n] = files.samples([src], loaded.dtype)[src].replace(src.encode(), n.encode(), 1)
+    return fingerprint(model, samples)
+
+
 def model_summary(loaded: LoadedModel) -> dict[str, Any]:
     report = prune_report(loaded.path)
+    files = _offloaded_files(loaded)
     summary = {
         "spec": loaded.spec,
         "path": loaded.path,
         "dtype": str(loaded.dtype).removeprefix("torch."),
-        "fingerprint": fingerprint(loaded.model),
-        "measured_sparsity": measured_sparsity(loaded.model),
+        "fingerprint": _fingerprint(loaded, files),
+        "measured_sparsity": measured_sparsity(loaded.model, files),
         **config_summary(loaded.model),
     }
     if report is None:
@@ -309,7 +350,11 @@ def evaluate_model(
         },
         "versions": library_versions(),
     }
-    model.to(device)
+    spread = placement(model)
+    if spread is None:
+        model.to(device)
+    else:  # accelerate placed the layers and moves activations (and offloaded weights) between devices
+        results["device"] = f"device_map: {spread}"
     timings: dict[str, float] = {}
     ppl: dict[str, Any] = {}
     for source in config.ppl:

@@ -200,11 +200,13 @@ def load_model(
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
     lazy: bool = False,
+    dispatch: dict[str, object] | None = None,
 ) -> LoadedModel:
     """Load a causal LM onto the CPU (blocks move to the device one at a time later).
 
     `lazy`: leave the blocks on disk, to be read one at a time (calibration) where the checkpoint
     is in safetensors under the model's own tensor names; otherwise, and for every other use, load it all.
+    `dispatch`: from_pretrained's device_map arguments (dispatch.dispatch_kwargs), to spread it over devices.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -225,7 +227,9 @@ def load_model(
                 model = build_lazy(config, torch_dtype, files)
         if model is None:
             files = None
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, cache_dir=cache_dir)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, cache_dir=cache_dir, **(dispatch or {})
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
         except (ValueError, TypeError) as exc:

@@ -70,3 +70,40 @@ def test_device_out_of_memory_is_one_line_with_a_hint(
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "Out of memory: CUDA out of memory. Tried to allocate 8.00 GiB" in res.output
     assert "--batch-size" in res.output and "more detail" not in res.output
+
+
+def test_eval_spread_within_max_memory_gives_the_same_perplexity(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Half the model within the host RAM budget, the rest read from disk as it runs: the same figure."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from stade_cli.cli import app
+
+    size = sum(p.stat().st_size for p in tiny_llama_dir.glob("*.safetensors"))
+    common = ["eval", str(tiny_llama_dir), "--tasks", "none", "--ppl", "sample-news", "--max-windows", "4"]
+    common += ["--seqlen", "32"]
+    res = CliRunner().invoke(app, [*common, "--device", "cpu", "--out", str(tmp_path / "plain.json")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(
+        app, [*common, "--max-memory", f"cpu={size // 2}B", "--out", str(tmp_path / "spread.json")]
+    )
+    assert res.exit_code == 0, res.output
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    spread = json.loads((tmp_path / "spread.json").read_text())
+    assert spread["device"].startswith("device_map") and "disk" in spread["device"] and "cpu" in spread["device"]
+    got, expected = spread["perplexity"]["sample-news"]["ppl"], plain["perplexity"]["sample-news"]["ppl"]
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(("budget", "message"), [("gpu=3GiB", "DEVICE=SIZE"), ("cpu=lots", "DEVICE=SIZE")])
+def test_bad_max_memory_is_refused_before_loading(
+    tiny_llama_dir: Path, tmp_path: Path, budget: str, message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from stade_cli.cli import app
+
+    args = ["eval", str(tiny_llama_dir), "--tasks", "none", "--max-memory", budget, "--out", str(tmp_path / "r.json")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
