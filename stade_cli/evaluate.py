@@ -18,7 +18,7 @@ from .dispatch import placement
 from .errors import StadeError
 from .files import check_writable, read_json, write_json
 from .fingerprint import fingerprint
-from .layers import find_blocks, linear_layers
+from .layers import find_blocks, get_weight, linear_layers
 from .models import LoadedModel, config_summary, max_context, vocab_size
 from .weights import WeightFiles
 from .zeroshot import PUBLISHED_TASKS, parse_tasks, resolve_tasks, zero_shot
@@ -245,7 +245,7 @@ def measured_sparsity(model: nn.Module, files: WeightFiles | None = None) -> flo
     name, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         for local, layer in linear_layers(block).items():
-            w = layer.weight
+            w = get_weight(layer)
             if w.is_meta and files is not None:
                 key = f"{name}.{i}.{local}.weight"
                 w = files.read([key], w.dtype)[key]
