@@ -1,13 +1,14 @@
-"""Bounded memory at scale: peak host RAM of `calibrate` and `prune` on a synthetic Llama of 2.6 GB (float32).
+"""Bounded memory at scale: peak host RAM of calibrate, prune and eval on a synthetic 2.6 GB Llama (float32).
 
 A random-weight Llama (hidden 2048, 12 blocks, vocab 8192) is written as sharded safetensors into
 bench/work/scale/ (git-ignored), one block at a time, so this script itself never holds the model. Each
 stage then runs as its own process, as a user runs it, and its peak RSS (the child's ru_maxrss) is taken
 above a baseline process that only imports the interpreter and libraries. Targets (issue 11): calibrate
-and streaming prune each <= 0.25x the model's bytes; the in-memory prune is measured for contrast, and
-the streamed and in-memory checkpoints are compared byte for byte.
+and streaming prune each <= 0.25x the model's bytes, eval with --max-memory at half the model <= 0.6x;
+the in-memory prune is measured for contrast, and the streamed and in-memory checkpoints are compared
+byte for byte.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/scale.py [--keep]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scale.py [--keep] [--only-eval]
 
 Writes bench/results/scale.json. Memory is what matters here; wall times are reported but the machine
 may be shared.
