@@ -386,6 +386,9 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> None:
     for fname, meta in manifest["files"].items():
         if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
             raise bad(f"has no size and hash for {fname!r}")
+    hashes = manifest.get("hessian_sha256", {})
+    if not (isinstance(hashes, dict) and all(isinstance(v, str) for v in hashes.values())):
+        raise bad("has a 'hessian_sha256' that is not a map of hashes")
     needed = {STATS_FILE, TOKENS_FILE} | ({HESSIAN_FILE} if "hessian" in manifest["statistics"] else set())
     present = {f.name for f in path.iterdir() if f.is_file() and f.suffix == ".safetensors"}
     for fname in sorted(needed | present):

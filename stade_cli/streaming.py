@@ -24,9 +24,10 @@ from .blocks import capture_inputs, iterate_blocks, release_memory
 from .checkpoint import REPORT_FILE, bias_plan, report_dict
 from .console import progress
 from .errors import StadeError
-from .files import PlannedSafetensors, atomic_dir, check_writable, write_json
+from .files import PlannedSafetensors, atomic_dir, check_space, check_writable, write_json
 from .models import LoadedModel, load_model
 from .prune import (
+    SWEEP_SUMMARY,
     PruneConfig,
     PruneReport,
     check_compatible,
@@ -87,6 +88,10 @@ class Layout:
     entries: dict[str, tuple[torch.dtype, list[int]]]
     files: dict[str, list[str]]  # shard file -> tensor names
     index: dict[str, Any] | None  # model.safetensors.index.json, None for a single file
+
+    @property
+    def bytes(self) -> int:
+        return sum(torch.Size(s).numel() * d.itemsize for d, s in self.entries.values())
 
 
 def uses_bias(stats: Statistics, config: PruneConfig) -> bool:
@@ -226,7 +231,7 @@ def stream_sweep(
     if len(set(configs)) != len(configs):
         raise StadeError("The sweep names the same combination twice.", "remove the duplicate method/pattern/ratio")
     paths = output_paths(out, configs)
-    for p in paths.values():
+    for p in [*paths.values(), *([out / SWEEP_SUMMARY] if len(configs) > 1 else [])]:
         check_writable(p, force)
     model = loaded.model
     check_compatible(model, stats, configs, weights_in_memory=False)
@@ -234,6 +239,7 @@ def stream_sweep(
     switches = bias_plan(model, stats, configs)
     switched = {c: switches if uses_bias(stats, c) else {} for c in configs}
     layouts = {c: plan_layout(model, switched[c], dtype) for c in configs}
+    check_space(out, sum(layout.bytes for layout in layouts.values()))  # the shards are sized as they open
     reports = {c: PruneReport(c, route="streaming") for c in configs}
     t0 = time.perf_counter()
     # Sequential configs recalibrate each block on their own pruned outputs: each keeps its own inputs.
@@ -283,7 +289,7 @@ def stream_sweep(
             write_json(folders[c] / REPORT_FILE, doc)
             results.append((paths[c], doc))
     if len(configs) > 1:
-        write_json(out / "summary.json", sweep_summary(results))
+        write_json(out / SWEEP_SUMMARY, sweep_summary(results))
     return results
 
 
