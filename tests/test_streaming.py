@@ -210,3 +210,25 @@ def test_statistics_of_another_model_are_refused_before_any_block_is_read(
     res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "o"]])
     assert res.exit_code == 1 and "another model" in res.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.incomplete").exists()
+
+
+def test_a_checkpoint_transformers_would_rename_falls_back_to_memory_before_any_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where save_pretrained would rename or convert tensors, the streamed layout is unknown: prune in memory."""
+    import stade_cli.streaming as streaming
+
+    model = save_model("llama", tmp_path / "m")
+    stats = calibrate_cli(model, tmp_path / "stats")
+
+    def renamed(*_a: object, **_k: object) -> None:
+        assert not (tmp_path / "o.incomplete").exists()
+        raise streaming.NotStreamable("transformers renames or converts this model's tensors when it saves them")
+
+    monkeypatch.setattr(streaming, "plan_layout", renamed)
+    args = ["prune", model, "--stats", stats, "--method", "wanda", "--sparsity", 0.5, "--device", "cpu"]
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "o"]])
+    assert res.exit_code == 0, res.output
+    assert "renames or converts" in res.output and "pruned in memory" in res.output
+    report = json.loads((tmp_path / "o" / "stade.json").read_text())
+    assert report["route"] == "in-memory" and report["model"]["spec"] == str(model)
