@@ -138,6 +138,7 @@ def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, dev
         "sequential": c.sequential,
         "seed": c.seed,
         "route": report.route,
+        "reconstruct": reconstruct_dict(report),
         "model": {"spec": loaded.spec, "path": loaded.path},
         "statistics": {
             "path": str(stats.path),
@@ -151,6 +152,26 @@ def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, dev
         "timings": report.timings,
         "warnings": report.warnings,
         "layers": [r.as_dict() for r in report.layers],
+    }
+
+
+def reconstruct_dict(report: PruneReport) -> dict[str, Any]:
+    """The reconstruction stage and its settings, with each block's held-out loss before and after."""
+    c = report.config
+    if c.reconstruct == "none":
+        return {"method": "none"}
+    from . import reconstruct as r
+
+    return {
+        "method": c.reconstruct,
+        "steps": c.reconstruct_steps,
+        "optimizer": "adam",
+        "lr": r.LR,
+        "schedule": "cosine",
+        "windows_per_step": r.WINDOWS_PER_STEP,
+        "heldout_fraction": 1 / r.HOLDOUT,
+        "loss": "sum of squared errors / sum of squared dense outputs",
+        "blocks": report.reconstruction,
     }
 
 

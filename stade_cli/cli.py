@@ -312,6 +312,16 @@ def prune(
     bias_update: Annotated[
         bool, typer.Option("--bias-update/--no-bias-update", help="STADE's bias compensation (stade, stadew).")
     ] = True,
+    reconstruct: Annotated[
+        str,
+        typer.Option(
+            "--reconstruct",
+            help="none, or block: after masking each block, tune its kept weights to the dense block's outputs.",
+        ),
+    ] = "none",
+    reconstruct_steps: Annotated[
+        int, typer.Option("--reconstruct-steps", help="Adam steps per block (at most; stops early).", min=1)
+    ] = 40,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
@@ -324,6 +334,9 @@ def prune(
 
     Example: stade prune smollm2-135m --stats stats/ --method wanda,stade --pattern unstructured,2:4
     --sparsity 0.5 --out pruned/
+
+    With block reconstruction: stade prune smollm2-135m --stats stats/ --method wanda --pattern 2:4
+    --reconstruct block --reconstruct-steps 40 --out pruned/
     """
     from .files import check_apart, check_writable
     from .masks import parse_pattern
@@ -345,7 +358,7 @@ def prune(
     for m in _csv(method, "--method"):
         for p in _csv(pattern, "--pattern"):
             for r in ratios if not parse_pattern(p).structured else [ratios[0] if len(ratios) == 1 else None]:
-                configs.append(PruneConfig(m, r, p, bias_update, sequential, seed))
+                configs.append(PruneConfig(m, r, p, bias_update, sequential, seed, reconstruct, reconstruct_steps))
     written = list(output_paths(out, configs).values()) + ([out / SWEEP_SUMMARY] if len(configs) > 1 else [])
     for path in written:
         check_writable(path, force)

@@ -25,6 +25,7 @@ from .layers import get_weight, linear_layers, set_weight
 from .masks import Pattern, check_divisible, mask_from_scores, parse_pattern, resolve_sparsity
 from .metrics import Metric, get_metric
 from .models import LoadedModel
+from .reconstruct import DEFAULT_STEPS, get_reconstruction
 from .sparsegpt import sparsegpt_prune
 from .stats import BlockCollector, LayerStats, Statistics
 from .weights import WeightFiles
@@ -38,9 +39,14 @@ class PruneConfig:
     bias_update: bool = True  # STADE's bias compensation where the method asks for it
     sequential: bool = False
     seed: int = 0
+    reconstruct: str = "none"  # "none" | "block": see reconstruct.py
+    reconstruct_steps: int = DEFAULT_STEPS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", get_metric(self.method).name)
+        object.__setattr__(self, "reconstruct", get_reconstruction(self.reconstruct).name)
+        if self.reconstruct_steps < 1:
+            raise StadeError(f"--reconstruct-steps must be at least 1, not {self.reconstruct_steps}.", "pass e.g. 40")
         pattern = parse_pattern(self.pattern)
         object.__setattr__(self, "pattern", str(pattern))
         object.__setattr__(self, "sparsity", resolve_sparsity(pattern, self.sparsity))
@@ -93,6 +99,7 @@ class PruneReport:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     route: str = "in-memory"  # how the checkpoint was written: "streaming" (block by block) or "in-memory"
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)  # per block, when reconstructing
 
     @property
     def achieved_sparsity(self) -> float:
@@ -263,20 +270,36 @@ def prune_step(
     config: PruneConfig,
     device: torch.device,
     inputs: BlockInputs | None,
+    report: PruneReport | None = None,
 ) -> list[LayerReport]:
-    """Prune one block (already on `device`). With `inputs` (sequential), recalibrate it on them first,
-    then advance them to the pruned block's outputs, which feed the next block."""
+    """Prune one block (already on `device`). With `inputs` (sequential, or reconstructing): recalibrate on
+    them (sequential), reconstruct against the dense block's outputs on them (recorded in `report`), then
+    advance them to the next block's inputs: the pruned block's outputs (sequential), else the dense ones."""
     if inputs is None:
         return prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
-    collector = BlockCollector(block, linear_layers(block), device, "hessian" in config.metric.needs)
-    try:
-        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-            run_block(block, BlockInputs([h], [a], [k]), device)
-            collector.end_batch()
-    finally:
-        collector.remove()
-    reports = prune_block(prefix, block, _sequential_stats(collector), config, device)
-    inputs.hidden = run_block(block, inputs, device)
+    recon = get_reconstruction(config.reconstruct)
+    dense: list[torch.Tensor] = []  # the dense block's outputs on its inputs: the reconstruction's targets
+    if config.sequential and config.metric.needs:
+        collector = BlockCollector(block, linear_layers(block), device, "hessian" in config.metric.needs)
+        try:
+            for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+                out = run_block(block, BlockInputs([h], [a], [k]), device)
+                collector.end_batch()
+                if recon.needs_inputs:
+                    dense += out
+        finally:
+            collector.remove()
+        reports = prune_block(prefix, block, _sequential_stats(collector), config, device)
+    else:
+        if recon.needs_inputs:
+            dense = run_block(block, inputs, device)
+        reports = prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
+    if recon.needs_inputs and report is not None:
+        seed = config.seed * 1_000_003 + len(report.reconstruction)  # one held-out split per block
+        done = recon.run(block, inputs, dense, device, config.reconstruct_steps, seed) or {}
+        report.reconstruction.append({"block": prefix, **done})
+    # Sequential: the pruned block feeds the next one. One-shot (reconstructing): the dense outputs do.
+    inputs.hidden = run_block(block, inputs, device) if config.sequential else dense
     return reports
 
 
@@ -294,14 +317,20 @@ def prune_model(
     t0 = time.perf_counter()
     # A weights-only score (magnitude, random) masks the same whatever the inputs: no forward passes needed.
     recalibrate = config.sequential and bool(config.metric.needs)
-    if recalibrate and inputs is None:
+    use_inputs = recalibrate or get_reconstruction(config.reconstruct).needs_inputs
+    if use_inputs and inputs is None:
         inputs = capture_inputs(model, stats.token_ids(), batch_size, device)
     blocks = list(iterate_blocks(model))
     with progress() as bar:
         task = bar.add_task(f"{config.name}{' (sequential)' if config.sequential else ''}", total=len(blocks), info="")
         for _i, prefix, block in blocks:
             with on_device(loaded, prefix, block, device):
-                report.layers += prune_step(prefix, block, stats, config, device, inputs if recalibrate else None)
+                report.layers += prune_step(
+                    prefix, block, stats, config, device, inputs if use_inputs else None, report
+                )
+            if report.reconstruction and report.reconstruction[-1].get("heldout_before") is not None:
+                done = report.reconstruction[-1]
+                bar.update(task, info=f"held-out {done['heldout_before']:.2e} → {done['heldout_after']:.2e}")
             bar.advance(task)
     report.timings["prune_s"] = round(time.perf_counter() - t0, 3)
     note_damping(report)

@@ -38,6 +38,7 @@ from .prune import (
     prune_sweep,
     sweep_summary,
 )
+from .reconstruct import get_reconstruction
 from .stats import LayerStats, Statistics
 from .weights import materialized
 
@@ -246,7 +247,7 @@ def stream_sweep(
     captured = None
     inputs = {}
     for c in configs:
-        if c.sequential and c.metric.needs:
+        if (c.sequential and c.metric.needs) or get_reconstruction(c.reconstruct).needs_inputs:
             if captured is None:
                 captured = capture_inputs(model, stats.token_ids(), batch_size, device)
                 inputs[c] = captured
@@ -311,7 +312,7 @@ def _prune_into(
         if idx and dense is not None:
             _drop_added_biases(block, biased)
             block.load_state_dict(dense, strict=True)  # copies into the device's tensors
-        reports[c].layers += prune_step(prefix, block, stats, c, device, inputs.get(c))
+        reports[c].layers += prune_step(prefix, block, stats, c, device, inputs.get(c), reports[c])
         writers[c].write_block(prefix, block)
     _drop_added_biases(block, biased)  # the block goes back to its on-disk shape (meta) for the fingerprint
 
