@@ -321,7 +321,7 @@ def prune(
     ] = "none",
     reconstruct_steps: Annotated[
         int, typer.Option("--reconstruct-steps", help="Adam steps per block (at most; stops early).", min=1)
-    ] = 40,
+    ] = 20,  # reconstruct.DEFAULT_STEPS (not imported here: torch would slow down --help)
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
@@ -336,7 +336,7 @@ def prune(
     --sparsity 0.5 --out pruned/
 
     With block reconstruction: stade prune smollm2-135m --stats stats/ --method wanda --pattern 2:4
-    --reconstruct block --reconstruct-steps 40 --out pruned/
+    --reconstruct block --reconstruct-steps 20 --out pruned/
     """
     from .files import check_apart, check_writable
     from .masks import parse_pattern

@@ -10,20 +10,20 @@ import pytest
 import torch
 from test_prune import invoke, read_weights
 
-STEPS = "15"
+STEPS = "8"
 
 
 @pytest.fixture(scope="module")
-def stats16(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 windows of 64 tokens: two are held out."""
-    out = tmp_path_factory.mktemp("stats16") / "s"
+def stats8(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 windows of 64 tokens: one is held out."""
+    out = tmp_path_factory.mktemp("stats8") / "s"
     res = invoke(
         "calibrate",
         tiny_llama_dir,
         "--data",
         "sample-news",
         "--nsamples",
-        16,
+        8,
         "--seqlen",
         64,
         "--device",
@@ -67,7 +67,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_llama_dir: Path, stats16: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tiny_llama_dir: Path, stats8: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("recon")
     out = {
         "plain": root / "plain",
@@ -76,11 +76,11 @@ def runs(tiny_llama_dir: Path, stats16: Path, tmp_path_factory: pytest.TempPathF
         "seed1": root / "seed1",
         "seq": root / "seq",
     }
-    prune(tiny_llama_dir, stats16, out["plain"])
-    prune(tiny_llama_dir, stats16, out["block"], "--reconstruct", "block", "--reconstruct-steps", STEPS)
-    prune(tiny_llama_dir, stats16, out["again"], "--reconstruct", "block", "--reconstruct-steps", STEPS)
-    prune(tiny_llama_dir, stats16, out["seed1"], "--reconstruct", "block", "--reconstruct-steps", STEPS, "--seed", "1")
-    prune(tiny_llama_dir, stats16, out["seq"], "--reconstruct", "block", "--reconstruct-steps", STEPS, "--sequential")
+    prune(tiny_llama_dir, stats8, out["plain"])
+    prune(tiny_llama_dir, stats8, out["block"], "--reconstruct", "block", "--reconstruct-steps", STEPS)
+    prune(tiny_llama_dir, stats8, out["again"], "--reconstruct", "block", "--reconstruct-steps", STEPS)
+    prune(tiny_llama_dir, stats8, out["seed1"], "--reconstruct", "block", "--reconstruct-steps", STEPS, "--seed", "1")
+    prune(tiny_llama_dir, stats8, out["seq"], "--reconstruct", "block", "--reconstruct-steps", STEPS, "--sequential")
     return out
 
 
@@ -103,11 +103,11 @@ def test_same_seed_same_bits_other_seed_other_weights(runs: dict[str, Path]) -> 
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_block_error_drops_on_calibration_windows(tiny_llama_dir: Path, stats16: Path, runs: dict[str, Path]) -> None:
+def test_block_error_drops_on_calibration_windows(tiny_llama_dir: Path, stats8: Path, runs: dict[str, Path]) -> None:
     """One-shot: block k sees the dense model's inputs; its error against the dense block must drop."""
     from stade_cli.stats import Statistics
 
-    ids = Statistics.load(stats16).token_ids()
+    ids = Statistics.load(stats8).token_ids()
     dense = block_outputs(tiny_llama_dir, ids)
     for k in range(2):
         plain = block_outputs(tiny_llama_dir, ids, {k: runs["plain"]})[k]
@@ -124,22 +124,22 @@ def test_block_error_drops_on_calibration_windows(tiny_llama_dir: Path, stats16:
 
 
 def test_heldout_losses_in_stade_json_match_a_plain_forward(
-    tiny_llama_dir: Path, stats16: Path, runs: dict[str, Path]
+    tiny_llama_dir: Path, stats8: Path, runs: dict[str, Path]
 ) -> None:
     """The reported held-out losses, recomputed with hooks on transformers models: before = the masked block,
     after = the saved block; targets = the dense block on the same inputs (dense one-shot, pruned sequential)."""
     from stade_cli.reconstruct import split_windows
     from stade_cli.stats import Statistics
 
-    ids = Statistics.load(stats16).token_ids()
+    ids = Statistics.load(stats8).token_ids()
     for mode in ("block", "seq"):
         report = json.loads((runs[mode] / "stade.json").read_text())["reconstruct"]
         assert report["method"] == "block" and report["steps"] == int(STEPS)
         assert [b["block"] for b in report["blocks"]] == ["model.layers.0", "model.layers.1"]
         for k, entry in enumerate(report["blocks"]):
-            _, held = split_windows([4, 4, 4, 4], 0 * 1_000_003 + k)
+            _, held = split_windows([4, 4], 0 * 1_000_003 + k)
             rows = torch.tensor([4 * b + r for b, rs in held for r in rs])
-            assert entry["heldout_windows"] == len(rows) == 2 and entry["train_windows"] == 14
+            assert entry["heldout_windows"] == len(rows) == 1 and entry["train_windows"] == 7
             x = ids[rows]
             assert 0 < entry["heldout_after"] < entry["heldout_before"]
             if mode == "block":
@@ -154,7 +154,7 @@ def test_heldout_losses_in_stade_json_match_a_plain_forward(
     assert json.loads((runs["plain"] / "stade.json").read_text())["reconstruct"] == {"method": "none"}
 
 
-def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, stats16: Path, tmp_path: Path) -> None:
+def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, stats8: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from stade_cli.models import load_model, resolve_device
@@ -162,7 +162,7 @@ def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, stats16: Path
     from stade_cli.stats import Statistics
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
-    stats = Statistics.load(stats16)
+    stats = Statistics.load(stats8)
     cfg = PruneConfig("stade", 0.5, reconstruct="block", reconstruct_steps=5)
     ((path, _report),) = prune_sweep(loaded, stats, [cfg], tmp_path / "out", resolve_device("cpu"))
     ids = stats.token_ids()[:2]
@@ -188,7 +188,7 @@ def test_bfloat16_block_keeps_dtype_device_and_mask(device: str) -> None:
     torch.manual_seed(0)
     dev = torch.device(device)
     model = AutoModelForCausalLM.from_config(tiny_config("llama")).to(torch.bfloat16)
-    ids = torch.randint(0, 256, (16, 32))
+    ids = torch.randint(0, 256, (8, 32))
     inputs = capture_inputs(model, ids, 4, dev)
     block = model.model.layers[0].to(dev)
     dense = run_block(block, inputs, dev)
@@ -208,8 +208,8 @@ def test_bfloat16_block_keeps_dtype_device_and_mask(device: str) -> None:
     assert res["heldout_after"] < res["heldout_before"]
 
 
-def test_unknown_reconstruction_is_refused_before_work(tiny_llama_dir: Path, stats16: Path, tmp_path: Path) -> None:
+def test_unknown_reconstruction_is_refused_before_work(tiny_llama_dir: Path, stats8: Path, tmp_path: Path) -> None:
     res = invoke(
-        "prune", tiny_llama_dir, "--stats", stats16, "--method", "wanda", "--reconstruct", "blocks", "--out", tmp_path
+        "prune", tiny_llama_dir, "--stats", stats8, "--method", "wanda", "--reconstruct", "blocks", "--out", tmp_path
     )
     assert res.exit_code == 1 and "Unknown reconstruction 'blocks'" in res.output and "none, block" in res.output
