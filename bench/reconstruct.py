@@ -66,12 +66,14 @@ def main() -> int:
     ap.add_argument("--reuse-plain", action="store_true", help="plain rows' perplexity from reproduce.json")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--name", default="reconstruct")
+    ap.add_argument("--windows", type=int, default=147, help="evaluate on the first N held-out windows only")
+    ap.add_argument("--only", choices=["both", "none", "block"], default="both", help="which rows to run")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="1 on a machine shared with others")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     loaded = load_model("smollm2-135m", "float32", device)
-    heldout = load_token_file(REF / "heldout_ids.safetensors", "[1, N]")
+    heldout = load_token_file(REF / "heldout_ids.safetensors", "[1, N]")[:, : args.windows * 512]
     if args.stats and (args.stats / "manifest.json").exists():
         stats = Statistics.load(args.stats)
     else:
@@ -82,9 +84,12 @@ def main() -> int:
     rows: list[dict] = []
     for spec in args.rows.split(","):
         for cfg in parse_row(spec, args.steps):
+            if args.only != "both" and cfg.reconstruct != args.only:
+                continue
             snap.restore()
             report = prune_model(loaded, stats, cfg, device, batch_size=args.batch_size)
-            ppl = reused(cfg) if args.reuse_plain and cfg.reconstruct == "none" else None
+            full = args.windows >= 147
+            ppl = reused(cfg) if args.reuse_plain and full and cfg.reconstruct == "none" else None
             source = "reproduce.json" if ppl is not None else "this run"
             if ppl is None:
                 t0 = time.perf_counter()
@@ -100,6 +105,7 @@ def main() -> int:
                     "steps": cfg.reconstruct_steps if blocks else 0,
                     "ppl": ppl,
                     "ppl_from": source,
+                    "windows": heldout.shape[1] // 512,
                     "prune_s": report.timings["prune_s"],
                     "heldout_before": sum(b["heldout_before"] for b in blocks) / len(blocks) if blocks else None,
                     "heldout_after": sum(b["heldout_after"] for b in blocks) / len(blocks) if blocks else None,
