@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test test-fast lint completions demo bench clean
+.PHONY: install test test-fast test-install lint completions demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# A plain `pip install .` (no extras) in a fresh venv runs calibrate, prune, eval and compare on local data.
+test-install:
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) bash scripts/test-install.sh
 
 lint: install
 	$(VENV)/bin/ruff check stade_cli tests bench

@@ -10,7 +10,7 @@ import torch
 
 from .blocks import capture_inputs, iterate_blocks, on_device, run_block
 from .console import progress
-from .data import calibration_windows, check_token_ids
+from .data import Documents, calibration_windows, check_token_ids, documents, is_token_file, load_token_file
 from .errors import StadeError
 from .files import SafetensorsWriter, atomic_dir, check_writable
 from .layers import in_features, linear_layers
@@ -22,7 +22,7 @@ HESSIAN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    data: str = "sample-wiki"
+    data: str = "c4"  # as published; offline: a local file, or sample-wiki (the demo extra)
     nsamples: int | None = 128
     seqlen: int | None = None  # None: min(model context, 2048), as published
     seed: int = 0
@@ -56,6 +56,15 @@ def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
         )
 
 
+def load_data(config: CalibrationConfig, cache_dir: str | None = None) -> Documents | None:
+    """The calibration text, loaded before the model: an unreachable or missing source fails in seconds,
+    not after a model download. None for a token-id file (checked here, read again by `calibrate`)."""
+    if is_token_file(config.data):
+        load_token_file(Path(config.data).expanduser(), "[n, seqlen]")
+        return None
+    return documents(config.data, "train", cache_dir)
+
+
 def calibrate(
     loaded: LoadedModel,
     config: CalibrationConfig,
@@ -63,8 +72,10 @@ def calibrate(
     device: torch.device,
     force: bool = False,
     cache_dir: str | None = None,
+    docs: Documents | None = None,
 ) -> Statistics:
-    """Calibrate `loaded` on `config.data` and write the statistics artifact to `out`."""
+    """Calibrate `loaded` on `config.data` (its documents `docs`, if loaded already) and write the statistics
+    artifact to `out`."""
     out = Path(out)
     check_writable(out, force)
     model = loaded.model
@@ -74,7 +85,7 @@ def calibrate(
     if seqlen is not None:
         check_seqlen(model, seqlen)
     t0 = time.perf_counter()
-    windows = calibration_windows(config.data, loaded.tokenizer, config.nsamples, seqlen, config.seed, cache_dir)
+    windows = calibration_windows(config.data, loaded.tokenizer, config.nsamples, seqlen, config.seed, cache_dir, docs)
     check_seqlen(model, windows.input_ids.shape[1])
     check_token_ids(windows.input_ids, vocab_size(model), windows.source)
     t_data = time.perf_counter() - t0

@@ -14,8 +14,9 @@ from torch import nn
 
 from .blocks import iterate_blocks
 from .errors import StadeError
-from .files import atomic_dir, write_json
+from .files import atomic_dir, read_json, write_json
 from .layers import linear_layers
+from .modelcard import write_card
 from .models import LoadedModel
 from .stats import LayerStats, Statistics, library_versions
 from .weights import WeightFiles
@@ -88,8 +89,10 @@ def save_checkpoint(
     force: bool,
     device: torch.device,
     dtype: torch.dtype | None,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """Write a plain transformers checkpoint (sharded safetensors + index), tokenizer, and stade.json (returned)."""
+    """Write a plain transformers checkpoint (sharded safetensors + index), tokenizer, stade.json (returned)
+    and a README.md model card naming `command`, the command line that made it."""
     t0 = time.perf_counter()
     model = loaded.model
     with atomic_dir(out, force) as tmp:
@@ -101,12 +104,18 @@ def save_checkpoint(
                 model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE, state_dict=state)
             finally:
                 model.config.dtype = own
+            # save_pretrained writes the dtype of the weights in memory: the config must name the saved one.
+            config = read_json(tmp / "config.json", "Model config")
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            write_json(tmp / "config.json", config)
         else:
             model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         loaded.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         report.timings["write_s"] = round(time.perf_counter() - t0, 3)
         doc = report_dict(loaded, report, stats, device)
+        doc["dtype"] = str(dtype or loaded.dtype).removeprefix("torch.")  # as saved
         write_json(tmp / REPORT_FILE, doc)
+        write_card(tmp, doc, command)
     return doc
 
 

@@ -42,16 +42,13 @@ ModelArg = Annotated[
     typer.Argument(help="Hub id, local model folder, .gguf file, or the built-in offline model 'smollm2-135m'."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Hardware")]
-DtypeOpt = Annotated[
-    Dtype | None,
-    typer.Option(
-        "--dtype", help="Weights dtype [default: the model's own; float32 on CPU].", rich_help_panel="Hardware"
-    ),
-]
+# Help text goes through Rich markup: a literal "[" must be written "\\[", or the bracketed text vanishes.
+RUN_DTYPE_HELP = "The dtype the model is loaded and run in. \\[default: the model's own on a GPU; float32 on CPU]"
+DtypeOpt = Annotated[Dtype | None, typer.Option("--dtype", help=RUN_DTYPE_HELP, rich_help_panel="Hardware")]
 CacheDirOpt = Annotated[
     Path | None, typer.Option("--cache-dir", help="Where downloaded weights and datasets are cached.")
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for drawing the calibration windows.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.", min=1)]
@@ -193,6 +190,27 @@ def _restore_sigterm(previous: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def command_line(ctx: typer.Context) -> str:
+    """The running command as the user gave it (arguments, then each option set on the command line), for the
+    model card: rebuilt from the parsed parameters, so that it reads the same however stade was started."""
+    import shlex
+
+    args, opts = ["stade", ctx.info_name or ""], []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if param.name is None or source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if param.param_type_name == "argument":
+            args += [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+        elif getattr(param, "is_flag", False):
+            names = param.opts if value or not param.secondary_opts else param.secondary_opts
+            opts.append(max(names, key=len))
+        else:
+            opts += [max(param.opts, key=len), str(value.value if isinstance(value, Enum) else value)]
+    return shlex.join(args + opts)
+
+
 def print_json(data: object) -> None:
     from .console import out
 
@@ -208,12 +226,21 @@ def calibrate(
         str,
         typer.Option(
             "--data",
-            help="c4, wikitext2, sample-wiki, sample-news, or a .txt/.jsonl/.parquet file, or a .safetensors "
-            "file of token ids [n, seqlen].",
+            help="c4 or wikitext2 (from the hub, as published), a local .txt/.jsonl/.parquet file, a .safetensors "
+            "file of token ids \\[n, seqlen], or the offline samples sample-wiki and sample-news (pip install "
+            "'stade\\[demo]').",
         ),
-    ] = "sample-wiki",
-    nsamples: Annotated[int | None, typer.Option(help="Number of calibration windows.", show_default="128")] = None,
-    seqlen: Annotated[int | None, typer.Option(help="Tokens per window.", show_default="min(context, 2048)")] = None,
+    ] = "c4",
+    nsamples: Annotated[
+        int | None,
+        typer.Option(
+            help="Number of calibration windows. \\[default: 128; a token-id file: all its windows]",
+            show_default=False,
+        ),
+    ] = None,
+    seqlen: Annotated[
+        int | None, typer.Option(help="Tokens per window. \\[default: min(context, 2048)]", show_default=False)
+    ] = None,
     seed: SeedOpt = 0,
     hessian: Annotated[
         bool, typer.Option("--hessian", help="Also keep the second-moment matrices sparsegpt needs.")
@@ -233,9 +260,11 @@ def calibrate(
 ) -> None:
     """Run calibration text through MODEL and save per-layer activation statistics.
 
-    Example: stade calibrate smollm2-135m --data sample-wiki --nsamples 32 --seqlen 512 --hessian --out stats/
+    Example: stade calibrate meta-llama/Llama-3.2-1B --data c4 --hessian --out stats/
+
+    Offline: stade calibrate smollm2-135m --data notes.txt --nsamples 32 --seqlen 512 --out stats/
     """
-    from .calibrate import CalibrationConfig
+    from .calibrate import CalibrationConfig, load_data
     from .calibrate import calibrate as run
     from .files import check_apart, check_writable
     from .models import load_model, resolve_device
@@ -254,8 +283,10 @@ def calibrate(
     check_writable(out, force)
     check_apart(out, [("the model", model), ("the --data file", data)])
     dev = resolve_device(device)
-    loaded = load_model(model, dtype.value if dtype else None, dev, str(cache_dir) if cache_dir else None, lazy=True)
-    stats = run(loaded, config, out, dev, force=force, cache_dir=str(cache_dir) if cache_dir else None)
+    cache = str(cache_dir) if cache_dir else None
+    docs = load_data(config, cache)  # before the model: a source that cannot be had fails in seconds
+    loaded = load_model(model, dtype.value if dtype else None, dev, cache, lazy=True)
+    stats = run(loaded, config, out, dev, force=force, cache_dir=cache, docs=docs)
     if as_json:
         print_json(stats.summary())
     else:
@@ -293,6 +324,7 @@ def _csv(value: str, option: str | None = None) -> list[str]:
 @app.command()
 @cli_errors
 def prune(
+    ctx: typer.Context,
     model: ModelArg,
     stats: Annotated[Path, typer.Option("--stats", "-s", help="Statistics folder from `stade calibrate`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint folder (a sweep: one sub-folder each).")],
@@ -300,7 +332,9 @@ def prune(
     sparsity: Annotated[
         str | None,
         typer.Option(
-            "--sparsity", help="Ratio(s) in \\[0, 1), comma-separated.", show_default="N/M for an N:M pattern"
+            "--sparsity",
+            help="Ratio(s) in \\[0, 1), comma-separated. \\[default: N/M for an N:M pattern]",
+            show_default=False,
         ),
     ] = None,
     pattern: Annotated[
@@ -322,15 +356,25 @@ def prune(
     reconstruct_steps: Annotated[
         int, typer.Option("--reconstruct-steps", help="Adam steps per block (at most; stops early).", min=1)
     ] = 20,  # reconstruct.DEFAULT_STEPS (not imported here: torch would slow down --help)
-    seed: SeedOpt = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random method's noise (no other method draws).")] = 0,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    dtype: Annotated[
+        Dtype | None,
+        typer.Option(
+            "--dtype",
+            help="The dtype the checkpoint is saved in. \\[default: the checkpoint's own] Scores are always computed "
+            "in float32, and --sequential's forward passes run in float32 on CPU (the checkpoint's own dtype on a "
+            "GPU).",
+            rich_help_panel="Hardware",
+        ),
+    ] = None,
     cache_dir: CacheDirOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Prune MODEL with cached statistics and write checkpoints that plain transformers loads.
+    """Prune MODEL with cached statistics and write checkpoints that plain transformers loads, each with a
+    README.md model card (eval adds its results) and stade.json.
 
     Example: stade prune smollm2-135m --stats stats/ --method wanda,stade --pattern unstructured,2:4
     --sparsity 0.5 --out pruned/
@@ -365,11 +409,19 @@ def prune(
         check_apart(path, [("--stats", stats), ("the model", model)])
     stats_art = Statistics.load(stats)
     dev = resolve_device(device)
-    # The checkpoint's own dtype: scores are computed in float32 anyway, and the output keeps the source's dtype.
-    # Blocks stay on disk and stream through one at a time where the checkpoint allows (see streaming.py).
-    loaded = load_model(model, "auto", dev, str(cache_dir) if cache_dir else None, lazy=True)
+    # Computed in float32 on CPU (the checkpoint's own dtype on a GPU), as calibrate runs; saved in --dtype, by
+    # default the checkpoint's own. Blocks stream from disk one at a time where the checkpoint allows (streaming.py).
+    loaded = load_model(model, None, dev, str(cache_dir) if cache_dir else None, lazy=True)
     results = prune_checkpoints(
-        loaded, stats_art, configs, out, dev, force, parse_dtype(dtype.value if dtype else None), batch_size
+        loaded,
+        stats_art,
+        configs,
+        out,
+        dev,
+        force,
+        parse_dtype(dtype.value if dtype else None),
+        batch_size,
+        command=command_line(ctx),
     )
     if as_json:
         print_json(
@@ -437,21 +489,24 @@ def eval_(
         str,
         typer.Option(
             "--ppl",
-            help="Perplexity datasets, comma-separated: wikitext2, c4, sample-news, sample-wiki, a .txt/.jsonl/"
-            ".parquet file or a .safetensors file of ids [1, N]; 'none' skips perplexity.",
+            help="Perplexity datasets, comma-separated: wikitext2 and c4 (from the hub, as published), a local "
+            ".txt/.jsonl/.parquet file, a .safetensors file of ids \\[1, N], or the offline sample-news and "
+            "sample-wiki (pip install 'stade\\[demo]'); 'none' skips perplexity.",
         ),
     ] = "wikitext2",
     tasks: Annotated[
         str | None,
         typer.Option(
             "--tasks",
-            help="lm_eval tasks, comma-separated: task names, local task .yaml files, or the offline 'stade_cloze'; "
-            "'none' skips zero-shot.",
-            show_default="the published seven: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+            help="Zero-shot lm_eval tasks, comma-separated: 'paper' (the published seven: "
+            "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa; from the hub), task names, local task "
+            ".yaml files, or the offline 'stade_cloze'. \\[default: none, perplexity only]",
+            show_default=False,
         ),
     ] = None,
     seqlen: Annotated[
-        int | None, typer.Option(help="Tokens per perplexity window.", show_default="min(context, 2048)")
+        int | None,
+        typer.Option(help="Tokens per perplexity window. \\[default: min(context, 2048)]", show_default=False),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most N items per zero-shot task (for quick checks).")] = None,
     max_windows: Annotated[
@@ -475,21 +530,26 @@ def eval_(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure each MODEL's perplexity and zero-shot accuracy as published, and write them to a results file.
+    """Measure each MODEL's perplexity (and, with --tasks, zero-shot accuracy) as published; write a results file.
 
-    Example: stade eval pruned/wanda-50/ --ppl sample-news --tasks stade_cloze --out results/wanda-50.json
+    Example: stade eval pruned/wanda-50/ --out results/wanda-50.json
+
+    As published: stade eval pruned/wanda-50/ --ppl wikitext2,c4 --tasks paper --out results/wanda-50.json
+
+    Offline: stade eval pruned/wanda-50/ --ppl sample-news --tasks stade_cloze --out results/wanda-50.json
 
     Several models (e.g. a whole sweep): stade eval smollm2-135m pruned/*/ --ppl sample-news --out results/
     """
     import tempfile
 
+    from .console import err
     from .dispatch import dispatch_kwargs, parse_max_memory, wants_dispatch
     from .errors import StadeError
-    from .evaluate import EvalConfig, evaluate_model, results_paths, write_results
+    from .evaluate import EvalConfig, evaluate_model, prepare, results_paths, write_results
     from .files import check_apart, check_writable
+    from .modelcard import add_results
     from .models import load_model, resolve_device
     from .tables import render_results
-    from .zeroshot import resolve_tasks
 
     config = EvalConfig.from_strings(
         ppl, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, max_windows=max_windows
@@ -498,25 +558,36 @@ def eval_(
     for path in paths:
         check_writable(path, force)
         check_apart(path, [("the model", m) for m in models] + [("the --ppl file", p) for p in config.ppl])
-    if len(models) > 1 and config.tasks:
-        resolve_tasks(config.tasks)  # a bad task name fails before the first model is evaluated
+    if tasks is None:
+        err.print(
+            "Perplexity only. For zero-shot accuracy add --tasks paper (the published seven, from the hub) "
+            "or --tasks stade_cloze (offline).",
+            style="dim",
+            highlight=False,
+        )
     dev = resolve_device(device)
     cache = str(cache_dir) if cache_dir else None
     spread = wants_dispatch(device, max_memory)
     if max_memory is not None:
         parse_max_memory(max_memory)  # a bad budget fails before any model loads
+    ready = prepare(config, cache)  # every task and dataset loaded before the first model runs
     documents = []
     for model, path in zip(models, paths, strict=True):
         with tempfile.TemporaryDirectory(prefix="stade-offload-") as offload:
             dispatch = dispatch_kwargs(max_memory, offload) if spread else None
             loaded = load_model(model, dtype.value if dtype else None, dev, cache, dispatch=dispatch)
-            results = evaluate_model(loaded, config, dev, cache)
+            results = evaluate_model(loaded, config, dev, cache, ready)
             del loaded  # the next model loads into the memory this one frees
         try:
             write_results(path, results, force)
         except StadeError as exc:  # nothing computed is lost: the results go to stdout instead
             print_json(results)
             raise StadeError(exc.message, "the results are printed above on stdout; save them from there") from None
+        if results["pruning"] is not None:  # a folder `stade prune` wrote: its model card gets the results
+            try:
+                add_results(Path(results["model"]["path"]), results)
+            except OSError as exc:
+                err.print(f"Warning: the model card was not updated ({exc.strerror}).", style="yellow", highlight=False)
         documents.append(results)
         if not as_json:
             render_results(results)
@@ -530,7 +601,11 @@ def compare(
     results: Annotated[list[Path], typer.Argument(help="Results files from `stade eval`, or folders of them.")],
     baseline: Annotated[
         Path | None,
-        typer.Option("--baseline", help="The results to compare against.", show_default="the dense model, if any"),
+        typer.Option(
+            "--baseline",
+            help="The results to compare against. \\[default: the dense model, if any]",
+            show_default=False,
+        ),
     ] = None,
     sort: Annotated[
         str | None, typer.Option("--sort", help="Sort by a column: a metric (ppl:wikitext2, acc:mean), sparsity, ...")

@@ -26,6 +26,13 @@ NEWS_FILE = "lee_background.cor"
 C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION = "en/c4-validation.00000-of-00008.json.gz"
 ALL_SOURCES_HINT = "use c4, wikitext2, sample-wiki, sample-news, or a .txt/.jsonl/.parquet/.safetensors file"
+DEMO_EXTRA = "pip install 'stade[demo]'"
+
+
+def offline_hint(split: str) -> str:
+    """The offline way, for calibration text (train) or held-out text (test/validation)."""
+    sample = "sample-wiki" if split == "train" else "sample-news"
+    return f"offline? use a local .txt/.jsonl/.parquet/.safetensors file, or {sample} ({DEMO_EXTRA})"
 
 
 @dataclass
@@ -59,13 +66,13 @@ def ids_sha256(ids: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------------------------- sources
 
 
-def _gensim_file(name: str) -> Path:
+def _gensim_file(name: str, source: str = "sample-wiki") -> Path:
     try:
         dist = importlib.metadata.distribution("gensim")
     except importlib.metadata.PackageNotFoundError:
         raise StadeError(
-            "The built-in text samples come from the gensim wheel, which is not installed.",
-            "pip install gensim (or pip install 'stade[demo]')",
+            f"{source} is built from the gensim wheel's test data, and gensim is not installed.",
+            f"{DEMO_EXTRA}, or give a local .txt/.jsonl/.parquet file",
         ) from None
     return Path(str(dist.locate_file(f"{GENSIM_DATA}/{name}")))
 
@@ -84,15 +91,16 @@ def _wiki_articles() -> list[str]:
 
     This is the document list the reference token ids were drawn from (tests check it, id for id).
     """
+    path = _gensim_file(WIKI_FILE, "sample-wiki")  # before gensim is imported: a missing wheel is one clear line
     from gensim.corpora.wikicorpus import extract_pages
 
-    with bz2.open(_gensim_file(WIKI_FILE), "rb") as f:
+    with bz2.open(path, "rb") as f:
         texts = [_clean_article(markup) for _title, markup, _pageid in extract_pages(f)]
     return [t for t in texts if len(t) >= 500]
 
 
 def _news_lines() -> list[str]:
-    with open(_gensim_file(NEWS_FILE), encoding="utf8") as f:
+    with open(_gensim_file(NEWS_FILE, "sample-news"), encoding="utf8") as f:
         return [line.strip() for line in f]
 
 
@@ -136,7 +144,7 @@ def hub_documents(name: str, split: str, cache_dir: str | None = None) -> Docume
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StadeError(
             f"Could not load {name!r} ({split}) from the Hugging Face hub: {first}",
-            "are you offline? use sample-wiki / sample-news or a local file instead",
+            offline_hint(split),
         ) from exc
 
 
@@ -326,8 +334,12 @@ def calibration_windows(
     seqlen: int | None,
     seed: int,
     cache_dir: str | None = None,
+    docs: Documents | None = None,
 ) -> TokenWindows:
-    """Calibration windows from any source; a token-id file is taken as it is (and checked)."""
+    """Calibration windows from any source; a token-id file is taken as it is (and checked).
+
+    `docs`: the source's documents, where they were loaded already (see calibrate.load_data).
+    """
     if is_token_file(source):
         path = Path(source).expanduser()
         ids = load_token_file(path, "[n, seqlen]")
@@ -350,7 +362,8 @@ def calibration_windows(
         return TokenWindows(ids, str(path), ["pre-tokenized windows, taken as they are"], sha256_file(path))
     if nsamples is None or seqlen is None:
         raise StadeError("--nsamples and --seqlen are needed for a text source.")
-    return sample_windows(documents(source, "train", cache_dir), tokenizer, nsamples, seqlen, seed)
+    docs = docs if docs is not None else documents(source, "train", cache_dir)
+    return sample_windows(docs, tokenizer, nsamples, seqlen, seed)
 
 
 def eval_ids(source: str, tokenizer: object, cache_dir: str | None = None) -> tuple[torch.Tensor, str]:

@@ -21,7 +21,7 @@ from .fingerprint import fingerprint
 from .layers import find_blocks, get_weight, linear_layers
 from .models import LoadedModel, config_summary, max_context, vocab_size
 from .weights import WeightFiles
-from .zeroshot import PUBLISHED_TASKS, parse_tasks, resolve_tasks, zero_shot
+from .zeroshot import LoadedTasks, load_tasks, parse_tasks, resolve_tasks, zero_shot
 
 RESULTS_KIND = "stade-results"
 RESULTS_SCHEMA = 1
@@ -33,7 +33,7 @@ MAX_EXP = math.log(1.7976931348623157e308)  # math.exp overflows above this (~70
 @dataclass(frozen=True)
 class EvalConfig:
     ppl: tuple[str, ...] = DEFAULT_PPL
-    tasks: tuple[str, ...] = PUBLISHED_TASKS
+    tasks: tuple[str, ...] = ()  # zero-shot is asked for (`--tasks paper` for the published seven)
     seqlen: int | None = None  # None: min(model context, 2048), as published
     batch_size: int = 8
     limit: int | None = None
@@ -219,6 +219,20 @@ def dataset_perplexity(
     return entry
 
 
+def prepare(config: EvalConfig, cache_dir: str | None = None) -> LoadedTasks | None:
+    """Load every zero-shot task and every perplexity source before any model runs: a task or dataset that
+    cannot be had (offline, a typo) fails in seconds, not after the first model's perplexity."""
+    from .data import documents, is_token_file, load_token_file
+
+    ready = load_tasks(resolve_tasks(config.tasks, check_names=False)) if config.tasks else None
+    for source in config.ppl:
+        if is_token_file(source):
+            load_token_file(Path(source).expanduser(), "[1, N]")
+        else:
+            documents(source, "validation" if source == "c4" else "test", cache_dir)
+    return ready
+
+
 # ----------------------------------------------------------------------------------------------- model facts
 
 
@@ -325,15 +339,20 @@ def evaluate_model(
     config: EvalConfig,
     device: torch.device,
     cache_dir: str | None = None,
+    tasks: LoadedTasks | None = None,
 ) -> dict[str, Any]:
-    """Perplexity on every config.ppl source, then zero-shot on config.tasks; the results document."""
+    """Perplexity on every config.ppl source, then zero-shot on config.tasks; the results document.
+
+    `tasks`: the config's tasks from `prepare` (loaded once for many models); None loads them here, first.
+    """
     t_start = time.perf_counter()
     model = loaded.model
     seqlen = config.seqlen or min(max_context(model) or 2048, 2048)
     ctx = max_context(model)
     if ctx is not None and seqlen > ctx:
         raise StadeError(f"--seqlen {seqlen} is above the model's context of {ctx} tokens.", f"use {ctx} or less")
-    specs = resolve_tasks(config.tasks) if config.tasks else []  # fail on a bad task name before any work
+    if config.tasks and tasks is None:
+        tasks = load_tasks(resolve_tasks(config.tasks, check_names=False))  # a task that cannot load fails first
     results: dict[str, Any] = {
         "kind": RESULTS_KIND,
         "schema": RESULTS_SCHEMA,
@@ -363,9 +382,9 @@ def evaluate_model(
         )
         timings[f"ppl:{source}"] = ppl[source]["seconds"]
     results["perplexity"] = ppl
-    if specs:
+    if config.tasks and tasks is not None:
         t0 = time.perf_counter()
-        results["zeroshot"] = zero_shot(loaded, specs, config.batch_size, config.limit)
+        results["zeroshot"] = zero_shot(loaded, tasks, config.batch_size, config.limit)
         timings["zeroshot"] = round(time.perf_counter() - t0, 3)
     else:
         results["zeroshot"] = {"tasks": {}, "mean": {}, "num_fewshot": 0, "limit": config.limit}

@@ -158,6 +158,7 @@ class LoadedModel:
     files: WeightFiles | None = None  # set when the blocks are read from disk one at a time (lazy)
     block_samples: dict[str, bytes] = field(default_factory=dict)  # fingerprint parts of lazily read blocks
     cache_dir: str | None = None  # where a hub model's files were fetched; later reads of them look there too
+    own_dtype: torch.dtype | None = None  # the checkpoint's own dtype (prune saves in it), whatever it was loaded in
 
     @property
     def dtype(self) -> torch.dtype:
@@ -185,6 +186,11 @@ def default_dtype(path: str, device: torch.device, cache_dir: str | None, own_dt
     """The model's own dtype on a GPU (or when asked); float32 on the CPU, where half precision is slow and lossy."""
     if device.type == "cpu" and not own_dtype:
         return torch.float32
+    return checkpoint_dtype(path, cache_dir)
+
+
+def checkpoint_dtype(path: str, cache_dir: str | None = None) -> torch.dtype:
+    """The dtype the checkpoint's config names (float32 where it names none)."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
@@ -237,6 +243,7 @@ def load_model(
                 f"Model {spec!r} has no usable tokenizer: {' '.join(str(exc).split())}",
                 "save the tokenizer with the model (tokenizer.save_pretrained(folder))",
             ) from exc
+        own = checkpoint_dtype(path, cache_dir)
     except StadeError:
         raise
     except ValueError as exc:
@@ -269,7 +276,9 @@ def load_model(
         ) from None
     model.eval()
     find_blocks(model)  # fail early on architectures without a layer list
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, files=files, cache_dir=cache_dir)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, spec=spec, path=path, files=files, cache_dir=cache_dir, own_dtype=own
+    )
 
 
 def quiet_transformers() -> None:

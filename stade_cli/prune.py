@@ -370,12 +370,15 @@ def prune_sweep(
     dtype: torch.dtype | None = None,
     batch_size: int = 8,
     route_note: str | None = None,
+    command: str | None = None,
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Prune once per config from one loaded model and one statistics artifact; returns (path, stade.json).
 
     `route_note` says why this model is pruned in memory rather than streamed (recorded in stade.json).
+    `dtype`: the dtype the checkpoints are saved in; None keeps the checkpoint's own, whatever it computed in.
     """
     out = Path(out)
+    dtype = dtype or loaded.own_dtype
     if len(set(configs)) != len(configs):
         raise StadeError("The sweep names the same combination twice.", "remove the duplicate method/pattern/ratio")
     paths = output_paths(out, configs)
@@ -394,7 +397,8 @@ def prune_sweep(
         if route_note:
             report.warnings.append(route_note)
         finish_biases(model, switches if any(r.bias_updated for r in report.layers) else {})
-        results.append((paths[config], save_checkpoint(loaded, report, stats, paths[config], force, device, dtype)))
+        saved = save_checkpoint(loaded, report, stats, paths[config], force, device, dtype, command)
+        results.append((paths[config], saved))
     if snap:
         snap.restore()
         write_json(out / SWEEP_SUMMARY, sweep_summary(results))

@@ -25,6 +25,7 @@ from .checkpoint import REPORT_FILE, bias_plan, report_dict
 from .console import progress
 from .errors import StadeError
 from .files import PlannedSafetensors, atomic_dir, check_space, check_writable, write_json
+from .modelcard import write_card
 from .models import LoadedModel, load_model
 from .prune import (
     SWEEP_SUMMARY,
@@ -57,22 +58,28 @@ def prune_checkpoints(
     force: bool = False,
     dtype: torch.dtype | None = None,
     batch_size: int = 8,
+    command: str | None = None,
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Prune and write every config's checkpoint: streaming where the model was loaded lazily, else in memory
-    (said on stderr and recorded in stade.json as `route`)."""
+    (said on stderr and recorded in stade.json as `route`). `dtype`: the saved dtype (None: the checkpoint's own);
+    `command`: the command line, for the model cards."""
     from .console import err
+
+    dtype = dtype or loaded.own_dtype
 
     reason = IN_MEMORY_NOTE
     if loaded.files is not None:
         try:
-            return stream_sweep(loaded, stats, configs, out, device, force, dtype, batch_size)
+            return stream_sweep(loaded, stats, configs, out, device, force, dtype, batch_size, command)
         except NotStreamable as exc:  # raised before any output exists
             reason = f"{exc}, so it is pruned in memory (the whole model in host RAM)"
             spec = loaded.spec
             loaded = load_model(loaded.path, loaded.dtype, "cpu", loaded.cache_dir)
             loaded.spec = spec
     err.print(f"[yellow]Note:[/] {reason}.", highlight=False, soft_wrap=True)
-    return prune_sweep(loaded, stats, configs, out, device, force, dtype, batch_size, route_note=reason)
+    return prune_sweep(
+        loaded, stats, configs, out, device, force, dtype, batch_size, route_note=reason, command=command
+    )
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -196,14 +203,14 @@ class CheckpointWriter:
             (self.folder / "model.safetensors.index.json").write_text(text)
 
 
-def write_config(model: Any, folder: Path, switches: dict[str, bool]) -> None:
+def write_config(model: Any, folder: Path, switches: dict[str, bool], dtype: torch.dtype | None = None) -> None:
     """config.json and generation_config.json as save_pretrained writes them, with these bias switches set."""
     cfg = model.config
     own = {k: getattr(cfg, k) for k in switches}
     for k, v in switches.items():
         setattr(cfg, k, v)
     try:
-        cfg.dtype = str(model.dtype).split(".")[1]
+        cfg.dtype = str(dtype or model.dtype).split(".")[1]  # the saved dtype, not the one computed in
         cfg.architectures = [type(model).__name__]
         cfg.save_pretrained(folder)
         if model.can_generate():
@@ -225,6 +232,7 @@ def stream_sweep(
     force: bool = False,
     dtype: torch.dtype | None = None,
     batch_size: int = 8,
+    command: str | None = None,
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Prune a lazily loaded model once per config, reading each block once and writing it to every output."""
     assert loaded.files is not None, "stream_sweep needs a model whose blocks are on disk (load_model(lazy=True))"
@@ -277,7 +285,7 @@ def stream_sweep(
         for c in configs:
             t_end = time.perf_counter()
             writers[c].close()
-            write_config(model, folders[c], switched[c])
+            write_config(model, folders[c], switched[c], dtype)
             tokenizer: Any = loaded.tokenizer
             tokenizer.save_pretrained(folders[c])
             report = reports[c]
@@ -287,7 +295,9 @@ def stream_sweep(
             report.timings["write_s"] = round(time.perf_counter() - t_end, 3)
             note_damping(report)
             doc = report_dict(loaded, report, stats, device)
+            doc["dtype"] = str(dtype or loaded.dtype).removeprefix("torch.")  # as saved
             write_json(folders[c] / REPORT_FILE, doc)
+            write_card(folders[c], doc, command)
             results.append((paths[c], doc))
     if len(configs) > 1:
         write_json(out / SWEEP_SUMMARY, sweep_summary(results))

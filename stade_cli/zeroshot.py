@@ -33,6 +33,7 @@ CLOZE_SEED = 0
 CLOZE_ITEMS = 400
 CLOZE_CHOICES = 4
 PUBLISHED_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+TASK_PRESETS = {"paper": PUBLISHED_TASKS}  # --tasks paper: the seven zero-shot tasks the papers report
 REPORTED_METRICS = ("acc", "acc_norm")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
@@ -140,11 +141,14 @@ class TaskSpec:
 
 
 def parse_tasks(value: str | None) -> tuple[str, ...]:
-    """`--tasks`: comma-separated names or YAML paths; empty or 'none' means no zero-shot."""
+    """`--tasks`: comma-separated names, YAML paths or presets ('paper'); None, empty or 'none': no zero-shot."""
     if value is None:
-        return PUBLISHED_TASKS
+        return ()
     names = tuple(t.strip() for t in value.split(",") if t.strip())
-    return () if names in ((), ("none",)) else names
+    if names in ((), ("none",)):
+        return ()
+    expanded = [task for name in names for task in TASK_PRESETS.get(name, (name,))]
+    return tuple(dict.fromkeys(expanded))  # in order, each once
 
 
 def _yaml_task(path: Path) -> TaskSpec:
@@ -162,8 +166,11 @@ def _yaml_task(path: Path) -> TaskSpec:
     return TaskSpec(name, str(path.resolve().parent))
 
 
-def resolve_tasks(names: tuple[str, ...]) -> list[TaskSpec]:
-    """Map names and YAML paths to tasks, checking that lm_eval knows every name (close matches listed)."""
+def resolve_tasks(names: tuple[str, ...], check_names: bool = True) -> list[TaskSpec]:
+    """Map names and YAML paths to tasks, checking that lm_eval knows every name (close matches listed).
+
+    `check_names=False` leaves that check to `load_tasks`, which indexes lm_eval's tasks anyway (a minute).
+    """
     specs: list[TaskSpec] = []
     hub: list[str] = []
     for name in names:
@@ -174,17 +181,58 @@ def resolve_tasks(names: tuple[str, ...]) -> list[TaskSpec]:
         else:
             specs.append(TaskSpec(name))
             hub.append(name)
-    if hub:
+    if hub and check_names:
         with quiet_lm_eval():
             from lm_eval.tasks import TaskManager
 
-            known = set(TaskManager().all_tasks) | {BUILTIN_TASK}
-        for name in hub:
-            if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
-                hint = f"did you mean {', '.join(close)}?" if close else "run `lm_eval ls tasks` for the names"
-                raise StadeError(f"Unknown lm_eval task {name!r}.", hint)
+            _check_names(hub, set(TaskManager().all_tasks))
     return specs
+
+
+def _check_names(names: list[str], known: set[str]) -> None:
+    known = known | {BUILTIN_TASK}
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "run `lm_eval ls tasks` for the names"
+            raise StadeError(f"Unknown lm_eval task {name!r}.", hint)
+
+
+@dataclass
+class LoadedTasks:
+    """Tasks built by lm_eval, datasets downloaded: what a run needs, loaded once before any model is evaluated."""
+
+    specs: list[TaskSpec]
+    objects: list[Any]  # lm_eval Task / Group objects, in the order asked
+    manager: Any
+
+
+def load_tasks(specs: list[TaskSpec]) -> LoadedTasks:
+    """Build every task and fetch its data now, so that a task that cannot load fails before hours of work."""
+    with quiet_lm_eval():
+        from lm_eval.tasks import TaskManager
+
+        paths = sorted({t.include_path for t in specs if t.include_path})
+        only_local = all(t.include_path for t in specs)
+        manager = TaskManager(include_path=paths or None, include_defaults=not only_local)
+        _check_names([t.name for t in specs if t.include_path is None], set(manager.all_tasks))
+        objects: list[Any] = []
+        for spec in specs:
+            try:
+                built = manager.load(spec.name)
+            except Exception as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                hub = spec.include_path is None
+                raise StadeError(
+                    f"Could not load zero-shot task {spec.name!r}: {first}",
+                    f"hub tasks need the internet; offline, use --tasks {BUILTIN_TASK} or a local task YAML"
+                    if hub
+                    else "check the task YAML and the data files it names",
+                ) from None
+            groups, tasks = built.get("groups", {}), built.get("tasks", {})
+            top = groups.get(spec.name) or tasks.get(spec.name)
+            objects.extend([top] if top is not None else list(tasks.values()))  # a tag: its tasks
+    return LoadedTasks(specs, objects, manager)
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -262,28 +310,26 @@ def _with_progress(hflm: type) -> type:
 
 
 def zero_shot(
-    loaded: LoadedModel, tasks: list[TaskSpec], batch_size: int = 8, limit: int | None = None
+    loaded: LoadedModel, tasks: list[TaskSpec] | LoadedTasks, batch_size: int = 8, limit: int | None = None
 ) -> dict[str, Any]:
     """Run the tasks 0-shot on the in-memory model through lm_eval's HF wrapper; acc, acc_norm and means."""
     if limit is not None and limit < 1:
         raise StadeError(f"--limit must be at least 1, got {limit}.", "it is the number of items per task")
+    ready = tasks if isinstance(tasks, LoadedTasks) else load_tasks(tasks)
+    tasks = ready.specs
     with quiet_lm_eval():
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
-        paths = sorted({t.include_path for t in tasks if t.include_path})
-        only_local = all(t.include_path for t in tasks)
-        manager = TaskManager(include_path=paths or None, include_defaults=not only_local)
         lm = _with_progress(HFLM)(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         try:
             with silent_harness():
                 raw = simple_evaluate(
                     model=lm,
-                    tasks=[t.name for t in tasks],
+                    tasks=list(ready.objects),
                     num_fewshot=0,
                     limit=limit,
-                    task_manager=manager,
+                    task_manager=ready.manager,
                     log_samples=False,
                     bootstrap_iters=1000,
                 )

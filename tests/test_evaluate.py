@@ -204,6 +204,9 @@ def test_model_folder_without_weights(tiny_llama_dir: Path, tmp_path: Path) -> N
 class FakeTaskManager:
     all_tasks = ("hellaswag", "hellaswag_de", "boolq", "arc_easy")
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
 
 def test_unknown_task_lists_close_matches(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -236,7 +239,9 @@ def test_results_files_are_checked(tmp_path: Path) -> None:
 def test_config_from_strings() -> None:
     config = EvalConfig.from_strings("wikitext2, c4", "none")
     assert config.ppl == ("wikitext2", "c4") and config.tasks == ()
-    assert EvalConfig.from_strings(None, None).tasks[0] == "boolq"
+    default = EvalConfig.from_strings(None, None)
+    assert default.ppl == ("wikitext2",) and default.tasks == ()  # a first run: perplexity only
+    assert EvalConfig.from_strings(None, "paper").tasks[0] == "boolq"
     with pytest.raises(StadeError, match="--batch-size"):
         EvalConfig(batch_size=0)
 

@@ -53,7 +53,13 @@ def test_builtin_task_is_written_once_as_a_local_lm_eval_task() -> None:
 
 
 def test_parse_tasks() -> None:
-    assert parse_tasks(None) == PUBLISHED_TASKS
+    assert parse_tasks(None) == ()  # perplexity only unless zero-shot is asked for
+    assert (
+        parse_tasks("paper")
+        == PUBLISHED_TASKS
+        == ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+    )
+    assert parse_tasks("paper, stade_cloze, boolq") == (*PUBLISHED_TASKS, "stade_cloze")
     assert parse_tasks("none") == parse_tasks("") == parse_tasks(" , ") == ()
     assert parse_tasks("boolq, stade_cloze") == ("boolq", "stade_cloze")
 

@@ -1,0 +1,162 @@
+"""The README.md model card of a pruned checkpoint: what hub users read, where `stade.json` is for tools.
+
+`stade prune` writes it (base model, method, pattern, sparsity, calibration data, the command); `stade eval`
+fills in its results section, keeping the rest. The YAML front matter follows the Hugging Face model card
+metadata (`base_model`, `library_name`, `tags`), as mlx-lm and llm-compressor write it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+CARD_FILE = "README.md"
+RESULTS_START = "<!-- stade:results -->"
+RESULTS_END = "<!-- /stade:results -->"
+NOT_EVALUATED = "Not evaluated yet: `stade eval` on this folder adds its results here."
+BUILTIN_BASE = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_base(spec: str) -> str | None:
+    """The hub id of the base model, where there is one (a local folder or file has none)."""
+    if spec in BUILTIN_BASE:
+        return BUILTIN_BASE[spec]
+    if _HUB_ID.match(spec) and not Path(spec).expanduser().exists():
+        return spec
+    cached = re.search(r"models--([\w.-]+?)--([\w.-]+)", spec)  # a snapshot folder of the hub cache
+    return f"{cached.group(1)}/{cached.group(2)}" if cached else None
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "—"
+
+
+def render(report: dict[str, Any], command: str | None = None) -> str:
+    """The card for a checkpoint described by its stade.json `report` (results section empty)."""
+    spec = report["model"]["spec"]
+    base = hub_base(spec)
+    method, pattern = report["method"], report["pattern"]
+    cal = report["statistics"]
+    front = ["---"]
+    if base:
+        front.append(f"base_model: {base}")
+    front += [
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- stade",
+        "- pruned",
+        "- sparse",
+        f"- {method}",
+        f"- {'unstructured' if pattern == 'unstructured' else pattern.replace(':', 'of') + '-sparsity'}",
+        "---",
+    ]
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{spec}`"
+    if base and base != spec:
+        base_text += f" (given as `{spec}`)"
+    rows = [
+        ("base model", base_text),
+        ("method", f"`{method}`"),
+        ("pattern", pattern),
+        ("target sparsity", _pct(report["sparsity"])),
+        ("achieved sparsity", f"{_pct(report['achieved_sparsity'])} of the decoder blocks' linear weights"),
+        ("bias update", "yes" if report.get("bias_update") else "no"),
+        ("sequential", "yes" if report.get("sequential") else "no (one-shot, from the dense statistics)"),
+        ("calibration data", f"`{cal['data']}`, {cal['nsamples']} windows x {cal['seqlen']} tokens"),
+        ("saved dtype", str(report.get("dtype", "—"))),
+        ("stade", str(report.get("versions", {}).get("stade", "—"))),
+    ]
+    lines = [
+        *front,
+        "",
+        f"# {Path(spec.rstrip('/')).name or spec}, pruned with {method} ({pattern}, {_pct(report['sparsity'])})",
+        "",
+        f"{base_text} pruned after training, with no retraining, by [stade](https://pypi.org/project/stade/). "
+        "Pruned weights are stored as zeros in an ordinary checkpoint: plain `transformers` loads it.",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in rows),
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        command or "(made through the Python API: no command line)",
+        "```",
+        "",
+        "`stade.json` beside this card holds the full report (every layer's sparsity and error).",
+        "",
+        "## Evaluation",
+        "",
+        RESULTS_START,
+        NOT_EVALUATED,
+        RESULTS_END,
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_HUB_ID")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(folder: Path, report: dict[str, Any], command: str | None = None) -> Path:
+    path = folder / CARD_FILE
+    _write_atomic(path, render(report, command))
+    return path
+
+
+def result_rows(results: dict[str, Any]) -> dict[str, str]:
+    """One table row per result of a results document, keyed by the result's name."""
+    rows: dict[str, str] = {}
+    for source, r in results.get("perplexity", {}).items():
+        settings = f"{r['windows']} windows x {r['seqlen']} tokens"
+        if r.get("notes"):
+            settings += "; " + "; ".join(r["notes"])
+        rows[f"perplexity {source}"] = f"{r['ppl']:.3f} | {settings}"
+    zs = results.get("zeroshot", {})
+    for task, r in zs.get("tasks", {}).items():
+        items = f"{r.get('items')} items" + (f" (--limit {zs['limit']})" if zs.get("limit") else "")
+        for metric in ("acc", "acc_norm"):
+            if metric in r:
+                rows[f"{metric} {task}"] = f"{100 * r[metric]:.2f} | 0-shot, {items}"
+    return rows
+
+
+def add_results(folder: Path, results: dict[str, Any]) -> bool:
+    """Put `results` into the card's results section (a result measured again replaces its row; the rest stays).
+
+    Returns False, changing nothing, where the folder has no card written by stade.
+    """
+    path = folder / CARD_FILE
+    if not path.is_file():
+        return False
+    text = path.read_text(encoding="utf8")
+    start, end = text.find(RESULTS_START), text.find(RESULTS_END)
+    if start < 0 or end < start:
+        return False
+    body = text[start + len(RESULTS_START) : end]
+    rows: dict[str, str] = {}
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("result", "---"):
+            rows[cells[0]] = f"{cells[1]} | {cells[2]}"
+    rows.update(result_rows(results))
+    table = ["| result | value | settings |", "|---|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())]
+    section = "\n".join([RESULTS_START, *table, RESULTS_END])
+    _write_atomic(path, text[:start] + section + text[end + len(RESULTS_END) :])
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".incomplete")
+    tmp.write_text(text, encoding="utf8")
+    os.replace(tmp, path)
