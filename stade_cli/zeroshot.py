@@ -209,7 +209,7 @@ class LoadedTasks:
 
 def load_tasks(specs: list[TaskSpec]) -> LoadedTasks:
     """Build every task and fetch its data now, so that a task that cannot load fails before hours of work."""
-    with quiet_lm_eval():
+    with quiet_lm_eval(), silent_harness():  # building a task reads its data: no tqdm bars on stderr
         from lm_eval.tasks import TaskManager
 
         paths = sorted({t.include_path for t in specs if t.include_path})
