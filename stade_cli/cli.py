@@ -499,8 +499,8 @@ def eval_(
         typer.Option(
             "--tasks",
             help="Zero-shot lm_eval tasks, comma-separated: 'paper' (the published seven: "
-            "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa; from the hub), task names, local task "
-            ".yaml files, or the offline 'stade_cloze'. \\[default: none, perplexity only]",
+            "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; from the hub), task names, "
+            "local task .yaml files, or the offline 'stade_cloze'. \\[default: none, perplexity only]",
             show_default=False,
         ),
     ] = None,

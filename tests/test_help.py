@@ -79,7 +79,7 @@ def test_help_says_what_each_option_means() -> None:
     evaluate = flat(render("eval"))
     for phrase in (
         "a .safetensors file of ids [1, N]",
-        "'paper' (the published seven: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+        "'paper' (the published seven: boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa",
         "[default: none, perplexity only]",
         "--tasks paper",
         "The dtype the model is loaded and run in.",
