@@ -153,7 +153,7 @@ def solve_like_published(w: torch.Tensor, h: torch.Tensor, pattern: str, blocksi
 def prune_like_published(model: nn.Module, ids: torch.Tensor, method: str, pattern: str) -> None:
     """Sequential, one sequence at a time through each block, one accumulator per layer, no bias update."""
     inputs = capture_inputs(model, ids, 1, CPU)
-    for _i, _prefix, block in iterate_blocks(model):
+    for i, _prefix, block in iterate_blocks(model):
         layers = linear_layers(block)
         acc = {}
         for name, mod in layers.items():
@@ -165,7 +165,7 @@ def prune_like_published(model: nn.Module, ids: torch.Tensor, method: str, patte
             else:
                 acc[name] = RunningSquares(dim)
         handles = [mod.register_forward_hook(lambda _m, a, _o, s=acc[n]: s.add(a[0])) for n, mod in layers.items()]
-        run_block(block, inputs, CPU)
+        run_block(block, inputs, CPU, i)
         for handle in handles:
             handle.remove()
         for name, mod in layers.items():
@@ -175,7 +175,7 @@ def prune_like_published(model: nn.Module, ids: torch.Tensor, method: str, patte
                 continue
             scores = w**2 * s.var if isinstance(s, OnePassVariance) else w.abs() * s.sq.sqrt()
             w[topk_mask(scores, pattern)] = 0
-        inputs.hidden = run_block(block, inputs, CPU)
+        inputs.hidden = run_block(block, inputs, CPU, i)
 
 
 def main() -> None:

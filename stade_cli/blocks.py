@@ -14,26 +14,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import StadeError
 from .layers import find_blocks
 from .models import LoadedModel
 from .weights import materialized
 
 
 class _Stop(Exception):
-    """Raised by the catcher once the first block's inputs are captured."""
+    """Raised by the last block's recorder: the rest of the forward (final norm, head) is not needed."""
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0: records its call arguments, then stops the forward pass."""
+class _Recorder(nn.Module):
+    """Stands in for one block: records its call arguments and passes the hidden states through unchanged.
 
-    def __init__(self, block: nn.Module) -> None:
+    The model's own forward then hands every block the arguments it really gets (its own rotary
+    tables, sliding or full mask, ... by `config.layer_types`), one forward per batch.
+    """
+
+    def __init__(self, block: nn.Module, index: int, last: bool, as_tuple: bool) -> None:
         super().__init__()
         object.__setattr__(self, "_wrapped", block)  # not a submodule: it must stay where it is
+        self.index, self.last, self.as_tuple = index, last, as_tuple
         self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self.calls.append((hidden_states, args, kwargs))
-        raise _Stop
+        if self.last:
+            raise _Stop
+        # A loop that takes `layer_outputs[0]` gets the hidden states back from a one-element tuple.
+        return (hidden_states,) if self.as_tuple else hidden_states
 
     def __getattr__(self, name: str) -> Any:  # e.g. `attention_type`, read by some models' forward
         try:
@@ -42,24 +51,42 @@ class _Catcher(nn.Module):
             return getattr(object.__getattribute__(self, "_wrapped"), name)
 
 
+Call = tuple[tuple, dict]  # (positional arguments after the hidden states, keyword arguments)
+
+
 @dataclass
 class BlockInputs:
-    """Hidden states entering the current block, per batch, and the other call arguments."""
+    """Hidden states entering the current block, per batch, and every block's own call arguments.
+
+    `calls[k][b]` is what the model's forward passes block k with batch b besides the hidden states.
+    The tensors in them are shared between blocks (one mask and one rotary table per layer type).
+    """
 
     hidden: list[torch.Tensor]  # each (B, L, hidden)
-    args: list[tuple]
-    kwargs: list[dict]
+    calls: list[list[Call]]
+
+    def of_block(self, index: int) -> BlockInputs:
+        """The same hidden states with block `index`'s calls alone (as `calls[0]`), for code that runs one block."""
+        return BlockInputs(self.hidden, [self.calls[index]])
+
+    def batches(self) -> Iterator[BlockInputs]:
+        """One BlockInputs per batch, for a caller that works between batches."""
+        for b, h in enumerate(self.hidden):
+            yield BlockInputs([h], [[per_block[b]] for per_block in self.calls])
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def _to(obj: Any, device: torch.device, memo: dict[int, Any]) -> Any:
+    """`obj` with its tensors on `device`; a tensor shared by several calls stays one tensor."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -72,37 +99,77 @@ def _keep_on(device: torch.device, input_ids: torch.Tensor, hidden_size: int, dt
     return device if need < 0.4 * free else torch.device("cpu")
 
 
+def _record(model: nn.Module, recorders: list[_Recorder], batch: torch.Tensor) -> str | None:
+    """One forward of `batch` through the recorders; what went wrong, or None if every block was seen once."""
+    seen = [len(r.calls) for r in recorders]
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _Stop:
+        pass
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # the loop could not go on with the recorder's return value
+        return f"the forward failed with the blocks replaced ({type(e).__name__}: {e})"
+    counts = [len(r.calls) - s for r, s in zip(recorders, seen, strict=True)]
+    if counts != [1] * len(recorders):
+        return f"blocks were called {counts} times in one forward, not once each"
+    first = recorders[0].calls[-1][0]
+    for r in recorders[1:]:
+        if r.calls[-1][0] is not first:
+            return f"block {r.index} does not receive block {r.index - 1}'s output unchanged"
+    return None
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device) -> BlockInputs:
-    """Run the model up to block 0 for each batch of windows and keep what block 0 receives."""
+    """Block 0's hidden states and every block's own call arguments, for each batch of windows.
+
+    Raises StadeError for an architecture whose forward cannot be replayed block by block.
+    """
     name, blocks = find_blocks(model)
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    catcher = _Catcher(blocks[0])
-    setattr(parent, attr, nn.ModuleList([catcher]))
+    n = len(blocks)
+    batches = [input_ids[s : s + batch_size] for s in range(0, input_ids.shape[0], batch_size)]
+    problems = []
+    setattr(parent, attr, nn.ModuleList())
     try:
         model.to(device)  # only the embeddings, rotary tables and final norm: the blocks are detached
-        for start in range(0, input_ids.shape[0], batch_size):
-            batch = input_ids[start : start + batch_size].to(device)
-            with contextlib.suppress(_Stop):
-                model(input_ids=batch, use_cache=False)
+        # Most decoder loops take a block's return value as the new hidden states; older ones take `[0]`.
+        for as_tuple in (False, True):
+            recorders = [_Recorder(b, i, i == n - 1, as_tuple) for i, b in enumerate(blocks)]
+            setattr(parent, attr, nn.ModuleList(recorders))
+            problem = None
+            for batch in batches:
+                problem = _record(model, recorders, batch.to(device))
+                if problem:
+                    break
+            if problem is None:
+                break
+            problems.append(problem)
+            recorders = []
     finally:
         model.to("cpu")
         setattr(parent, attr, blocks)
-    hidden_size = catcher.calls[0][0].shape[-1]
-    store = _keep_on(device, input_ids, hidden_size, catcher.calls[0][0].dtype)
+    if not recorders:
+        raise StadeError(
+            f"Cannot run {type(model).__name__} one block at a time: {problems[-1]}.",
+            "this architecture is not supported yet; please report it",
+        )
+    first = recorders[0].calls
+    store = _keep_on(device, input_ids, first[0][0].shape[-1], first[0][0].dtype)
+    memo: dict[int, Any] = {}
     return BlockInputs(
-        hidden=[h.to(store) for h, _, _ in catcher.calls],
-        args=[_to(a, device) for _, a, _ in catcher.calls],
-        kwargs=[_to(k, device) for _, _, k in catcher.calls],
+        hidden=[h.to(store) for h, _, _ in first],
+        calls=[[(_to(a, device, memo), _to(k, device, memo)) for _, a, k in r.calls] for r in recorders],
     )
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device) -> list[torch.Tensor]:
-    """The block's outputs for every batch (the block must already be on `device`)."""
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, index: int) -> list[torch.Tensor]:
+    """Block `index`'s outputs for every batch, called with its own arguments (the block must be on `device`)."""
     outs = []
-    for h, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+    for h, (args, kwargs) in zip(inputs.hidden, inputs.calls[index], strict=True):
         out = block(h.to(device), *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         outs.append(out.to(h.device))

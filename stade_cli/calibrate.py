@@ -162,10 +162,9 @@ def collect(
                 collector = BlockCollector(block, lin, device, hessians is not None)
                 try:
                     outs = []
-                    for h, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-                        out = run_block(block, type(inputs)([h], [args], [kwargs]), device)[0]
+                    for batch in inputs.batches():
+                        outs += run_block(block, batch, device, i)
                         collector.end_batch()
-                        outs.append(out)
                 finally:
                     collector.remove()
             inputs.hidden = outs

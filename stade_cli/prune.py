@@ -270,9 +270,10 @@ def prune_step(
     config: PruneConfig,
     device: torch.device,
     inputs: BlockInputs | None,
+    index: int,
     report: PruneReport | None = None,
 ) -> list[LayerReport]:
-    """Prune one block (already on `device`). With `inputs` (sequential, or reconstructing): recalibrate on
+    """Prune block `index` (already on `device`). With `inputs` (sequential, or reconstructing): recalibrate on
     them (sequential), reconstruct against the dense block's outputs on them (recorded in `report`), then
     advance them to the next block's inputs: the pruned block's outputs (sequential), else the dense ones."""
     if inputs is None:
@@ -282,8 +283,8 @@ def prune_step(
     if config.sequential and config.metric.needs:
         collector = BlockCollector(block, linear_layers(block), device, "hessian" in config.metric.needs)
         try:
-            for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-                out = run_block(block, BlockInputs([h], [a], [k]), device)
+            for batch in inputs.batches():
+                out = run_block(block, batch, device, index)
                 collector.end_batch()
                 if recon.needs_inputs:
                     dense += out
@@ -292,14 +293,14 @@ def prune_step(
         reports = prune_block(prefix, block, _sequential_stats(collector), config, device)
     else:
         if recon.needs_inputs:
-            dense = run_block(block, inputs, device)
+            dense = run_block(block, inputs, device, index)
         reports = prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
     if recon.needs_inputs and report is not None:
         seed = config.seed * 1_000_003 + len(report.reconstruction)  # one held-out split per block
-        done = recon.run(block, inputs, dense, device, config.reconstruct_steps, seed) or {}
+        done = recon.run(block, inputs.of_block(index), dense, device, config.reconstruct_steps, seed) or {}
         report.reconstruction.append({"block": prefix, **done})
     # Sequential: the pruned block feeds the next one. One-shot (reconstructing): the dense outputs do.
-    inputs.hidden = run_block(block, inputs, device) if config.sequential else dense
+    inputs.hidden = run_block(block, inputs, device, index) if config.sequential else dense
     return reports
 
 
@@ -323,10 +324,10 @@ def prune_model(
     blocks = list(iterate_blocks(model))
     with progress() as bar:
         task = bar.add_task(f"{config.name}{' (sequential)' if config.sequential else ''}", total=len(blocks), info="")
-        for _i, prefix, block in blocks:
+        for i, prefix, block in blocks:
             with on_device(loaded, prefix, block, device):
                 report.layers += prune_step(
-                    prefix, block, stats, config, device, inputs if use_inputs else None, report
+                    prefix, block, stats, config, device, inputs if use_inputs else None, i, report
                 )
             if report.reconstruction and report.reconstruction[-1].get("heldout_before") is not None:
                 done = report.reconstruction[-1]

@@ -122,10 +122,11 @@ def _chunk_maker(inputs: BlockInputs, targets: list[torch.Tensor], device: torch
         h = inputs.hidden[batch]
         idx = torch.tensor(rows, dtype=torch.long)
         n = h.shape[0]
+        args, kwargs = inputs.calls[0][batch]  # `inputs` holds this block's own calls only (BlockInputs.of_block)
         return _Chunk(
             h.index_select(0, idx.to(h.device)).to(device, torch.float32),
-            _float32(_rows(inputs.args[batch], idx, n)),
-            _float32(_rows(inputs.kwargs[batch], idx, n)),
+            _float32(_rows(args, idx, n)),
+            _float32(_rows(kwargs, idx, n)),
             targets[batch].index_select(0, idx.to(targets[batch].device)).to(device, torch.float32),
         )
 

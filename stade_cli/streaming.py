@@ -260,7 +260,7 @@ def stream_sweep(
                 captured = capture_inputs(model, stats.token_ids(), batch_size, device)
                 inputs[c] = captured
             else:
-                inputs[c] = type(captured)(list(captured.hidden), captured.args, captured.kwargs)
+                inputs[c] = type(captured)(list(captured.hidden), captured.calls)
     blocks = list(iterate_blocks(model))
     with contextlib.ExitStack() as stack:
         folders = {c: stack.enter_context(atomic_dir(paths[c], force)) for c in configs}
@@ -275,9 +275,9 @@ def stream_sweep(
         with progress() as bar:
             label = configs[0].name if len(configs) == 1 else f"{len(configs)} checkpoints"
             task = bar.add_task(f"{label} (streaming)", total=len(blocks), info="")
-            for _i, prefix, block in blocks:
+            for i, prefix, block in blocks:
                 with materialized(block, prefix, loaded.files, loaded.dtype, loaded.block_samples):
-                    _prune_into(prefix, block, configs, stats, device, inputs, reports, writers)
+                    _prune_into(i, prefix, block, configs, stats, device, inputs, reports, writers)
                 release_memory()
                 bar.advance(task)
         prune_s = time.perf_counter() - t0
@@ -305,6 +305,7 @@ def stream_sweep(
 
 
 def _prune_into(
+    index: int,
     prefix: str,
     block: nn.Module,
     configs: list[PruneConfig],
@@ -314,7 +315,7 @@ def _prune_into(
     reports: dict[PruneConfig, PruneReport],
     writers: dict[PruneConfig, CheckpointWriter],
 ) -> None:
-    """Prune the dense block once per config (restored in between) and write each result to its output."""
+    """Prune dense block `index` once per config (restored in between) and write each result to its output."""
     dense = {k: v.detach().clone() for k, v in block.state_dict().items()} if len(configs) > 1 else None
     biased = {n for n, m in block.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
     block.to(device)
@@ -322,7 +323,7 @@ def _prune_into(
         if idx and dense is not None:
             _drop_added_biases(block, biased)
             block.load_state_dict(dense, strict=True)  # copies into the device's tensors
-        reports[c].layers += prune_step(prefix, block, stats, c, device, inputs.get(c), reports[c])
+        reports[c].layers += prune_step(prefix, block, stats, c, device, inputs.get(c), index, reports[c])
         writers[c].write_block(prefix, block)
     _drop_added_biases(block, biased)  # the block goes back to its on-disk shape (meta) for the fingerprint
 
