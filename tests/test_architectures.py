@@ -1,0 +1,387 @@
+"""The architecture matrix: every family users prune, as a tiny random model, against plain transformers.
+
+For each family: calibration (lazy and eager) equals statistics taken by hooks in one plain full-model
+forward; `--sequential` wanda equals a hand-written loop over full forwards; the pruned checkpoint
+reloads with plain transformers and gives the same logits. Layer types differ within a model where
+the family has them (sliding and full attention, local and global rotary tables, no-RoPE layers),
+with a sliding window shorter than the windows, so that a block run with another block's arguments
+would show. Adding a family is one entry in ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from stade_cli.blocks import capture_inputs
+from stade_cli.calibrate import CalibrationConfig, calibrate
+from stade_cli.errors import StadeError
+from stade_cli.models import load_model
+from stade_cli.prune import PruneConfig, prune_sweep
+from stade_cli.stats import Statistics
+
+CPU = torch.device("cpu")
+RTOL = 1e-5
+NSAMPLES, SEQLEN, BATCH = 6, 32, 4  # two batches, the second one short
+WINDOW = 8  # sliding window, shorter than SEQLEN
+HIDDEN = dict(vocab_size=260, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)
+
+
+@dataclass(frozen=True)
+class Arch:
+    config: Callable[[], object]  # a transformers config of a tiny model
+    blocks: str  # where the model keeps its decoder blocks (written out here, not found by stade)
+
+
+def _llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        **HIDDEN, num_hidden_layers=2, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False
+    )
+
+
+def _mistral():
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        **HIDDEN, num_hidden_layers=2, intermediate_size=128, num_key_value_heads=2, sliding_window=WINDOW
+    )
+
+
+def _qwen2():
+    from transformers import Qwen2Config
+
+    # Tied embeddings, and biased q/k/v (checked below).
+    return Qwen2Config(
+        **HIDDEN, num_hidden_layers=2, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True
+    )
+
+
+def _qwen3():
+    from transformers import Qwen3Config
+
+    # Block 0 full attention, block 1 sliding (`max_window_layers`): layer types differ.
+    return Qwen3Config(
+        **HIDDEN,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_key_value_heads=2,
+        head_dim=16,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=1,
+    )
+
+
+def _gemma2():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        **HIDDEN,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+
+
+def _gemma3():
+    from transformers import Gemma3TextConfig
+
+    # Local (sliding window, local rotary table) and global (full mask, global rotary table) layers.
+    return Gemma3TextConfig(
+        **HIDDEN,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+
+
+def _cohere2():
+    from transformers import Cohere2Config
+
+    # Sliding layers use RoPE, the full-attention layer none.
+    return Cohere2Config(
+        **HIDDEN,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        num_key_value_heads=2,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def _opt():
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        vocab_size=260,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        max_position_embeddings=128,
+        word_embed_proj_dim=64,
+    )
+
+
+def _gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=128)
+
+
+def _phi3():
+    from transformers import Phi3Config
+
+    return Phi3Config(
+        **HIDDEN,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": Arch(_llama, "model.layers"),
+    "mistral": Arch(_mistral, "model.layers"),
+    "qwen2": Arch(_qwen2, "model.layers"),
+    "qwen3": Arch(_qwen3, "model.layers"),
+    "gemma2": Arch(_gemma2, "model.layers"),
+    "gemma3": Arch(_gemma3, "model.layers"),
+    "cohere2": Arch(_cohere2, "model.layers"),
+    "opt": Arch(_opt, "model.decoder.layers"),
+    "gpt2": Arch(_gpt2, "transformer.h"),
+    "phi3": Arch(_phi3, "model.layers"),
+}
+
+
+def save_model(family: str, path: Path, seed: int = 0) -> Path:
+    """A tiny random float32 model of `family` (larger initial weights than usual, so that layers interact)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_tokenizer
+
+    config = ARCHITECTURES[family].config()
+    config.initializer_range = 0.1
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def windows(path: Path, seed: int = 0) -> Path:
+    """Random calibration windows as a token-id file."""
+    ids = torch.randint(0, 260, (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(seed))
+    save_file({"input_ids": ids}, str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- references
+
+
+def prunable(model: nn.Module, blocks: str) -> dict[str, nn.Module]:
+    """Every nn.Linear or GPT-2 Conv1D inside the decoder blocks, by full name."""
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if name.startswith(blocks + ".") and (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D")
+    }
+
+
+def weight(mod: nn.Module) -> torch.Tensor:
+    """(out, in); GPT-2's Conv1D stores (in, out)."""
+    return mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
+
+
+class Hooks:
+    """Inputs of the given layers in plain full-model forwards, summed in float64."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.count: dict[str, int] = {}
+        self.sum: dict[str, torch.Tensor] = {}
+        self.sumsq: dict[str, torch.Tensor] = {}
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.handles = [mod.register_forward_hook(self._hook(name)) for name, mod in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(_mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            if name not in self.count:
+                self.count[name] = 0
+                self.sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
+                self.sumsq[name] = torch.zeros(x.shape[1], dtype=torch.float64)
+                self.xtx[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.count[name] += x.shape[0]
+            self.sum[name] += x.sum(0)
+            self.sumsq[name] += x.square().sum(0)
+            self.xtx[name] += x.t() @ x
+
+        return hook
+
+    def run(self, model: nn.Module, ids: torch.Tensor) -> Hooks:
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+        finally:
+            for h in self.handles:
+                h.remove()
+        return self
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
+
+
+def wanda_sequential_by_hand(path: Path, blocks: str, ids: torch.Tensor, sparsity: float) -> nn.Module:
+    """Block k is pruned from hooks in a full forward of the model whose blocks 0..k-1 are already pruned."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for block in model.get_submodule(blocks):
+        inside = {id(m) for m in block.modules()}
+        layers = {name: mod for name, mod in prunable(model, blocks).items() if id(mod) in inside}
+        seen = Hooks(layers).run(model, ids)
+        with torch.no_grad():
+            for name, mod in layers.items():
+                w = weight(mod)
+                scores = w.abs().double() * seen.sumsq[name].sqrt()  # |W_ij| * ||x_j||, per output row
+                order = torch.sort(scores, dim=1, stable=True).indices[:, : int(w.shape[1] * sparsity)]
+                w.scatter_(1, order, 0.0)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- the matrix
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    return request.param, save_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_statistics_equal_full_forward(family_dir: tuple[str, Path], tmp_path: Path) -> None:
+    family, path = family_dir
+    blocks = ARCHITECTURES[family].blocks
+    data = windows(tmp_path / "ids.safetensors")
+    config = CalibrationConfig(data=str(data), nsamples=None, seqlen=None, hessian=True, batch_size=BATCH)
+    eager = load_model(str(path), dtype="float32", device="cpu")
+    lazy = load_model(str(path), dtype="float32", device="cpu", lazy=True)
+    assert lazy.lazy and not eager.lazy
+    ids = Statistics.load(calibrate(eager, config, tmp_path / "eager", CPU).path).token_ids()
+    calibrate(lazy, config, tmp_path / "lazy", CPU)
+    expected = Hooks(prunable(eager.model, blocks)).run(eager.model, ids)
+    assert expected.count, "the reference saw no layer"
+    for mode in ("eager", "lazy"):
+        stats = Statistics.load(tmp_path / mode)
+        assert set(stats.layers) == set(expected.count), f"{mode}: the artifact must cover exactly the block layers"
+        for name in sorted(expected.count):
+            n = expected.count[name]
+            mean = expected.sum[name] / n
+            got = stats.layer(name, hessian=True)
+            assert got.count == n == NSAMPLES * SEQLEN, f"{mode} {name} count"
+            assert_rel_close(got.mean, mean, f"{mode} {name} mean")
+            assert_rel_close(got.var, (expected.sumsq[name] - n * mean.square()) / (n - 1), f"{mode} {name} var")
+            assert_rel_close(got.hessian, expected.xtx[name] * (2.0 / n), f"{mode} {name} hessian")
+
+
+def test_sequential_wanda_equals_loop_by_hand_and_checkpoint_reloads(
+    family_dir: tuple[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    family, path = family_dir
+    blocks = ARCHITECTURES[family].blocks
+    data = windows(tmp_path / "ids.safetensors", seed=1)
+    loaded = load_model(str(path), dtype="float32", device="cpu", lazy=True)
+    stats = calibrate(loaded, CalibrationConfig(data=str(data), nsamples=None, seqlen=None), tmp_path / "s", CPU)
+    ids = stats.token_ids()
+    loaded = load_model(str(path), dtype="float32", device="cpu")
+    config = PruneConfig("wanda", 0.5, sequential=True)
+    [(out, record)] = prune_sweep(loaded, stats, [config], tmp_path / "pruned", CPU, batch_size=BATCH)
+    assert record["sequential"]
+
+    by_hand = wanda_sequential_by_hand(path, blocks, ids, 0.5)
+    ours = dict(loaded.model.named_parameters())
+    theirs = dict(by_hand.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, p in theirs.items():
+        assert torch.equal(ours[name], p), f"{family}: {name} differs from the loop by hand"
+    for name, mod in prunable(by_hand, blocks).items():
+        assert (weight(mod) == 0).float().mean().item() >= 0.5, name
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = loaded.model(input_ids=ids, use_cache=False).logits
+        got = reloaded(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_families_have_what_they_are_here_for(tmp_path: Path) -> None:
+    """The configs exercise what they claim: differing layer types, tied embeddings, biases, Conv1D, fused qkv."""
+    from transformers import AutoModelForCausalLM
+
+    def build(family: str) -> nn.Module:
+        return AutoModelForCausalLM.from_config(ARCHITECTURES[family].config())
+
+    for family in ("qwen3", "gemma2", "gemma3", "cohere2"):
+        config = ARCHITECTURES[family].config()
+        assert len(set(config.layer_types)) == 2 and config.sliding_window < SEQLEN, family
+    assert ARCHITECTURES["gemma3"].config().layer_types.index("full_attention") == 1
+    qwen2 = build("qwen2")
+    assert qwen2.lm_head.weight is qwen2.model.embed_tokens.weight
+    assert qwen2.model.layers[0].self_attn.q_proj.bias is not None
+    assert type(build("gpt2").transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert hasattr(build("phi3").model.layers[0].self_attn, "qkv_proj")
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+class _Loop(nn.Module):
+    """A decoder whose loop does something between blocks that block-by-block replay cannot mimic."""
+
+    def __init__(self, between: str) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"num_hidden_layers": 2})()
+        self.embed = nn.Embedding(10, 8)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8)) for _ in range(2))
+        self.between = between
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+            if self.between == "scale":
+                h = h * 2
+            elif self.between == "twice":
+                h = layer(h)
+        return h
+
+
+@pytest.mark.parametrize("between", ["scale", "twice"])
+def test_architecture_that_cannot_be_replayed_is_refused(between: str) -> None:
+    with pytest.raises(StadeError, match="Cannot run _Loop one block at a time"):
+        capture_inputs(_Loop(between), torch.zeros(2, 4, dtype=torch.long), 1, CPU)
