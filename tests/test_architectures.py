@@ -178,9 +178,8 @@ ARCHITECTURES: dict[str, Arch] = {
 
 def save_model(family: str, path: Path, seed: int = 0) -> Path:
     """A tiny random float32 model of `family` (larger initial weights than usual, so that layers interact)."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_tokenizer
+    from transformers import AutoModelForCausalLM
 
     config = ARCHITECTURES[family].config()
     config.initializer_range = 0.1
