@@ -7,6 +7,7 @@ model, each evaluated on all 147 held-out windows of 512. Writes bench/results/r
     python bench/reproduce.py            # the full table (~30-45 min on 2 CPU cores)
     python bench/reproduce.py --quick    # wanda only, 20 windows: a smoke run
     python bench/reproduce.py --cost     # only the cost ratio: calibrate + ten one-shot prunes, no evaluation
+    python bench/reproduce.py --only wanda:unstructured:sequential,stade:unstructured:sequential  # those rows
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ REFERENCE = {
 REFERENCE_PRUNE_SECONDS = 419.0  # sum of the reference prune calls for the ten (method, pattern) pairs
 METHODS = ["magnitude", "wanda", "sparsegpt", "stade", "stadew"]
 PATTERNS = ["unstructured", "2:4"]
+MODES = {  # --only's short names for the row labels
+    "sequential": "sequential, as published",
+    "one-shot": "one-shot (default)",
+    "sequential+bias": "sequential + bias update",
+    "one-shot-no-bias": "one-shot, no bias update",
+}
 
 
 def runs(quick: bool) -> list[tuple[str, PruneConfig]]:
@@ -75,7 +82,19 @@ def main() -> int:
     ap.add_argument("--cost", action="store_true", help="only time calibrate + the ten one-shot prunes")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "reproduce")
+    ap.add_argument(
+        "--only",
+        help="comma-separated method:pattern:mode rows, mode one of " + ", ".join(MODES) + "; no dense row, "
+        "results in bench/results/reproduce-only.*",
+    )
     args = ap.parse_args()
+    selected = runs(args.quick)
+    if args.only:
+        wanted = {tuple(w.split(":")) for w in args.only.split(",")}
+        known = {(c.method, c.pattern, short) for label, c in selected for short, lab in MODES.items() if lab == label}
+        if wanted - known:
+            ap.error(f"--only: unknown rows {sorted(':'.join(w) for w in wanted - known)}")
+        selected = [(label, c) for label, c in selected if (c.method, c.pattern, _short(label)) in wanted]
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cpu")
 
@@ -96,7 +115,11 @@ def main() -> int:
     t0 = time.perf_counter()
     stats = calibrate(
         loaded,
-        CalibrationConfig(data=str(REF / "calibration_ids.safetensors"), nsamples=None, hessian=True),
+        CalibrationConfig(
+            data=str(REF / "calibration_ids.safetensors"),
+            nsamples=None,
+            hessian=not args.only or any("hessian" in c.metric.needs and not c.sequential for _, c in selected),
+        ),
         args.work / "stats",
         device,
     )
@@ -107,19 +130,21 @@ def main() -> int:
 
     if args.cost:
         return cost_only(loaded, stats, calibrate_s, device, args.batch_size)
-    rows = [
-        {
-            "method": "dense",
-            "pattern": "—",
-            "mode": "dense",
-            "reference": REFERENCE[("dense", "unstructured")],
-            "ours": ppl(),
-            "prune_s": 0.0,
-        }
-    ]
+    rows = []
+    if not args.only:
+        rows.append(
+            {
+                "method": "dense",
+                "pattern": "—",
+                "mode": "dense",
+                "reference": REFERENCE[("dense", "unstructured")],
+                "ours": ppl(),
+                "prune_s": 0.0,
+            }
+        )
     snap = Snapshot(loaded.model)
     seen: dict[tuple[str, str], float] = {}
-    for label, cfg in runs(args.quick):
+    for label, cfg in selected:
         snap.restore()
         report = prune_model(loaded, stats, cfg, device, batch_size=args.batch_size)
         ref = REFERENCE.get((cfg.method, cfg.pattern)) if label.startswith("sequential, as") else None
@@ -146,13 +171,17 @@ def main() -> int:
     render(rows, cost)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    name = "reproduce-quick" if args.quick else "reproduce"
+    name = "reproduce-only" if args.only else "reproduce-quick" if args.quick else "reproduce"
     (results / f"{name}.json").write_text(
         json.dumps({"rows": rows, "cost": cost, "windows": heldout.shape[1] // 512, "fingerprint": fp}, indent=2) + "\n"
     )
     (results / f"{name}.md").write_text(markdown(rows, cost))
     shutil.rmtree(args.work, ignore_errors=True)
     return 0
+
+
+def _short(label: str) -> str:
+    return next(short for short, lab in MODES.items() if lab == label)
 
 
 def cost_summary(calibrate_s: float, one_shot_s: float) -> dict[str, float]:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from stade_cli.blocks import capture_inputs
+from stade_cli.blocks import capture_inputs, run_block
 from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.errors import StadeError
 from stade_cli.models import load_model
@@ -276,25 +276,39 @@ def wanda_sequential_by_hand(path: Path, blocks: str, ids: torch.Tensor, sparsit
 # ----------------------------------------------------------------------------------------------- the matrix
 
 
+@dataclass
+class Family:
+    name: str
+    path: Path  # the saved model
+    data: Path  # its calibration windows
+    stats: Statistics  # eager calibration with Hessians
+
+
+def calibration(data: Path) -> CalibrationConfig:
+    return CalibrationConfig(data=str(data), nsamples=None, seqlen=None, hessian=True, batch_size=BATCH)
+
+
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    return request.param, save_model(request.param, tmp_path_factory.mktemp(request.param))
-
-
-def test_statistics_equal_full_forward(family_dir: tuple[str, Path], tmp_path: Path) -> None:
-    family, path = family_dir
-    blocks = ARCHITECTURES[family].blocks
-    data = windows(tmp_path / "ids.safetensors")
-    config = CalibrationConfig(data=str(data), nsamples=None, seqlen=None, hessian=True, batch_size=BATCH)
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
+    tmp = tmp_path_factory.mktemp(request.param)
+    path = save_model(request.param, tmp / "model")
+    data = windows(tmp / "ids.safetensors")
     eager = load_model(str(path), dtype="float32", device="cpu")
-    lazy = load_model(str(path), dtype="float32", device="cpu", lazy=True)
-    assert lazy.lazy and not eager.lazy
-    ids = Statistics.load(calibrate(eager, config, tmp_path / "eager", CPU).path).token_ids()
-    calibrate(lazy, config, tmp_path / "lazy", CPU)
-    expected = Hooks(prunable(eager.model, blocks)).run(eager.model, ids)
+    assert not eager.lazy
+    return Family(request.param, path, data, calibrate(eager, calibration(data), tmp / "eager", CPU))
+
+
+def test_statistics_equal_full_forward(family: Family, tmp_path: Path) -> None:
+    blocks = ARCHITECTURES[family.name].blocks
+    lazy = load_model(str(family.path), dtype="float32", device="cpu", lazy=True)
+    assert lazy.lazy
+    lazy_stats = calibrate(lazy, calibration(family.data), tmp_path / "lazy", CPU)
+    model = load_model(str(family.path), dtype="float32", device="cpu").model
+    ids = family.stats.token_ids()
+    assert torch.equal(lazy_stats.token_ids(), ids)
+    expected = Hooks(prunable(model, blocks)).run(model, ids)
     assert expected.count, "the reference saw no layer"
-    for mode in ("eager", "lazy"):
-        stats = Statistics.load(tmp_path / mode)
+    for mode, stats in (("eager", family.stats), ("lazy", lazy_stats)):
         assert set(stats.layers) == set(expected.count), f"{mode}: the artifact must cover exactly the block layers"
         for name in sorted(expected.count):
             n = expected.count[name]
@@ -306,28 +320,22 @@ def test_statistics_equal_full_forward(family_dir: tuple[str, Path], tmp_path: P
             assert_rel_close(got.hessian, expected.xtx[name] * (2.0 / n), f"{mode} {name} hessian")
 
 
-def test_sequential_wanda_equals_loop_by_hand_and_checkpoint_reloads(
-    family_dir: tuple[str, Path], tmp_path: Path
-) -> None:
+def test_sequential_wanda_equals_loop_by_hand_and_checkpoint_reloads(family: Family, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    family, path = family_dir
-    blocks = ARCHITECTURES[family].blocks
-    data = windows(tmp_path / "ids.safetensors", seed=1)
-    loaded = load_model(str(path), dtype="float32", device="cpu", lazy=True)
-    stats = calibrate(loaded, CalibrationConfig(data=str(data), nsamples=None, seqlen=None), tmp_path / "s", CPU)
-    ids = stats.token_ids()
-    loaded = load_model(str(path), dtype="float32", device="cpu")
+    blocks = ARCHITECTURES[family.name].blocks
+    ids = family.stats.token_ids()
+    loaded = load_model(str(family.path), dtype="float32", device="cpu")
     config = PruneConfig("wanda", 0.5, sequential=True)
-    [(out, record)] = prune_sweep(loaded, stats, [config], tmp_path / "pruned", CPU, batch_size=BATCH)
+    [(out, record)] = prune_sweep(loaded, family.stats, [config], tmp_path / "pruned", CPU, batch_size=BATCH)
     assert record["sequential"]
 
-    by_hand = wanda_sequential_by_hand(path, blocks, ids, 0.5)
+    by_hand = wanda_sequential_by_hand(family.path, blocks, ids, 0.5)
     ours = dict(loaded.model.named_parameters())
     theirs = dict(by_hand.named_parameters())
     assert ours.keys() == theirs.keys()
     for name, p in theirs.items():
-        assert torch.equal(ours[name], p), f"{family}: {name} differs from the loop by hand"
+        assert torch.equal(ours[name], p), f"{family.name}: {name} differs from the loop by hand"
     for name, mod in prunable(by_hand, blocks).items():
         assert (weight(mod) == 0).float().mean().item() >= 0.5, name
 
@@ -359,25 +367,47 @@ def test_families_have_what_they_are_here_for(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- refusals
 
 
-class _Loop(nn.Module):
-    """A decoder whose loop does something between blocks that block-by-block replay cannot mimic."""
+class _Block(nn.Module):
+    """Returns a tuple, as older decoder layers do, and takes a per-block argument."""
 
-    def __init__(self, between: str) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.config = type("Config", (), {"num_hidden_layers": 2})()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, h: torch.Tensor, scale: float) -> tuple[torch.Tensor, None]:
+        return self.proj(h) * scale, None
+
+
+class _Loop(nn.Module):
+    """A decoder loop; `between` is what it does between blocks besides taking `[0]` of each block's output."""
+
+    def __init__(self, between: str = "") -> None:
+        super().__init__()
+        self.config = type("Config", (), {"num_hidden_layers": 3})()
         self.embed = nn.Embedding(10, 8)
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8)) for _ in range(2))
+        self.layers = nn.ModuleList(_Block() for _ in range(3))
         self.between = between
 
     def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
         h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, scale=i + 1.0)[0]
             if self.between == "scale":
                 h = h * 2
             elif self.between == "twice":
-                h = layer(h)
+                h = layer(h, scale=1.0)[0]
         return h
+
+
+def test_tuple_returning_blocks_replay_with_their_own_arguments() -> None:
+    torch.manual_seed(0)
+    model, ids = _Loop(), torch.randint(0, 10, (3, 5))
+    inputs = capture_inputs(model, ids, 2, CPU)
+    assert [[kw["scale"] for _args, kw in per_block] for per_block in inputs.calls] == [[1.0] * 2, [2.0] * 2, [3.0] * 2]
+    for i, block in enumerate(model.layers):
+        inputs.hidden = run_block(block, inputs, CPU, i)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(inputs.hidden), model(ids))
 
 
 @pytest.mark.parametrize("between", ["scale", "twice"])
