@@ -108,8 +108,10 @@ def _record(model: nn.Module, recorders: list[_Recorder], batch: torch.Tensor) -
         pass
     except torch.cuda.OutOfMemoryError:
         raise
-    except Exception as e:  # the loop could not go on with the recorder's return value
-        return f"the forward failed with the blocks replaced ({type(e).__name__}: {e})"
+    except Exception as e:
+        if all(len(r.calls) == s for r, s in zip(recorders, seen, strict=True)):
+            raise  # before the first block: nothing to do with the recorders
+        return f"the forward failed after block 0 ({type(e).__name__}: {e})"
     counts = [len(r.calls) - s for r, s in zip(recorders, seen, strict=True)]
     if counts != [1] * len(recorders):
         return f"blocks were called {counts} times in one forward, not once each"
@@ -153,7 +155,8 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, d
         setattr(parent, attr, blocks)
     if not recorders:
         raise StadeError(
-            f"Cannot run {type(model).__name__} one block at a time: {problems[-1]}.",
+            f"Cannot run {type(model).__name__} one block at a time: {problems[0]} "
+            f"(and with blocks returning tuples: {problems[1]}).",
             "this architecture is not supported yet; please report it",
         )
     first = recorders[0].calls
