@@ -191,7 +191,7 @@ def test_bfloat16_block_keeps_dtype_device_and_mask(device: str) -> None:
     ids = torch.randint(0, 256, (8, 32))
     inputs = capture_inputs(model, ids, 4, dev)
     block = model.model.layers[0].to(dev)
-    dense = run_block(block, inputs, dev)
+    dense = run_block(block, inputs, dev, 0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for mod in block.modules():
@@ -199,7 +199,7 @@ def test_bfloat16_block_keeps_dtype_device_and_mask(device: str) -> None:
                 mod.weight.masked_fill_((torch.rand(mod.weight.shape, generator=g) < 0.5).to(dev), 0)
     storage = {n: p.data.data_ptr() for n, p in block.named_parameters()}
     zeros = {n: p == 0 for n, p in block.named_parameters()}
-    res = reconstruct_block(block, inputs, dense, dev, steps=10, seed=0)
+    res = reconstruct_block(block, inputs.of_block(0), dense, dev, steps=10, seed=0)
     for n, p in block.named_parameters():
         assert p.dtype == torch.bfloat16 and p.device.type == dev.type and p.data.data_ptr() == storage[n]
         assert not p.requires_grad and p.grad is None
