@@ -608,7 +608,7 @@ def compare(
         ),
     ] = None,
     sort: Annotated[
-        str | None, typer.Option("--sort", help="Sort by a column: a metric (ppl:wikitext2, acc:mean), sparsity, ...")
+        str | None, typer.Option("--sort", help="Sort by a column: a result (ppl:wikitext2, acc:mean), sparsity, ...")
     ] = None,
     as_json: JsonOpt = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table on stdout.")] = False,

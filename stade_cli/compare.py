@@ -1,4 +1,4 @@
-"""The compare stage: results files -> one table of methods x metrics, best values and deltas to the dense model."""
+"""The compare stage: results files -> one table of methods x results, best values and deltas to the dense model."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from .files import check_writable, read_json, write_error
 COMPARISON_KIND = "stade-comparison"
 
 
-# ----------------------------------------------------------------------------------------------- metric registry
+# ----------------------------------------------------------------------------------------------- result registry
 
 
 @dataclass(frozen=True)
-class Metric:
+class ResultKind:
     name: str
     label: str
     higher_is_better: bool
@@ -32,42 +32,42 @@ class Metric:
         return a > b if self.higher_is_better else a < b
 
 
-METRICS: dict[str, Metric] = {}
+RESULT_KINDS: dict[str, ResultKind] = {}
 
 
-def register_metric(name: str, label: str, higher_is_better: bool) -> Callable[[Callable], Callable]:
-    """Register how to read a metric out of results.json, and which way is better (lm_eval's convention)."""
+def register_result(name: str, label: str, higher_is_better: bool) -> Callable[[Callable], Callable]:
+    """Register how to read a kind of result out of results.json, and which way is better (lm_eval's convention)."""
 
     def wrap(fn: Callable[[dict[str, Any]], dict[str, float]]) -> Callable:
-        METRICS[name] = Metric(name, label, higher_is_better, fn)
+        RESULT_KINDS[name] = ResultKind(name, label, higher_is_better, fn)
         return fn
 
     return wrap
 
 
-def _task_metric(results: dict[str, Any], metric: str) -> dict[str, float]:
+def _task_result(results: dict[str, Any], name: str) -> dict[str, float]:
     zs = results.get("zeroshot") or {}
-    values = {t: e[metric] for t, e in (zs.get("tasks") or {}).items() if isinstance(e.get(metric), int | float)}
-    mean = (zs.get("mean") or {}).get(metric)
+    values = {t: e[name] for t, e in (zs.get("tasks") or {}).items() if isinstance(e.get(name), int | float)}
+    mean = (zs.get("mean") or {}).get(name)
     if values and isinstance(mean, int | float):
         values["mean"] = mean
     return values
 
 
-@register_metric("ppl", "ppl", higher_is_better=False)
+@register_result("ppl", "ppl", higher_is_better=False)
 def _ppl(results: dict[str, Any]) -> dict[str, float]:
     return {d: e["ppl"] for d, e in (results.get("perplexity") or {}).items() if isinstance(e.get("ppl"), int | float)}
 
 
-@register_metric("acc", "acc", higher_is_better=True)
+@register_result("acc", "acc", higher_is_better=True)
 def _acc(results: dict[str, Any]) -> dict[str, float]:
-    return _task_metric(results, "acc")
+    return _task_result(results, "acc")
 
 
-@register_metric("acc_norm", "acc_norm", higher_is_better=True)
+@register_result("acc_norm", "acc_norm", higher_is_better=True)
 def _acc_norm(results: dict[str, Any]) -> dict[str, float]:
     # Per task acc_norm would double the table's width; its mean rides along with acc's.
-    values = _task_metric(results, "acc_norm")
+    values = _task_result(results, "acc_norm")
     return {"mean": values["mean"]} if "mean" in values else {}
 
 
@@ -109,13 +109,13 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class Column:
     key: str  # "ppl:wikitext2", "acc:boolq", "acc:mean"
-    metric: str
+    result: str  # the result kind: "ppl", "acc", ...
     name: str  # dataset, task or "mean"
     higher_is_better: bool
 
     @property
     def label(self) -> str:
-        return f"{METRICS[self.metric].label} {self.name}" if self.metric in METRICS else self.key
+        return f"{RESULT_KINDS[self.result].label} {self.name}" if self.result in RESULT_KINDS else self.key
 
 
 @dataclass
@@ -141,7 +141,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": COMPARISON_KIND, "schema": 1, **asdict(self)}
+        return {"kind": COMPARISON_KIND, "schema": 2, **asdict(self)}  # schema 2: columns name their "result"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Comparison:
@@ -200,13 +200,13 @@ def _row_facts(r: Row) -> list[str]:
 def format_value(column: Column, value: float | None) -> str:
     if value is None:
         return ""
-    return f"{value:.3f}" if column.metric == "ppl" else f"{100 * value:.2f}"
+    return f"{value:.3f}" if column.result == "ppl" else f"{100 * value:.2f}"
 
 
 def format_delta(column: Column, delta: float | None) -> str:
     if delta is None:
         return ""
-    return f"{delta:+.3f}" if column.metric == "ppl" else f"{100 * delta:+.2f}"
+    return f"{delta:+.3f}" if column.result == "ppl" else f"{100 * delta:+.2f}"
 
 
 def format_cell(row: Row, column: Column) -> str:
@@ -217,7 +217,7 @@ def format_cell(row: Row, column: Column) -> str:
 
 
 def _row(doc: dict[str, Any]) -> Row:
-    values = {f"{name}:{key}": float(v) for name, m in METRICS.items() for key, v in m.extract(doc).items()}
+    values = {f"{name}:{key}": float(v) for name, kind in RESULT_KINDS.items() for key, v in kind.extract(doc).items()}
     model = doc.get("model") or {}
     spec = str(model.get("spec") or doc["_source"])
     return Row(
@@ -231,13 +231,13 @@ def _row(doc: dict[str, Any]) -> Row:
     )
 
 
-def _protocol(doc: dict[str, Any], metric: str, name: str) -> str | None:
+def _protocol(doc: dict[str, Any], kind: str, name: str) -> str | None:
     """What a result was measured under, where that changes the number: a perplexity's seqlen and window
     count, a task's item limit. Other results: None."""
-    if metric == "ppl":
+    if kind == "ppl":
         entry = (doc.get("perplexity") or {}).get(name) or {}
         return f"seqlen {entry.get('seqlen')}, {entry.get('windows')} windows"
-    if metric in ("acc", "acc_norm"):
+    if kind in ("acc", "acc_norm"):
         zs = doc.get("zeroshot") or {}
         return f"limit {zs['limit']}" if zs.get("limit") else "all items"
     return None
@@ -248,8 +248,8 @@ def _split_protocols(docs: list[dict[str, Any]], rows: list[Row]) -> list[str]:
     notes = []
     keys = list(dict.fromkeys(k for r in rows for k in r.values))
     for key in keys:
-        metric, _, name = key.partition(":")
-        tags = {id(r): _protocol(d, metric, name) for d, r in zip(docs, rows, strict=True) if key in r.values}
+        kind, _, name = key.partition(":")
+        tags = {id(r): _protocol(d, kind, name) for d, r in zip(docs, rows, strict=True) if key in r.values}
         distinct = list(dict.fromkeys(tags.values()))
         if len(distinct) < 2:
             continue
@@ -257,7 +257,7 @@ def _split_protocols(docs: list[dict[str, Any]], rows: list[Row]) -> list[str]:
             if key in r.values:
                 r.values[f"{key} ({tags[id(r)]})"] = r.values.pop(key)
         notes.append(
-            f"{metric} {name} was measured under different protocols ({'; '.join(map(str, distinct))}): "
+            f"{kind} {name} was measured under different protocols ({'; '.join(map(str, distinct))}): "
             "one column each, never compared across"
         )
     return notes
@@ -275,17 +275,17 @@ def _describe(identity: tuple[Any, ...]) -> str:
 
 
 def _columns(rows: list[Row]) -> list[Column]:
-    """Every metric any row has, grouped by metric in registry order, names in order of first appearance."""
+    """Every result any row has, grouped by kind in registry order, names in order of first appearance."""
     columns = []
-    for name, metric in METRICS.items():
+    for name, kind in RESULT_KINDS.items():
         seen: list[str] = []
         for r in rows:
             for key in r.values:
-                m, _, sub = key.partition(":")
-                if m == name and sub not in seen:
+                k, _, sub = key.partition(":")
+                if k == name and sub not in seen:
                     seen.append(sub)
         seen.sort(key=lambda s: s == "mean")  # the mean goes last
-        columns.extend(Column(f"{name}:{s}", name, s, metric.higher_is_better) for s in seen)
+        columns.extend(Column(f"{name}:{s}", name, s, kind.higher_is_better) for s in seen)
     return columns
 
 
@@ -385,7 +385,7 @@ def plot(comparison: Comparison, out: str | Path, force: bool = False) -> Path:
         raise StadeError("--plot needs matplotlib, which is not installed.", "pip install 'stade[plot]'") from None
     out = Path(out)
     check_plot_path(out, force)
-    columns = [c for c in comparison.columns if c.metric == "ppl"]
+    columns = [c for c in comparison.columns if c.result == "ppl"]
     if not columns:
         raise StadeError("Nothing to plot: no results have a perplexity.", "run `stade eval --ppl ...` first")
     names = sorted({_series(r) for r in comparison.rows if r.method != "dense"})

@@ -34,7 +34,7 @@ CLOZE_ITEMS = 400
 CLOZE_CHOICES = 4
 PUBLISHED_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TASK_PRESETS = {"paper": PUBLISHED_TASKS}  # --tasks paper: the seven zero-shot tasks the papers report
-REPORTED_METRICS = ("acc", "acc_norm")
+REPORTED_RESULTS = ("acc", "acc_norm")  # of lm_eval's metrics, the results stade keeps
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
 TASK_YAML = """\
@@ -276,7 +276,7 @@ def silent_harness() -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
-def _metric(row: dict[str, Any], name: str) -> tuple[float | None, float | None]:
+def _result(row: dict[str, Any], name: str) -> tuple[float | None, float | None]:
     value = row.get(f"{name},none", row.get(name))
     stderr = row.get(f"{name}_stderr,none", row.get(f"{name}_stderr"))
     as_float = lambda x: float(x) if isinstance(x, int | float) else None  # noqa: E731 ("N/A" stderr)
@@ -350,18 +350,18 @@ def summarize(raw: dict[str, Any], names: list[str], limit: int | None) -> dict[
     for name in names:
         row = raw["results"].get(name, {})
         entry: dict[str, Any] = {}
-        for metric in REPORTED_METRICS:
-            value, stderr = _metric(row, metric)
+        for result in REPORTED_RESULTS:
+            value, stderr = _result(row, result)
             if value is not None:
-                entry[metric] = value
-                entry[f"{metric}_stderr"] = stderr
+                entry[result] = value
+                entry[f"{result}_stderr"] = stderr
         samples = raw.get("n-samples", {}).get(name, {})
         entry["items"] = samples.get("effective")
         entry["version"] = raw.get("versions", {}).get(name)
         out[name] = entry
     means = {}
-    for metric in REPORTED_METRICS:
-        values = [e[metric] for e in out.values() if metric in e]
+    for result in REPORTED_RESULTS:
+        values = [e[result] for e in out.values() if result in e]
         if values:
-            means[metric] = sum(values) / len(values)
+            means[result] = sum(values) / len(values)
     return {"tasks": out, "mean": means, "num_fewshot": 0, "limit": limit}
