@@ -14,8 +14,9 @@ from .data import Documents, calibration_windows, check_token_ids, documents, is
 from .errors import StadeError
 from .files import SafetensorsWriter, atomic_dir, check_writable
 from .layers import in_features, linear_layers
-from .models import LoadedModel, config_summary, max_context, vocab_size
-from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, BlockCollector, Statistics, library_versions
+from .models import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
+from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, BlockCollector, Statistics
+from .versions import library_versions
 
 HESSIAN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -41,19 +42,6 @@ class CalibrationConfig:
             raise StadeError(
                 f"--hessian-dtype {self.hessian_dtype!r} is not supported.", f"use one of {', '.join(HESSIAN_DTYPES)}"
             )
-
-
-def default_seqlen(model: torch.nn.Module) -> int:
-    ctx = max_context(model)
-    return min(ctx, 2048) if ctx else 2048
-
-
-def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
-    ctx = max_context(model)
-    if ctx is not None and seqlen > ctx:
-        raise StadeError(
-            f"--seqlen {seqlen} is above the model's context of {ctx} tokens.", f"use --seqlen {ctx} or less"
-        )
 
 
 def load_data(config: CalibrationConfig, cache_dir: str | None = None) -> Documents | None:

@@ -18,7 +18,8 @@ from .files import atomic_dir, read_json, write_json
 from .layers import linear_layers
 from .modelcard import write_card
 from .models import LoadedModel
-from .stats import LayerStats, Statistics, library_versions
+from .stats import LayerStats, Statistics
+from .versions import library_versions
 from .weights import WeightFiles
 
 if TYPE_CHECKING:

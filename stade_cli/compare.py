@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StadeError
-from .evaluate import RESULTS_KIND, check_results
+from .evaluate import RESULTS_KIND, load_results
 from .files import check_writable, read_json, write_error
 
 COMPARISON_KIND = "stade-comparison"
@@ -74,33 +74,28 @@ def _acc_norm(results: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def _expand(paths: Iterable[str | Path]) -> list[tuple[Path, bool]]:
-    """Files as given (must be results), and the *.json files inside folders (others skipped)."""
-    found: list[tuple[Path, bool]] = []
+def results_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given (each must be results), and the results files inside folders (other JSON skipped)."""
+    paths = list(paths)
+    found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
+            # a folder may hold other JSON (a pruned model's config.json, stade.json, ...)
             files = sorted(f for f in p.rglob("*.json") if f.is_file())
-            found.extend((f, False) for f in files)
+            found.extend(f for f in files if read_json(f, "JSON file").get("kind") == RESULTS_KIND)
         elif p.exists():
-            found.append((p, True))
+            found.append(p)
         else:
             raise StadeError(f"Results path {str(p)!r} does not exist.", "give results files or folders of them")
+    if not found:
+        where = ", ".join(map(str, paths))
+        raise StadeError(f"No stade results files found in {where}.", "write them with `stade eval ... --out FILE`")
     return found
 
 
-def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+def load_sources(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Every results document named by paths; each gets a `_source` key with its file."""
-    paths = list(paths)
-    docs = []
-    for path, explicit in _expand(paths):
-        data = read_json(path, "Results file")
-        if not explicit and data.get("kind") != RESULTS_KIND:
-            continue  # a folder may hold other JSON (a pruned model's config.json, stade.json, ...)
-        docs.append({**check_results(data, str(path)), "_source": str(path)})
-    if not docs:
-        where = ", ".join(map(str, paths))
-        raise StadeError(f"No stade results files found in {where}.", "write them with `stade eval ... --out FILE`")
-    return docs
+    return [{**load_results(f), "_source": str(f)} for f in results_files(paths)]
 
 
 # ----------------------------------------------------------------------------------------------- the comparison
@@ -353,8 +348,8 @@ def build(
 
 def compare(paths: Iterable[str | Path], baseline: str | Path | None = None, sort: str | None = None) -> Comparison:
     """Load results files (or folders of them) and build their comparison."""
-    base = load_results([baseline])[0] if baseline is not None else None
-    return build(load_results(paths), base, sort)
+    base = load_sources([baseline])[0] if baseline is not None else None
+    return build(load_sources(paths), base, sort)
 
 
 # ----------------------------------------------------------------------------------------------- plot

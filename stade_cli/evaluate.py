@@ -19,7 +19,8 @@ from .errors import StadeError
 from .files import check_writable, read_json, write_json
 from .fingerprint import fingerprint
 from .layers import find_blocks, get_weight, linear_layers
-from .models import LoadedModel, config_summary, max_context, vocab_size
+from .models import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
+from .versions import library_versions
 from .weights import WeightFiles
 from .zeroshot import LoadedTasks, load_tasks, parse_tasks, resolve_tasks, zero_shot
 
@@ -317,20 +318,6 @@ def model_summary(loaded: LoadedModel) -> dict[str, Any]:
     return {"model": summary, "pruning": report, **pruning}
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .stats import library_versions as base
-
-    out = base()
-    for lib in ("lm_eval", "datasets"):
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:  # pragma: no cover
-            out[lib] = "not installed"
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- the stage
 
 
@@ -347,10 +334,8 @@ def evaluate_model(
     """
     t_start = time.perf_counter()
     model = loaded.model
-    seqlen = config.seqlen or min(max_context(model) or 2048, 2048)
-    ctx = max_context(model)
-    if ctx is not None and seqlen > ctx:
-        raise StadeError(f"--seqlen {seqlen} is above the model's context of {ctx} tokens.", f"use {ctx} or less")
+    seqlen = config.seqlen or default_seqlen(model)
+    check_seqlen(model, seqlen)
     if config.tasks and tasks is None:
         tasks = load_tasks(resolve_tasks(config.tasks, check_names=False))  # a task that cannot load fails first
     results: dict[str, Any] = {
@@ -445,5 +430,6 @@ def check_results(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
+    """One results file, checked (compare's reader too)."""
     path = Path(path)
     return check_results(read_json(path, "Results file"), str(path))

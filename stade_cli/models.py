@@ -317,3 +317,21 @@ def max_context(model: nn.Module) -> int | None:
         if isinstance(val, int) and val > 0:
             return val
     return None
+
+
+DEFAULT_SEQLEN = 2048  # the published window length (calibration and perplexity)
+
+
+def default_seqlen(model: nn.Module) -> int:
+    """The published window length, shortened to the model's context when that is smaller."""
+    ctx = max_context(model)
+    return min(ctx, DEFAULT_SEQLEN) if ctx else DEFAULT_SEQLEN
+
+
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    """Refuse windows longer than the model's context before any work."""
+    ctx = max_context(model)
+    if ctx is not None and seqlen > ctx:
+        raise StadeError(
+            f"--seqlen {seqlen} is above the model's context of {ctx} tokens.", f"use --seqlen {ctx} or less"
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -164,20 +163,6 @@ class BlockCollector:
 
 
 # ----------------------------------------------------------------------------------------------- artifact
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    from . import __version__
-
-    out = {"stade": __version__, "python": platform.python_version()}
-    for lib in ("torch", "transformers", "safetensors"):
-        try:
-            out[lib] = version(lib)
-        except Exception:  # pragma: no cover - a library installed without metadata
-            out[lib] = "unknown"
-    return out
 
 
 @dataclass

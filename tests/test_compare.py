@@ -14,7 +14,7 @@ from typer.testing import CliRunner, Result
 
 from stade_cli import console
 from stade_cli.cli import app
-from stade_cli.compare import Comparison, build, compare, load_results, plot
+from stade_cli.compare import Comparison, build, compare, load_sources, plot
 from stade_cli.errors import StadeError
 from stade_cli.evaluate import write_results
 
@@ -161,7 +161,7 @@ def test_explicit_baseline_and_files(results_dir: Path) -> None:
     assert len(c.rows) == 3 and rows["wanda-50"].is_baseline
     assert rows["stade-50"].deltas["ppl:wikitext2"] == pytest.approx(-3.0)
     assert compare([results_dir / "wanda.json"]).baseline is None  # no dense model: no deltas
-    assert build(load_results([results_dir / "wanda.json"])).rows[0].deltas == {}
+    assert build(load_sources([results_dir / "wanda.json"])).rows[0].deltas == {}
 
 
 def test_plot(results_dir: Path, tmp_path: Path) -> None:
