@@ -159,7 +159,7 @@ class Comparison:
         head = ["model", "method", "pattern", "target", "achieved", *(c.label for c in self.columns)]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            cells = [r.label + (" (baseline)" if r.is_baseline else ""), *_row_facts(r)]
+            cells = [r.label + (" (baseline)" if r.is_baseline else ""), *row_facts(r)]
             for c in self.columns:
                 text = format_cell(r, c)
                 cells.append(f"**{text}**" if self.is_best(r, c.key) else text)
@@ -188,26 +188,22 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
-def _row_facts(r: Row) -> list[str]:
+def row_facts(r: Row) -> list[str]:
+    """The method, pattern, target and achieved sparsity cells of a row (every table format shows them)."""
     return [r.method, r.pattern or "", _pct(r.sparsity), _pct(r.achieved_sparsity)]
 
 
-def format_value(column: Column, value: float | None) -> str:
+def format_value(column: Column, value: float | None, sign: str = "") -> str:
+    """Perplexity as is, accuracies in percent; sign="+" for a delta."""
     if value is None:
         return ""
-    return f"{value:.3f}" if column.result == "ppl" else f"{100 * value:.2f}"
-
-
-def format_delta(column: Column, delta: float | None) -> str:
-    if delta is None:
-        return ""
-    return f"{delta:+.3f}" if column.result == "ppl" else f"{100 * delta:+.2f}"
+    return f"{value:{sign}.3f}" if column.result == "ppl" else f"{100 * value:{sign}.2f}"
 
 
 def format_cell(row: Row, column: Column) -> str:
     text = format_value(column, row.values.get(column.key))
     if text and not row.is_baseline and column.key in row.deltas:
-        text += f" ({format_delta(column, row.deltas[column.key])})"
+        text += f" ({format_value(column, row.deltas[column.key], sign='+')})"
     return text
 
 

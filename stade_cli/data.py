@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StadeError
+from .errors import StadeError, library_errors
 from .files import atomic_dir, sha256_file
 
 HUB_SOURCES = ("c4", "wikitext2")
@@ -125,7 +125,10 @@ def builtin_documents(name: str) -> Documents:
 
 def hub_documents(name: str, split: str, cache_dir: str | None = None) -> Documents:
     """C4 and WikiText-2 exactly as the published code loads them."""
-    try:
+    with library_errors(
+        f"Could not load {name!r} ({split}) from the Hugging Face hub",
+        offline_hint(split),
+    ):
         from datasets import load_dataset
 
         if name == "wikitext2":
@@ -138,14 +141,6 @@ def hub_documents(name: str, split: str, cache_dir: str | None = None) -> Docume
             texts = texts[:1100]  # as published: the first 1100 validation documents, joined by spaces
             return Documents(name, texts, joiner=" ")
         return Documents(name, texts)
-    except StadeError:
-        raise
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StadeError(
-            f"Could not load {name!r} ({split}) from the Hugging Face hub: {first}",
-            offline_hint(split),
-        ) from exc
 
 
 def local_documents(path: Path) -> Documents:

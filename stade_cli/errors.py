@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class StadeError(Exception):
     """An error the user can fix; the CLI prints it as one line plus a hint, never a traceback."""
@@ -17,3 +20,20 @@ class StadeError(Exception):
 
 class Terminated(BaseException):
     """SIGTERM (from `timeout` or a job scheduler), raised like KeyboardInterrupt so that cleanups run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (library messages run to pages), or its type's name when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def library_errors(message: str, hint: str) -> Iterator[None]:
+    """Turn a library's exception into StadeError("message: its first line", hint); a StadeError passes as it is."""
+    try:
+        yield
+    except StadeError:
+        raise
+    except Exception as exc:
+        raise StadeError(f"{message}: {first_line(exc)}", hint) from exc

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import StadeError
+from .errors import StadeError, first_line
 from .files import atomic_dir
 from .fingerprint import fingerprint
 from .layers import find_blocks
@@ -247,7 +247,7 @@ def load_model(
     except StadeError:
         raise
     except ValueError as exc:
-        msg = str(exc).splitlines()[0]
+        msg = first_line(exc)
         if "Unrecognized" in msg or "does not recognize" in msg or "not supported" in msg:
             raise StadeError(
                 f"Model {spec!r} has an architecture stade cannot load as a causal LM: {msg}",
@@ -255,7 +255,7 @@ def load_model(
             ) from exc
         raise StadeError(f"Could not load model {spec!r}: {msg}") from exc
     except OSError as exc:
-        first = str(exc).splitlines()[0]
+        first = first_line(exc)
         if Path(path).is_dir():
             raise StadeError(f"Could not load model folder {spec!r}: {first}", "is the folder complete?") from exc
         if "/" not in spec:  # most likely a mistyped local folder, not a hub id

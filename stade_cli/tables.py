@@ -165,7 +165,7 @@ def render_results(results: dict) -> None:
 
 def render_comparison(comparison: Comparison) -> None:
     """The comparison table: best value per column in bold green, deltas to the baseline beside each value."""
-    from .compare import format_cell
+    from .compare import format_cell, row_facts
 
     title = "Comparison" + (f" (deltas against {escape(comparison.baseline)})" if comparison.baseline else "")
     table = Table(title=title)
@@ -177,10 +177,7 @@ def render_comparison(comparison: Comparison) -> None:
     for r in comparison.rows:
         cells = [
             f"[bold]{escape(r.label)}[/] [dim](baseline)[/]" if r.is_baseline else escape(r.label),
-            escape(r.method),
-            escape(r.pattern or ""),
-            "" if r.sparsity is None else f"{100 * r.sparsity:.1f}%",
-            "" if r.achieved_sparsity is None else f"{100 * r.achieved_sparsity:.1f}%",
+            *map(escape, row_facts(r)),
         ]
         for c in comparison.columns:
             text = format_cell(r, c)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .console import progress
-from .errors import StadeError
+from .errors import StadeError, library_errors
 from .files import atomic_dir
 
 if TYPE_CHECKING:
@@ -322,25 +322,22 @@ def zero_shot(
         from lm_eval.models.huggingface import HFLM
 
         lm = _with_progress(HFLM)(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
-        try:
-            with silent_harness():
-                raw = simple_evaluate(
-                    model=lm,
-                    tasks=list(ready.objects),
-                    num_fewshot=0,
-                    limit=limit,
-                    task_manager=ready.manager,
-                    log_samples=False,
-                    bootstrap_iters=1000,
-                )
-        except StadeError:
-            raise
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StadeError(
-                f"lm_eval could not run {', '.join(t.name for t in tasks)}: {first}",
+        with (
+            library_errors(
+                f"lm_eval could not run {', '.join(t.name for t in tasks)}",
                 f"hub tasks need the internet; offline, use --tasks {BUILTIN_TASK} or a local task YAML",
-            ) from exc
+            ),
+            silent_harness(),
+        ):
+            raw = simple_evaluate(
+                model=lm,
+                tasks=list(ready.objects),
+                num_fewshot=0,
+                limit=limit,
+                task_manager=ready.manager,
+                log_samples=False,
+                bootstrap_iters=1000,
+            )
     return summarize(raw, [t.name for t in tasks], limit)
 
 

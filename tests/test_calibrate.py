@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from stade_cli.blocks import iterate_blocks
 from stade_cli.calibrate import CalibrationConfig, calibrate
-from stade_cli.cli import app
 from stade_cli.fingerprint import fingerprint
 from stade_cli.models import load_model
 from stade_cli.stats import Statistics
+
+from helpers import invoke
 
 CPU = torch.device("cpu")
 RTOL = 1e-4
@@ -280,10 +280,6 @@ def test_truncated_artifact_is_refused(tiny_llama_dir: Path, text_file: Path, tm
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
 
 
 def cli_calibrate(model: Path | str, out: Path, *extra: str):

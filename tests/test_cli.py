@@ -7,17 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from stade_cli import __version__
-from stade_cli.cli import app
 from stade_cli.completions import COMPLETE_VAR, completion_scripts, main, write_completions
 
+from helpers import invoke
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args: str, **kwargs):
-    return CliRunner().invoke(app, list(args), prog_name="stade", **kwargs)
 
 
 def test_version() -> None:

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from stade_cli import console
-from stade_cli.cli import app
 from stade_cli.compare import Comparison, build, compare, load_sources, plot
 from stade_cli.errors import StadeError
 from stade_cli.evaluate import write_results
 
-runner = CliRunner()
+import helpers
+from helpers import said
 
 
 def results_doc(
@@ -70,11 +70,7 @@ def results_dir(tmp_path: Path) -> Path:
 
 
 def invoke(*args: str) -> Result:
-    return runner.invoke(app, ["compare", *args])
-
-
-def said(res: Result) -> str:
-    return " ".join(res.output.split())
+    return helpers.invoke("compare", *args)
 
 
 def by_label(c: Comparison) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from stade_cli.cli import app
 from stade_cli.errors import StadeError
 from stade_cli.evaluate import EvalConfig, cut_windows, load_results, perplexity, write_results
 
-runner = CliRunner()
+from helpers import invoke, said
+
 PARAGRAPH = (
     "The committee met on Tuesday to discuss the new rail line, which would link the northern suburbs to the "
     "city centre in under twenty minutes. Residents raised concerns about noise and the cost of the project."
@@ -43,12 +43,7 @@ def text_file(tmp_path: Path) -> Path:
 
 
 def run_eval(*args: str) -> Result:
-    return runner.invoke(app, ["eval", *args])
-
-
-def said(res: Result) -> str:
-    """The output with Rich's line wrapping undone."""
-    return " ".join(res.output.split())
+    return invoke("eval", *args)
 
 
 @pytest.mark.parametrize("batch", [1, 8])

@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from typer.testing import CliRunner
 
-from stade_cli.cli import app
+from helpers import invoke
 
-runner = CliRunner()
 SCORED = ["magnitude", "wanda", "stade", "stadew", "stade_plus"]
-
-
-def invoke(*args: str) -> object:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result
 
 
 def calibrate(model: Path | str, out: Path, *extra: str) -> Path:

@@ -1,0 +1,19 @@
+"""What several test files share: running the CLI in-process and reading its output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from typer.testing import CliRunner, Result
+
+from stade_cli.cli import app
+
+
+def invoke(*args: object, **kwargs: Any) -> Result:
+    """`stade ARGS...` in-process; paths and numbers may be given as they are."""
+    return CliRunner().invoke(app, [str(a) for a in args], prog_name="stade", **kwargs)
+
+
+def said(res: Result) -> str:
+    """The output with Rich's line wrapping undone."""
+    return " ".join(res.output.split())
