@@ -2,8 +2,10 @@
 
     python -m stade_cli.completions completions   # writes completions/stade.{bash,zsh,fish}
 
-The scripts only call back into `stade` (with _STADE_COMPLETE set), so they never go stale as
-commands change; a test still checks that the committed copies equal freshly generated ones.
+Each script is what `_STADE_COMPLETE=source_SHELL stade` prints: the completion protocol that Typer
+(and Click) document, asked in-process through the public `typer.testing.CliRunner`, so no private
+Typer module is imported. The scripts only call back into `stade` (with _STADE_COMPLETE set), so they
+never go stale as commands change; a test still checks that the committed copies equal fresh ones.
 """
 
 from __future__ import annotations
@@ -17,24 +19,17 @@ SHELLS = {"bash": "stade.bash", "zsh": "stade.zsh", "fish": "stade.fish"}
 
 
 def completion_scripts() -> dict[str, str]:
-    """File name -> script text, for bash, zsh and fish (deterministic: no environment is read)."""
-    from typer._click.shell_completion import get_completion_class
-    from typer._completion_classes import completion_init
-    from typer.main import get_command
+    """File name -> script text, for bash, zsh and fish (deterministic: the shell is named, not detected)."""
+    from typer.testing import CliRunner
 
     from .cli import app
 
-    completion_init()
-    command = get_command(app)
     scripts = {}
     for shell, fname in SHELLS.items():
-        cls = get_completion_class(shell)
-        if cls is None:  # pragma: no cover - Typer registers all three
-            raise RuntimeError(f"Typer has no completion class for {shell}")
-        complete = cls(command, {}, PROG_NAME, COMPLETE_VAR)
-        # `source_template % source_vars()` is what `source()` returns, without BashComplete's
-        # check of the local bash version (a subprocess, and a warning that is not part of the script).
-        scripts[fname] = (cls.source_template % complete.source_vars()).strip() + "\n"
+        res = CliRunner().invoke(app, [], prog_name=PROG_NAME, env={COMPLETE_VAR: f"source_{shell}"})
+        if res.exit_code != 0 or not res.stdout.strip():  # pragma: no cover - Typer supports all three
+            raise RuntimeError(f"Typer gave no {shell} completion script (exit {res.exit_code}): {res.output}")
+        scripts[fname] = res.stdout.strip() + "\n"
     return scripts
 
 
