@@ -41,6 +41,7 @@ test-install:
 lint: install
 	$(VENV)/bin/ruff check stade_cli tests bench
 	$(VENV)/bin/ruff format --check stade_cli tests bench
+	$(VENV)/bin/mypy stade_cli
 
 completions: install
 	$(PY) -m stade_cli.completions completions
