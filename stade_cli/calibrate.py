@@ -13,7 +13,7 @@ from .console import progress
 from .data import Documents, calibration_windows, check_token_ids, documents, is_token_file, load_token_file
 from .errors import StadeError
 from .files import SafetensorsWriter, atomic_dir, check_writable
-from .layers import in_features, linear_layers
+from .layers import get_weight, in_features, linear_layers
 from .models import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
 from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, BlockCollector, Statistics
 from .versions import library_versions
@@ -164,9 +164,9 @@ def collect(
                     tensors[f"{group}.mean"] = st.mean.cpu()
                     tensors[f"{group}.m2"] = st.m2.cpu()
                     if hessians is not None:
-                        assert st.hessian is not None
+                        assert st.hessian is not None  # the collector keeps Hessians when hessians are written
                         hessians.add(group, st.hessian.to(hessian_dtype))
-                shape = list(mod.weight.shape) if type(mod).__name__ != "Conv1D" else list(mod.weight.shape)[::-1]
+                shape = list(get_weight(mod).shape)  # (out, in)
                 layers.append({"name": full, "block": i, "shape": shape, "fed_by_norm": st.fed_by_norm, "group": group})
             rate = tokens * (i + 1) / n_blocks / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, info=f"{rate:,.0f} tok/s")

@@ -15,7 +15,7 @@ from torch import nn
 from .blocks import iterate_blocks
 from .errors import StadeError
 from .files import atomic_dir, read_json, write_json
-from .layers import linear_layers
+from .layers import bias_param, linear_layers, weight_param
 from .modelcard import write_card
 from .models import LoadedModel
 from .stats import LayerStats, Statistics
@@ -23,6 +23,8 @@ from .versions import library_versions
 from .weights import WeightFiles
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from .prune import PruneConfig, PruneReport
 
 REPORT_FILE = "stade.json"
@@ -30,7 +32,7 @@ REPORT_KIND = "stade-prune-report"
 MAX_SHARD_SIZE = "2GB"  # per safetensors shard of a written checkpoint (streaming writes the same shards)
 
 
-def bias_plan(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -> dict[str, bool]:
+def bias_plan(model: PreTrainedModel, stats: Statistics, configs: list[PruneConfig]) -> dict[str, bool]:
     """The config switches that make plain transformers load the biases STADE adds, checked on a meta copy.
 
     Returns the switches to set; raises where the architecture cannot hold a needed bias.
@@ -41,7 +43,7 @@ def bias_plan(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -
             continue
         for entry in stats.manifest["layers"]:
             st = LayerStats(1, torch.zeros(1), torch.zeros(1), bool(entry["fed_by_norm"]))
-            if c.metric.bias_update(st) and model.get_submodule(entry["name"]).bias is None:
+            if c.metric.bias_update(st) and bias_param(model.get_submodule(entry["name"])) is None:
                 needed.add(entry["name"])
     if not needed:
         return {}
@@ -65,7 +67,7 @@ def bias_plan(model: nn.Module, stats: Statistics, configs: list[PruneConfig]) -
     return switches
 
 
-def finish_biases(model: nn.Module, switches: dict[str, bool]) -> None:
+def finish_biases(model: PreTrainedModel, switches: dict[str, bool]) -> None:
     """Set the bias switches and give every layer the switched config expects a bias (zeros where none)."""
     if not switches:
         return
@@ -78,8 +80,9 @@ def finish_biases(model: nn.Module, switches: dict[str, bool]) -> None:
     for name, mod in meta.named_modules():
         if getattr(mod, "bias", None) is not None and isinstance(mod, nn.Linear):
             real = model.get_submodule(name)
-            if real.bias is None:
-                real.bias = nn.Parameter(torch.zeros(real.out_features, dtype=real.weight.dtype))
+            if bias_param(real) is None:
+                weight = weight_param(real)
+                real.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))  # nn.Linear: (out, in)
 
 
 def save_checkpoint(
@@ -111,7 +114,7 @@ def save_checkpoint(
             write_json(tmp / "config.json", config)
         else:
             model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
-        loaded.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        loaded.tokenizer.save_pretrained(tmp)
         report.timings["write_s"] = round(time.perf_counter() - t0, 3)
         doc = report_dict(loaded, report, stats, device)
         doc["dtype"] = str(dtype or loaded.dtype).removeprefix("torch.")  # as saved
@@ -192,7 +195,7 @@ class Snapshot:
     back from disk block by block instead of kept in memory: a sweep then costs no second copy of the model.
     """
 
-    def __init__(self, model: nn.Module, files: WeightFiles | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, files: WeightFiles | None = None) -> None:
         self.model = model
         layers = {
             f"{prefix}.{local}": mod
@@ -202,34 +205,34 @@ class Snapshot:
         _i, first_block, _b = next(iterate_blocks(model))
         self.files = files if files is not None and _same_on_disk(layers, first_block, files) else None
         self.linears = {
-            name: (
-                None if self.files else mod.weight.detach().clone(),
-                None if mod.bias is None else mod.bias.detach().clone(),
-            )
+            name: (None if self.files else _copy(weight_param(mod)), _copy(bias_param(mod)))
             for name, mod in layers.items()
         }
-        self.biased = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
+        self.biased = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and bias_param(m) is not None}
         self.config = {k: v for k, v in model.config.to_dict().items() if k == "bias" or k.endswith("_bias")}
 
     def restore(self) -> None:
         if self.files is not None:
             for _i, prefix, block in iterate_blocks(self.model):
                 layers = {f"{prefix}.{local}": mod for local, mod in linear_layers(block).items()}
-                dtype = next(iter(layers.values())).weight.dtype
+                dtype = weight_param(next(iter(layers.values()))).dtype
                 dense = self.files.read([f"{n}.weight" for n in layers], dtype)
                 for name, mod in layers.items():
-                    mod.weight.data.copy_(dense[f"{name}.weight"])
+                    weight_param(mod).data.copy_(dense[f"{name}.weight"])
         for name, mod in self.model.named_modules():
             if name in self.linears:
                 w, b = self.linears[name]
                 if w is not None:
-                    mod.weight.data.copy_(w)
+                    weight_param(mod).data.copy_(w)
+                bias = bias_param(mod)
                 if b is None:
-                    mod.bias = None
+                    mod.register_parameter("bias", None)
+                elif bias is None:
+                    mod.bias = nn.Parameter(b.clone())
                 else:
-                    mod.bias.data.copy_(b)
-            elif isinstance(mod, nn.Linear) and mod.bias is not None and name not in self.biased:
-                mod.bias = None
+                    bias.data.copy_(b)
+            elif isinstance(mod, nn.Linear) and bias_param(mod) is not None and name not in self.biased:
+                mod.register_parameter("bias", None)
         for k, v in self.config.items():
             setattr(self.model.config, k, v)
 
@@ -239,5 +242,9 @@ def _same_on_disk(layers: dict[str, nn.Module], first_block: str, files: WeightF
     if any(f"{n}.weight" not in files.file_of for n in layers):
         return False
     first = {n: mod for n, mod in layers.items() if n.startswith(first_block + ".")}
-    dense = files.read([f"{n}.weight" for n in first], next(iter(first.values())).weight.dtype)
-    return all(torch.equal(dense[f"{n}.weight"], mod.weight.detach().cpu()) for n, mod in first.items())
+    dense = files.read([f"{n}.weight" for n in first], weight_param(next(iter(first.values()))).dtype)
+    return all(torch.equal(dense[f"{n}.weight"], weight_param(mod).detach().cpu()) for n, mod in first.items())
+
+
+def _copy(p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if p is None else p.detach().clone()

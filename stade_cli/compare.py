@@ -267,7 +267,7 @@ def _describe(identity: tuple[Any, ...]) -> str:
 
 def _columns(rows: list[Row]) -> list[Column]:
     """Every result any row has, grouped by kind in registry order, names in order of first appearance."""
-    columns = []
+    columns: list[Column] = []
     for name, kind in RESULT_KINDS.items():
         seen: list[str] = []
         for r in rows:

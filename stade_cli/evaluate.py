@@ -356,7 +356,8 @@ def evaluate_model(
     }
     spread = placement(model)
     if spread is None:
-        model.to(device)
+        module: nn.Module = model  # PreTrainedModel.to is wrapped by functools.wraps, whose stub leaves self unbound
+        module.to(device)
     else:  # accelerate placed the layers and moves activations (and offloaded weights) between devices
         results["device"] = f"device_map: {spread}"
     timings: dict[str, float] = {}

@@ -42,9 +42,20 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in block.named_modules() if name and is_linear(mod)}
 
 
+def weight_param(module: nn.Module) -> nn.Parameter:
+    """The weight Parameter as stored; typed, where `module.weight` reads as Tensor | Module to a type checker."""
+    return module.get_parameter("weight")
+
+
+def bias_param(module: nn.Module) -> nn.Parameter | None:
+    """The bias Parameter, or None for a layer without one."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, nn.Parameter) else None
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out, in), whatever the storage (GPT-2's Conv1D keeps (in, out))."""
-    w = module.weight
+    w = weight_param(module)
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
@@ -52,7 +63,8 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Copy in place: weights loaded from a mapped file then become private pages in place of the file's,
     where rebinding would keep the file's pages resident beside the new ones (twice the memory)."""
     w = weight.t() if type(module).__name__ == "Conv1D" else weight
-    module.weight.data.copy_(w.to(module.weight.dtype))
+    stored = weight_param(module)
+    stored.data.copy_(w.to(stored.dtype))
 
 
 def in_features(module: nn.Module) -> int:

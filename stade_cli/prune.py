@@ -21,7 +21,7 @@ from .console import progress
 from .errors import StadeError
 from .files import check_space, check_writable, write_json
 from .fingerprint import fingerprint
-from .layers import get_weight, linear_layers, set_weight
+from .layers import bias_param, get_weight, linear_layers, set_weight, weight_param
 from .masks import Pattern, check_divisible, mask_from_scores, parse_pattern, resolve_sparsity
 from .metrics import Metric, get_metric
 from .models import LoadedModel
@@ -135,6 +135,7 @@ def prune_group(ws: list[torch.Tensor], st: LayerStats, config: PruneConfig, nam
     one Hessian factor and one column sweep instead of one per layer (each row's update is its own).
     """
     metric = config.metric
+    parts: list[tuple[torch.Tensor, torch.Tensor, float | None]]  # (new weight, mask, damping)
     if metric.solver:
         assert st.hessian is not None
         rows = [w.shape[0] for w in ws]
@@ -197,16 +198,23 @@ def prune_block(
                 _add_bias(mod, db)
             reports.append(
                 LayerReport(
-                    full, tuple(w.shape), float(mask.float().mean()), err / max(energy, 1e-30), db is not None, damping
+                    full,
+                    (w.shape[0], w.shape[1]),
+                    float(mask.float().mean()),
+                    err / max(energy, 1e-30),
+                    db is not None,
+                    damping,
                 )
             )
     return reports
 
 
 def _add_bias(mod: nn.Module, db: torch.Tensor) -> None:
-    if mod.bias is None:
-        mod.bias = nn.Parameter(torch.zeros(db.shape[0], dtype=mod.weight.dtype, device=mod.weight.device))
-    mod.bias.data.add_(db.to(mod.bias.dtype))
+    bias = bias_param(mod)
+    if bias is None:
+        weight = weight_param(mod)
+        bias = mod.bias = nn.Parameter(torch.zeros(db.shape[0], dtype=weight.dtype, device=weight.device))
+    bias.data.add_(db.to(bias.dtype))
 
 
 # ----------------------------------------------------------------------------------------------- checks

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from torch import nn
 from .errors import StadeError
 from .fingerprint import fingerprint_sample, sample_step
 from .layers import find_blocks
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -148,7 +152,7 @@ def _persistent(module: nn.Module) -> list[str]:
     return list(module.state_dict(keep_vars=True).keys())
 
 
-def build_lazy(config: object, dtype: torch.dtype, files: WeightFiles) -> nn.Module | None:
+def build_lazy(config: PretrainedConfig, dtype: torch.dtype, files: WeightFiles) -> PreTrainedModel | None:
     """The model with every weight outside the blocks loaded and the blocks left empty (meta), or None
     where the checkpoint's names do not match the model's (older formats that transformers renames on load).
     """
@@ -171,7 +175,7 @@ def build_lazy(config: object, dtype: torch.dtype, files: WeightFiles) -> nn.Mod
     return model
 
 
-def _tied_names(model: nn.Module) -> list[str]:
+def _tied_names(model: PreTrainedModel) -> list[str]:
     """State-dict names that share storage with an earlier name (e.g. lm_head tied to the embeddings)."""
     seen: dict[int, str] = {}
     tied = []

@@ -287,7 +287,7 @@ def _with_progress(hflm: type) -> type:
     """lm_eval's HF wrapper with its loglikelihood requests counted on a Rich bar instead of tqdm's,
     which would print a line per update through stade's own progress display."""
 
-    class ProgressLM(hflm):  # type: ignore[misc, valid-type]
+    class ProgressLM(hflm):
         _bar: tuple[Any, Any] | None = None
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
