@@ -8,13 +8,14 @@ import os
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
 from . import __version__
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 app = typer.Typer(
     name="stade",
@@ -69,7 +70,7 @@ def _root(
     """Prune Hugging Face causal language models after training."""
 
 
-def cli_errors(fn: F) -> F:
+def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Every failure as one red line plus a hint, never a traceback (STADE_DEBUG=1 shows it).
 
     A StadeError is the user's to fix (exit 1); out-of-memory gets the knobs that help (exit 1); any
@@ -78,10 +79,10 @@ def cli_errors(fn: F) -> F:
     """
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from typer.exceptions import TyperException
 
-        from .errors import StadeError, Terminated
+        from .errors import StadeError, Terminated, first_line
 
         previous = _on_sigterm()
         try:
@@ -103,14 +104,14 @@ def cli_errors(fn: F) -> F:
                 _fail(f"{exc.strerror or exc}: {str(exc.filename)!r}", None)
             if _out_of_memory(exc):
                 _fail(
-                    f"Out of memory: {_first_line(exc)}",
+                    f"Out of memory: {first_line(exc)}",
                     "lower --batch-size, or use --device auto to run where there is more memory",
                 )
             _fail(*_unexpected(exc))
         finally:
             _restore_sigterm(previous)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _fail(message: str, hint: str | None) -> NoReturn:
@@ -132,10 +133,6 @@ def _interrupted(what: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
 def _out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, and the CPU allocator's RuntimeError when main memory runs out."""
     import torch
@@ -151,9 +148,10 @@ def _unexpected(exc: BaseException) -> tuple[str, str]:
     import traceback
     from datetime import datetime, timezone
 
+    from .errors import first_line
     from .models import stade_home
 
-    summary = f"Unexpected {type(exc).__name__}: {_first_line(exc)}"
+    summary = f"Unexpected {type(exc).__name__}: {first_line(exc)}"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     log = stade_home() / "logs" / f"stade-{stamp}.log"
     try:

@@ -11,11 +11,15 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import StadeError, library_errors
 from .files import atomic_dir, sha256_file
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 HUB_SOURCES = ("c4", "wikitext2")
 BUILTIN_SOURCES = ("sample-wiki", "sample-news")
@@ -258,11 +262,13 @@ def documents(source: str, split: str = "train", cache_dir: str | None = None) -
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-def _tokenize(tokenizer: object, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-def sample_windows(docs: Documents, tokenizer: object, nsamples: int, seqlen: int, seed: int) -> TokenWindows:
+def sample_windows(
+    docs: Documents, tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int
+) -> TokenWindows:
     """The published sampler: draw a random document longer than seqlen, take a random window of it.
 
     Where no document is long enough, the documents are joined and cut into windows instead
@@ -278,7 +284,7 @@ def sample_windows(docs: Documents, tokenizer: object, nsamples: int, seqlen: in
     rng = random.Random(seed)
     lengths: dict[int, int] = {}
     if len(texts) <= 50_000:  # small sources: know up front whether any document is long enough
-        enc = tokenizer(texts, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+        enc = tokenizer(texts, add_special_tokens=True)["input_ids"]
         lengths = {i: len(e) for i, e in enumerate(enc)}
         total = sum(lengths.values())
         if total < nsamples * seqlen:
@@ -304,7 +310,12 @@ def sample_windows(docs: Documents, tokenizer: object, nsamples: int, seqlen: in
 
 
 def _concatenated_windows(
-    docs: Documents, texts: list[str], tokenizer: object, nsamples: int, seqlen: int, rng: random.Random
+    docs: Documents,
+    texts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    nsamples: int,
+    seqlen: int,
+    rng: random.Random,
 ) -> TokenWindows:
     ids = _tokenize(tokenizer, docs.joiner.join(texts) if docs.joiner else "".join(texts))
     slots = len(ids) // seqlen
@@ -324,7 +335,7 @@ def _concatenated_windows(
 
 def calibration_windows(
     source: str,
-    tokenizer: object,
+    tokenizer: PreTrainedTokenizerBase,
     nsamples: int | None,
     seqlen: int | None,
     seed: int,
@@ -361,7 +372,7 @@ def calibration_windows(
     return sample_windows(docs, tokenizer, nsamples, seqlen, seed)
 
 
-def eval_ids(source: str, tokenizer: object, cache_dir: str | None = None) -> tuple[torch.Tensor, str]:
+def eval_ids(source: str, tokenizer: PreTrainedTokenizerBase, cache_dir: str | None = None) -> tuple[torch.Tensor, str]:
     """One evaluation text as ids [1, N], tokenized once as published, with a hash of its origin."""
     if is_token_file(source):
         path = Path(source).expanduser()
@@ -369,6 +380,6 @@ def eval_ids(source: str, tokenizer: object, cache_dir: str | None = None) -> tu
     docs = documents(source, "validation" if source == "c4" else "test", cache_dir)
     text = docs.joiner.join(docs.texts)
     add_special = source not in BUILTIN_SOURCES  # the built-in held-out text is the reference's: no BOS
-    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]  # type: ignore[operator]
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     tensor = torch.tensor([ids], dtype=torch.int64)
     return tensor, ids_sha256(tensor)

@@ -24,8 +24,7 @@ class Terminated(BaseException):
 
 def first_line(exc: BaseException) -> str:
     """An exception's first line (library messages run to pages), or its type's name when it says nothing."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 @contextmanager
