@@ -17,3 +17,14 @@ def invoke(*args: object, **kwargs: Any) -> Result:
 def said(res: Result) -> str:
     """The output with Rich's line wrapping undone."""
     return " ".join(res.output.split())
+
+
+def recorded_versions() -> dict[str, str]:
+    """What every artifact's "versions" must say, read from the installed distributions directly."""
+    import platform
+    from importlib.metadata import version
+
+    from stade_cli import __version__
+
+    libraries = ("torch", "transformers", "safetensors", "datasets", "lm_eval")
+    return {"stade": __version__, "python": platform.python_version(), **{lib: version(lib) for lib in libraries}}

@@ -204,4 +204,5 @@ def test_other_errors(results_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "Unknown --sort column" in said(res) and "ppl:wikitext2" in said(res)
     with pytest.raises(StadeError, match="Unknown --sort"):
         compare([results_dir], sort="nope")
-    assert invoke(str(results_dir), "--json", "--csv").exit_code != 0
+    res = invoke(str(results_dir), "--json", "--csv")
+    assert res.exit_code == 2 and "choose one of --json, --markdown and --csv" in said(res)

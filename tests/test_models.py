@@ -40,7 +40,10 @@ def test_load_and_find_blocks(tiny_model_dir: Path) -> None:
     layers = linear_layers(blocks[0])
     family = "opt" if loaded.model.config.model_type == "opt" else "llama"
     assert set(layers) == BLOCK_LAYERS[family]
-    assert all(in_features(m) in (64, 128) for m in layers.values())
+    # Every layer reads the hidden size (64) but the MLP's down projection, which reads the intermediate size (128).
+    assert {n: in_features(m) for n, m in layers.items()} == {
+        n: 128 if n.endswith(("down_proj", "fc2")) else 64 for n in layers
+    }
     assert max_context(loaded.model) == 128
 
 
@@ -76,9 +79,13 @@ def test_resolve_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
             resolve_model(spec)
 
 
-def test_resolve_device() -> None:
+def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type in ("cpu", "cuda")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")  # this machine
+    for available, expected in ((True, "cuda"), (False, "cpu")):  # and both answers, whatever this machine has
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert resolve_device("auto") == torch.device(expected)
+    monkeypatch.undo()
     with pytest.raises(StadeError, match="tpu"):
         resolve_device("tpu")
     with pytest.raises(StadeError, match="gpu9000"):

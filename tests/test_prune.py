@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import invoke
+from helpers import invoke, recorded_versions
 
 SCORED = ["magnitude", "wanda", "stade", "stadew", "stade_plus"]
 
@@ -142,6 +142,7 @@ def test_masks_match_method_definitions(
         assert check_masks(tiny_llama_dir, llama_stats, folder, method, sparsity, n, m) == 14
         report = json.loads((folder / "stade.json").read_text())
         assert report["method"] == method and abs(report["achieved_sparsity"] - (n / m if m else sparsity)) < 0.02
+        assert report["versions"] == recorded_versions()
 
 
 def test_stade_bias_restores_mean_output_and_reduces_error() -> None:
