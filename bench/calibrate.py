@@ -19,8 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from stade_cli.models import LoadedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = ROOT / "tests" / "data" / "reference-smollm2" / "calibration_ids.safetensors"
@@ -49,14 +53,14 @@ def dense_forward(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) ->
     return time.perf_counter() - t0
 
 
-def time_calibrate(loaded: object, hessian: bool, batch_size: int, workdir: Path) -> tuple[float, float]:
+def time_calibrate(loaded: LoadedModel, hessian: bool, batch_size: int, workdir: Path) -> tuple[float, float]:
     """Wall seconds of the whole library call (data, collection, writing) and of the collection alone."""
     from stade_cli.calibrate import CalibrationConfig, calibrate
 
     config = CalibrationConfig(data=str(IDS), nsamples=None, seqlen=None, hessian=hessian, batch_size=batch_size)
     out = workdir / f"stats-{'h' if hessian else 'm'}"
     t0 = time.perf_counter()
-    stats = calibrate(loaded, config, out, torch.device("cpu"), force=True)  # type: ignore[arg-type]
+    stats = calibrate(loaded, config, out, torch.device("cpu"), force=True)
     wall = time.perf_counter() - t0
     return wall, float(stats.manifest["timings"]["calibrate_s"])
 
