@@ -11,6 +11,7 @@ from torch import nn
 
 from stade_cli.blocks import iterate_blocks
 from stade_cli.calibrate import CalibrationConfig, calibrate
+from stade_cli.errors import StadeError
 from stade_cli.fingerprint import fingerprint
 from stade_cli.models import load_model
 from stade_cli.stats import Statistics
@@ -268,7 +269,7 @@ def test_manifest_describes_the_artifact(tiny_llama_dir: Path, text_file: Path, 
     assert len(m["layers"]) == 14 and all(e["shape"] for e in m["layers"])
     assert set(m["files"]) == {"stats.safetensors", "tokens.safetensors"}
     assert stats.manifest == m
-    with pytest.raises(Exception, match="no Hessians"):
+    with pytest.raises(StadeError, match="no Hessians"):
         stats.layer(m["layers"][0]["name"], hessian=True)
 
 
@@ -276,7 +277,7 @@ def test_truncated_artifact_is_refused(tiny_llama_dir: Path, text_file: Path, tm
     run_calibrate(tiny_llama_dir, tmp_path / "s", data=str(text_file), nsamples=2, seqlen=16)
     f = tmp_path / "s" / "stats.safetensors"
     f.write_bytes(f.read_bytes()[:-8])
-    with pytest.raises(Exception, match="corrupted or truncated"):
+    with pytest.raises(StadeError, match="corrupted or truncated"):
         Statistics.load(tmp_path / "s")
 
 
