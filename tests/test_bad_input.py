@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import save_tiny_model
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from stade_cli.cli import app
+from helpers import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "\n\n".join(f"Story {i}. " + "The quick brown fox jumps over the lazy dog. " * 12 for i in range(30))
@@ -92,8 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 def stade(command: str | list[str], **kwargs: Any) -> Result:
-    args = shlex.split(command) if isinstance(command, str) else command
-    return CliRunner().invoke(app, args, prog_name="stade", **kwargs)
+    return invoke(*(shlex.split(command) if isinstance(command, str) else command), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- setups
@@ -475,7 +474,7 @@ def test_compare_keeps_protocols_and_models_apart(world: World) -> None:
     assert res.exit_code == 0, res.output
     table = json.loads(res.stdout)
     docs = {p.name: json.loads(p.read_text()) for p in world.results.iterdir()}
-    ppl = [c for c in table["columns"] if c["metric"] == "ppl"]
+    ppl = [c for c in table["columns"] if c["result"] == "ppl"]
     assert len(ppl) == 2 and all("seqlen" in c["name"] for c in ppl)
     rows = {Path(r["source"]).name: r for r in table["rows"]}
     source = str(world.text)
