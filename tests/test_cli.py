@@ -153,14 +153,14 @@ def test_write_completions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 @pytest.mark.parametrize(
     ("words", "cword", "expected"),
     [
-        ("stade ca", 1, "calibrate"),
-        ("stade st", 1, "stats"),
-        ("stade stats ", 2, "show"),
-        ("stade calibrate --hes", 2, "--hessian"),
+        ("stade ca", 1, ["calibrate"]),
+        ("stade st", 1, ["stats"]),
+        ("stade stats ", 2, ["show"]),
+        ("stade calibrate --hes", 2, ["--hessian", "--hessian-dtype"]),
     ],
 )
-def test_bash_completion_answers(words: str, cword: int, expected: str) -> None:
+def test_bash_completion_answers(words: str, cword: int, expected: list[str]) -> None:
     env = {COMPLETE_VAR: "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
     res = invoke(env=env)
     assert res.exit_code == 0
-    assert res.stdout.split() == [expected]
+    assert res.stdout.split() == expected
