@@ -30,7 +30,7 @@ def hub_base(spec: str) -> str | None:
     return f"{cached.group(1)}/{cached.group(2)}" if cached else None
 
 
-def _pct(value: Any) -> str:
+def _percent(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, int | float) else "—"
 
 
@@ -61,8 +61,8 @@ def render(report: dict[str, Any], command: str | None = None) -> str:
         ("base model", base_text),
         ("method", f"`{method}`"),
         ("pattern", pattern),
-        ("target sparsity", _pct(report["sparsity"])),
-        ("achieved sparsity", f"{_pct(report['achieved_sparsity'])} of the decoder blocks' linear weights"),
+        ("target sparsity", _percent(report["sparsity"])),
+        ("achieved sparsity", f"{_percent(report['achieved_sparsity'])} of the decoder blocks' linear weights"),
         ("bias update", "yes" if report.get("bias_update") else "no"),
         ("sequential", "yes" if report.get("sequential") else "no (one-shot, from the dense statistics)"),
         ("calibration data", f"`{cal['data']}`, {cal['nsamples']} windows x {cal['seqlen']} tokens"),
@@ -72,7 +72,7 @@ def render(report: dict[str, Any], command: str | None = None) -> str:
     lines = [
         *front,
         "",
-        f"# {Path(spec.rstrip('/')).name or spec}, pruned with {method} ({pattern}, {_pct(report['sparsity'])})",
+        f"# {Path(spec.rstrip('/')).name or spec}, pruned with {method} ({pattern}, {_percent(report['sparsity'])})",
         "",
         f"{base_text} pruned after training, with no retraining, by [stade](https://pypi.org/project/stade/). "
         "Pruned weights are stored as zeros in an ordinary checkpoint: plain `transformers` loads it.",
