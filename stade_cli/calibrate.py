@@ -12,10 +12,11 @@ from .blocks import capture_inputs, iterate_blocks, on_device, run_block
 from .console import progress
 from .data import Documents, calibration_windows, check_token_ids, documents, is_token_file, load_token_file
 from .errors import StadeError
+from .experts import FALLBACK, MIN_EXPERT_TOKENS, LayerCollector, norm_feed_warnings, prunable_layers
 from .files import SafetensorsWriter, atomic_dir, check_writable
-from .layers import get_weight, in_features, linear_layers
+from .layers import get_weight, in_features, layer_kind
 from .models import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
-from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, BlockCollector, Statistics
+from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, Statistics
 from .versions import library_versions
 
 HESSIAN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -82,7 +83,9 @@ def calibrate(
         # Each block's Hessians go to disk as soon as the block is done: they need not fit in memory.
         hdtype = HESSIAN_DTYPES[config.hessian_dtype]
         hessians = SafetensorsWriter(tmp / HESSIAN_FILE, hessian_room(model, hdtype)) if config.hessian else None
-        tensors, layers, t_run = collect(loaded, windows.input_ids, device, hessians, config.batch_size, hdtype)
+        tensors, layers, warnings, t_run = collect(
+            loaded, windows.input_ids, device, hessians, config.batch_size, hdtype
+        )
         if hessians is not None:
             hessians.close()
         manifest = {
@@ -110,6 +113,8 @@ def calibrate(
             **({"hessian_dtype": config.hessian_dtype, "hessian_sha256": hessians.hashes} if hessians else {}),
             "count": n * length,
             "layers": layers,
+            "experts": {"min_tokens": MIN_EXPERT_TOKENS, "fallback": FALLBACK},
+            "warnings": warnings,
             "timings": {"data_s": round(t_data, 3), "calibrate_s": round(t_run, 3)},
         }
         manifest = Statistics.write_files(tmp, manifest, tensors, windows.input_ids)
@@ -117,10 +122,10 @@ def calibrate(
 
 
 def hessian_room(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Header room for the Hessians: one per linear layer at most (layers sharing an input share one)."""
+    """Header room for the Hessians: one per linear layer or expert at most (layers sharing an input share one)."""
     entries = {}
     for _i, prefix, block in iterate_blocks(model):
-        for name, mod in linear_layers(block).items():
+        for name, mod in prunable_layers(block).items():
             n = in_features(mod)
             entries[f"{prefix}.{name}"] = (dtype, [n, n])
     return SafetensorsWriter.room_for(entries)
@@ -133,21 +138,22 @@ def collect(
     hessians: SafetensorsWriter | None,
     batch_size: int,
     hessian_dtype: torch.dtype = torch.float32,
-) -> tuple[dict[str, torch.Tensor], list[dict], float]:
-    """One dense pass, block by block: every linear layer's input statistics (Hessians into `hessians`)."""
+) -> tuple[dict[str, torch.Tensor], list[dict], list[str], float]:
+    """One dense pass, block by block: every linear layer's and expert's input statistics (Hessians into
+    `hessians`), and warnings where a layer's measured norm feed contradicts its name."""
     model = loaded.model
     t0 = time.perf_counter()
     inputs = capture_inputs(model, input_ids, batch_size, device)
     tensors: dict[str, torch.Tensor] = {}
     layers: list[dict] = []
+    warnings: list[str] = []
     n_blocks = len(list(iterate_blocks(model)))
     tokens = input_ids.numel()
     with progress() as bar:
         task = bar.add_task("calibrate", total=n_blocks, info="")
         for i, prefix, block in iterate_blocks(model):
             with on_device(loaded, prefix, block, device):
-                lin = linear_layers(block)
-                collector = BlockCollector(block, lin, device, hessians is not None)
+                collector = LayerCollector(block, device, hessians is not None)
                 try:
                     outs = []
                     for batch in inputs.batches():
@@ -156,10 +162,11 @@ def collect(
                 finally:
                     collector.remove()
             inputs.hidden = outs
-            for name, mod in lin.items():
+            warnings += norm_feed_warnings(prefix, collector.linear.fed_by_norm)
+            for name, mod in collector.layers.items():
                 st = collector.layer_stats(name)
                 full = f"{prefix}.{name}"
-                group = f"{prefix}.{collector.group_of[name]}"
+                group = f"{prefix}.{collector.group(name)}"
                 if f"{group}.mean" not in tensors:  # a group's statistics are stored once
                     tensors[f"{group}.mean"] = st.mean.cpu()
                     tensors[f"{group}.m2"] = st.m2.cpu()
@@ -167,7 +174,17 @@ def collect(
                         assert st.hessian is not None  # the collector keeps Hessians when hessians are written
                         hessians.add(group, st.hessian.to(hessian_dtype))
                 shape = list(get_weight(mod).shape)  # (out, in)
-                layers.append({"name": full, "block": i, "shape": shape, "fed_by_norm": st.fed_by_norm, "group": group})
+                layers.append(
+                    {
+                        "name": full,
+                        "block": i,
+                        "shape": shape,
+                        "fed_by_norm": st.fed_by_norm,
+                        "group": group,
+                        "kind": layer_kind(full),
+                        "count": st.count,
+                    }
+                )
             rate = tokens * (i + 1) / n_blocks / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, info=f"{rate:,.0f} tok/s")
-    return tensors, layers, time.perf_counter() - t0
+    return tensors, layers, warnings, time.perf_counter() - t0

@@ -14,6 +14,7 @@ from torch import nn
 
 from .blocks import iterate_blocks
 from .errors import StadeError
+from .experts import FALLBACK, MIN_EXPERT_TOKENS, ExpertLayer, fused_experts, kind_counts, prunable_layers
 from .files import atomic_dir, read_json, write_json
 from .layers import bias_param, linear_layers, weight_param
 from .modelcard import write_card
@@ -38,25 +39,29 @@ def bias_plan(model: PreTrainedModel, stats: Statistics, configs: list[PruneConf
     Returns the switches to set; raises where the architecture cannot hold a needed bias.
     """
     needed = set()
+    layers = {f"{p}.{n}": mod for _i, p, block in iterate_blocks(model) for n, mod in prunable_layers(block).items()}
     for c in configs:
         if not c.bias_update:
             continue
         for entry in stats.manifest["layers"]:
             st = LayerStats(1, torch.zeros(1), torch.zeros(1), bool(entry["fed_by_norm"]))
-            if c.metric.bias_update(st) and bias_param(model.get_submodule(entry["name"])) is None:
+            if c.metric.bias_update(st) and bias_param(layers[entry["name"]]) is None:
                 needed.add(entry["name"])
     if not needed:
         return {}
     cfg = model.config
     switches = {k: True for k, v in cfg.to_dict().items() if (k == "bias" or k.endswith("_bias")) and v is False}
     missing = sorted(needed)
-    if switches:
+    experts = [n for n in missing if isinstance(layers[n], ExpertLayer)]  # no config switch adds expert biases
+    missing = [n for n in missing if n not in experts]
+    if switches and missing:
         from transformers import AutoModelForCausalLM
 
         trial = cfg.__class__.from_dict({**cfg.to_dict(), **switches})
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(trial)
         missing = [n for n in missing if getattr(meta.get_submodule(n), "bias", None) is None]
+    missing = experts + missing
     if missing:
         raise StadeError(
             f"{type(model).__name__} has no config switch that gives {missing[0]} a bias"
@@ -164,6 +169,11 @@ def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, dev
         "device": str(device),
         "timings": report.timings,
         "warnings": report.warnings,
+        "weights": kind_counts([(r.name, r.shape, r.sparsity) for r in report.layers], report.routers),
+        "expert_fallback": {
+            "rule": f"experts reached by fewer than {MIN_EXPERT_TOKENS} calibration tokens are pruned by {FALLBACK}",
+            "layers": [r.name for r in report.layers if r.fallback],
+        },
         "layers": [r.as_dict() for r in report.layers],
     }
 
@@ -209,6 +219,14 @@ class Snapshot:
             for name, mod in layers.items()
         }
         self.biased = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and bias_param(m) is not None}
+        # Fused experts' 3-D weights (and biases): read back from the files where they are there by name.
+        self.experts: dict[str, torch.Tensor | None] = {}
+        for _i, prefix, block in iterate_blocks(model):
+            for local, mod in fused_experts(block).items():
+                for p, t in mod.named_parameters(recurse=False):
+                    name = f"{prefix}.{local}.{p}"
+                    on_disk = self.files is not None and name in self.files.file_of
+                    self.experts[name] = None if on_disk else t.detach().clone()
         self.config = {k: v for k, v in model.config.to_dict().items() if k == "bias" or k.endswith("_bias")}
 
     def restore(self) -> None:
@@ -233,6 +251,12 @@ class Snapshot:
                     bias.data.copy_(b)
             elif isinstance(mod, nn.Linear) and bias_param(mod) is not None and name not in self.biased:
                 mod.register_parameter("bias", None)
+        for name, dense_weight in self.experts.items():
+            param = self.model.get_parameter(name)
+            if dense_weight is None:
+                assert self.files is not None
+                dense_weight = self.files.read([name], param.dtype)[name]
+            param.data.copy_(dense_weight)
         for k, v in self.config.items():
             setattr(self.model.config, k, v)
 

@@ -396,11 +396,13 @@ def prune(
             raise typer.BadParameter(
                 f"{sparsity!r} is not a comma-separated list of numbers.", param_hint="--sparsity"
             ) from None
-    configs = []
+    configs: list[PruneConfig] = []
     for m in _csv(method, "--method"):
         for p in _csv(pattern, "--pattern"):
-            for r in ratios if not parse_pattern(p).structured else [ratios[0] if len(ratios) == 1 else None]:
-                configs.append(PruneConfig(m, r, p, bias_update, sequential, seed, reconstruct, reconstruct_steps))
+            for r in ratios:  # an N:M pattern fixes the ratio: every --sparsity given must agree with it
+                c = PruneConfig(m, r, p, bias_update, sequential, seed, reconstruct, reconstruct_steps)
+                if not (parse_pattern(p).structured and c in configs):
+                    configs.append(c)
     written = list(output_paths(out, configs).values()) + ([out / SWEEP_SUMMARY] if len(configs) > 1 else [])
     for path in written:
         check_writable(path, force)

@@ -16,9 +16,10 @@ from .checkpoint import REPORT_FILE, REPORT_KIND
 from .console import progress
 from .dispatch import placement
 from .errors import StadeError
+from .experts import ExpertLayer, prunable_layers
 from .files import check_writable, read_json, write_json
 from .fingerprint import fingerprint
-from .layers import find_blocks, get_weight, linear_layers
+from .layers import find_blocks, get_weight
 from .models import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
 from .versions import library_versions
 from .weights import WeightFiles
@@ -252,18 +253,24 @@ def prune_report(path: str) -> dict[str, Any] | None:
 
 
 def measured_sparsity(model: nn.Module, files: WeightFiles | None = None) -> float:
-    """Fraction of exact zeros over the weights of every linear layer in the decoder blocks.
+    """Fraction of exact zeros over the weights of every linear layer and expert in the decoder blocks.
 
     `files`: where weights that accelerate left on disk (meta here) are read from, one at a time.
     """
     zeros = total = 0
     name, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
-        for local, layer in linear_layers(block).items():
+        for local, layer in prunable_layers(block).items():
             w = get_weight(layer)
             if w.is_meta and files is not None:
-                key = f"{name}.{i}.{local}.weight"
-                w = files.read([key], w.dtype)[key]
+                if isinstance(layer, ExpertLayer):  # an expert's slice of its fused tensor, stored by that name
+                    key = f"{name}.{i}.{local.rsplit('.', 2)[0]}.{layer.param}"
+                    if key not in files.file_of:
+                        continue
+                    w = files.read([key], w.dtype)[key][layer.index]
+                else:
+                    key = f"{name}.{i}.{local}.weight"
+                    w = files.read([key], w.dtype)[key]
             zeros += int((w == 0).sum())
             total += w.numel()
     return zeros / total if total else 0.0

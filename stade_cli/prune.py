@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,24 @@ from .blocks import BlockInputs, capture_inputs, iterate_blocks, on_device, run_
 from .checkpoint import Snapshot, bias_plan, finish_biases, save_checkpoint
 from .console import progress
 from .errors import StadeError
+from .experts import (
+    FALLBACK,
+    MIN_EXPERT_TOKENS,
+    LayerCollector,
+    norm_feed_warnings,
+    prunable_layers,
+    router_counts,
+    underfed,
+)
 from .files import check_space, check_writable, write_json
 from .fingerprint import fingerprint
-from .layers import bias_param, get_weight, linear_layers, set_weight, weight_param
+from .layers import bias_param, get_weight, set_weight, weight_param
 from .masks import Pattern, check_divisible, mask_from_scores, parse_pattern, resolve_sparsity
 from .metrics import Metric, get_metric
 from .models import LoadedModel
 from .reconstruct import DEFAULT_STEPS, get_reconstruction
 from .sparsegpt import sparsegpt_prune
-from .stats import BlockCollector, LayerStats, Statistics
+from .stats import LayerStats, Statistics
 from .weights import WeightFiles
 
 
@@ -78,6 +87,7 @@ class LayerReport:
     rel_error: float
     bias_updated: bool
     damping: float | None = None
+    fallback: str | None = None  # an expert too few tokens reached: the score used instead of the method's
 
     def as_dict(self) -> dict[str, Any]:
         d = {
@@ -89,6 +99,8 @@ class LayerReport:
         }
         if self.damping is not None:
             d["damping"] = self.damping
+        if self.fallback is not None:
+            d["fallback"] = self.fallback
         return d
 
 
@@ -100,6 +112,7 @@ class PruneReport:
     warnings: list[str] = field(default_factory=list)
     route: str = "in-memory"  # how the checkpoint was written: "streaming" (block by block) or "in-memory"
     reconstruction: list[dict[str, Any]] = field(default_factory=list)  # per block, when reconstructing
+    routers: tuple[int, int] = (0, 0)  # router layers and weights, left dense
 
     @property
     def achieved_sparsity(self) -> float:
@@ -176,9 +189,12 @@ def _layer_generator(seed: int, name: str) -> torch.Generator:
 def prune_block(
     prefix: str, block: nn.Module, stats_of: Any, config: PruneConfig, device: torch.device
 ) -> list[LayerReport]:
-    """Prune every linear layer of one block in place (the block is on `device`)."""
-    groups: list[tuple[LayerStats, list[tuple[str, nn.Module]]]] = []  # consecutive layers sharing an input
-    for name, mod in linear_layers(block).items():
+    """Prune every linear layer and expert of one block in place (the block is on `device`).
+
+    An expert that too few calibration tokens reached is pruned by experts.FALLBACK instead.
+    """
+    groups: list[tuple[LayerStats, list[tuple[str, Any]]]] = []  # consecutive layers sharing an input
+    for name, mod in prunable_layers(block).items():
         full = f"{prefix}.{name}"
         st: LayerStats = stats_of(name, full)
         if groups and st.group and groups[-1][0].group == st.group:
@@ -189,8 +205,10 @@ def prune_block(
     for st, members in groups:
         ws = [get_weight(mod).detach().to(torch.float32) for _, mod in members]
         names = [full for full, _ in members]
+        fallback = FALLBACK if config.metric.needs and underfed(names[0], st.count) else None
+        group_config = replace(config, method=fallback) if fallback else config
         for (full, mod), w, (w_new, mask, db, damping) in zip(
-            members, ws, prune_group(ws, st, config, names), strict=True
+            members, ws, prune_group(ws, st, group_config, names), strict=True
         ):
             err, energy = output_error(w, w_new, db, st)
             set_weight(mod, w_new)
@@ -204,6 +222,7 @@ def prune_block(
                     err / max(energy, 1e-30),
                     db is not None,
                     damping,
+                    fallback,
                 )
             )
     return reports
@@ -241,7 +260,7 @@ def check_compatible(
         check_fingerprint(stats, fingerprint(model))
     layers = stats.layers
     for i, prefix, block in iterate_blocks(model):
-        for name, mod in linear_layers(block).items():
+        for name, mod in prunable_layers(block).items():
             full = f"{prefix}.{name}"
             shape = list(get_weight(mod).shape)
             if full not in layers or layers[full]["shape"] != shape:
@@ -262,7 +281,7 @@ def check_compatible(
 # ----------------------------------------------------------------------------------------------- driving
 
 
-def _sequential_stats(collector: BlockCollector) -> Any:
+def _sequential_stats(collector: LayerCollector) -> Any:
     return lambda name, _full: collector.layer_stats(name)
 
 
@@ -289,7 +308,7 @@ def prune_step(
     recon = get_reconstruction(config.reconstruct)
     dense: list[torch.Tensor] = []  # the dense block's outputs on its inputs: the reconstruction's targets
     if config.sequential and config.metric.needs:
-        collector = BlockCollector(block, linear_layers(block), device, "hessian" in config.metric.needs)
+        collector = LayerCollector(block, device, "hessian" in config.metric.needs)
         try:
             for batch in inputs.batches():
                 out = run_block(block, batch, device, index)
@@ -298,6 +317,8 @@ def prune_step(
                     dense += out
         finally:
             collector.remove()
+        if report is not None:  # a measured norm feed that contradicts a layer's name
+            report.warnings += norm_feed_warnings(prefix, collector.linear.fed_by_norm)
         reports = prune_block(prefix, block, _sequential_stats(collector), config, device)
     else:
         if recon.needs_inputs:
@@ -330,6 +351,8 @@ def prune_model(
     if use_inputs and inputs is None:
         inputs = capture_inputs(model, stats.token_ids(), batch_size, device)
     blocks = list(iterate_blocks(model))
+    report.routers = router_counts([block for _i, _p, block in blocks])
+    report.warnings += calibration_warnings(stats, config)
     with progress() as bar:
         task = bar.add_task(f"{config.name}{' (sequential)' if config.sequential else ''}", total=len(blocks), info="")
         for i, prefix, block in blocks:
@@ -346,8 +369,22 @@ def prune_model(
     return report
 
 
+def calibration_warnings(stats: Statistics, config: PruneConfig) -> list[str]:
+    """The statistics' warnings, for a run that prunes from them (a sequential one measures anew)."""
+    if config.sequential and config.metric.needs:
+        return []
+    return [f"calibration: {w}" for w in stats.manifest.get("warnings", [])]
+
+
 def note_damping(report: PruneReport) -> None:
-    """Warn about every layer whose Hessian needed more than the usual damping."""
+    """Warn about every layer whose Hessian needed more than the usual damping, and about experts that
+    fell back to magnitude."""
+    fallback = [r.name for r in report.layers if r.fallback]
+    if fallback:
+        report.warnings.append(
+            f"{len(fallback)} expert layers (e.g. {fallback[0]}) were reached by fewer than {MIN_EXPERT_TOKENS} "
+            f"calibration tokens and were pruned by {FALLBACK}; calibrate on more tokens to use their statistics"
+        )
     for r in report.layers:
         if r.damping is not None and r.damping > 0.01:
             report.warnings.append(f"{r.name}: Hessian needed damping {r.damping:g} (Cholesky failed at 0.01)")

@@ -64,7 +64,8 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     segments: list[int] | None = None,
 ) -> SolverResult:
-    """Prune `weight` (out, in) with the OBS update of the kept weights, columns in blocks of `blocksize`.
+    """Prune `weight` (out, in) with the OBS update of the kept weights, columns in blocks of `blocksize`
+    (for an N:M pattern rounded down to a multiple of M, as method.md says).
 
     `segments`: row counts of layers stacked into `weight` (sharing one Hessian); each layer's
     unstructured mask is chosen within its own rows, so stacking changes nothing but speed.
@@ -72,6 +73,8 @@ def sparsegpt_prune(
     Column i is never written after its own step, so the kept values and the errors are read off
     the block once at its end instead of being copied out column by column.
     """
+    if pattern.structured:  # N:M groups start at absolute columns i % M == 0 and never straddle a block edge
+        blocksize = max(blocksize // pattern.m, 1) * pattern.m
     factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, percdamp)
     hinv = factor.upper.to(weight.device)
     w = weight.detach().to(torch.float32).clone()

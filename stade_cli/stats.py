@@ -64,7 +64,7 @@ class Hessian:
         self.count += xb.shape[0]
 
     def value(self) -> torch.Tensor:
-        return self.sum * (2.0 / self.count)
+        return self.sum * (2.0 / max(self.count, 1))  # an expert no token reached: zeros, not NaN
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,8 @@ class Statistics:
                 h = self._read_hessian(group).to(device)
             self._recent = (key, (f.get_tensor(f"{group}.mean").to(device), f.get_tensor(f"{group}.m2").to(device), h))
         mean, m2, h = self._recent[1]
-        return LayerStats(int(self.manifest["count"]), mean, m2, bool(entry["fed_by_norm"]), h, group)
+        count = int(entry.get("count", self.manifest["count"]))  # an expert's own tokens, else every token
+        return LayerStats(count, mean, m2, bool(entry["fed_by_norm"]), h, group)
 
     def summary(self) -> dict[str, Any]:
         return summary(self)
@@ -427,5 +428,6 @@ def summary(stats: Statistics) -> dict[str, Any]:
         "statistics": m["statistics"],
         "count": m["count"],
         "layers": len(m["layers"]),
+        "warnings": m.get("warnings", []),
         "blocks": block_summary(stats),
     }

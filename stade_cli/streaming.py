@@ -24,6 +24,7 @@ from .blocks import capture_inputs, iterate_blocks, release_memory
 from .checkpoint import REPORT_FILE, bias_plan, report_dict
 from .console import progress
 from .errors import StadeError
+from .experts import router_counts
 from .files import PlannedSafetensors, atomic_dir, check_space, check_writable, write_json
 from .modelcard import write_card
 from .models import LoadedModel, load_model
@@ -31,6 +32,7 @@ from .prune import (
     SWEEP_SUMMARY,
     PruneConfig,
     PruneReport,
+    calibration_warnings,
     check_compatible,
     check_fingerprint,
     note_damping,
@@ -249,7 +251,10 @@ def stream_sweep(
     switched = {c: switches if uses_bias(stats, c) else {} for c in configs}
     layouts = {c: plan_layout(model, switched[c], dtype) for c in configs}
     check_space(out, sum(layout.bytes for layout in layouts.values()))  # the shards are sized as they open
-    reports = {c: PruneReport(c, route="streaming") for c in configs}
+    routers = router_counts([block for _i, _p, block in iterate_blocks(model)])
+    reports = {c: PruneReport(c, route="streaming", routers=routers) for c in configs}
+    for c in configs:
+        reports[c].warnings += calibration_warnings(stats, c)
     t0 = time.perf_counter()
     # Sequential configs recalibrate each block on their own pruned outputs: each keeps its own inputs.
     captured = None

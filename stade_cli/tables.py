@@ -28,6 +28,8 @@ def render_stats(stats: Statistics) -> None:
     )
     for note in data.get("notes", []):
         out.print(f"[yellow]note:[/] {escape(note)}")
+    for w in s.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {escape(w)}")
     table = Table(title="Layer inputs per block")
     for col in ("block", "inputs", "channels", "mean min", "mean max", "std min", "std max", "|mean|>std"):
         table.add_column(col, justify="right")
