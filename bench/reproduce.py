@@ -118,7 +118,7 @@ def main() -> int:
         CalibrationConfig(
             data=str(REF / "calibration_ids.safetensors"),
             nsamples=None,
-            hessian=not args.only or any("hessian" in c.metric.needs and not c.sequential for _, c in selected),
+            hessian=not args.only or any("hessian" in c.needs and not c.sequential for _, c in selected),
         ),
         args.work / "stats",
         device,
@@ -150,7 +150,7 @@ def main() -> int:
         ref = REFERENCE.get((cfg.method, cfg.pattern)) if label.startswith("sequential, as") else None
         key = (cfg.method, cfg.pattern)
         # A weights-only score gives the same masks one-shot or sequential: the same model, evaluated once.
-        value = seen[key] if not cfg.metric.needs and key in seen else ppl()
+        value = seen[key] if not cfg.needs and key in seen else ppl()
         seen[key] = value
         rows.append(
             {

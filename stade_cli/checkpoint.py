@@ -45,7 +45,7 @@ def bias_plan(model: PreTrainedModel, stats: Statistics, configs: list[PruneConf
             continue
         for entry in stats.manifest["layers"]:
             st = LayerStats(1, torch.zeros(1), torch.zeros(1), bool(entry["fed_by_norm"]))
-            if c.metric.bias_update(st) and bias_param(layers[entry["name"]]) is None:
+            if c.bias_layer(st) and bias_param(layers[entry["name"]]) is None:
                 needed.add(entry["name"])
     if not needed:
         return {}
@@ -149,6 +149,7 @@ def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, dev
         "schema": 1,
         "kind": REPORT_KIND,
         "method": c.method,
+        "stages": c.stages_dict(),
         "pattern": c.pattern,
         "sparsity": c.ratio,
         "achieved_sparsity": round(report.achieved_sparsity, 6),
@@ -174,6 +175,7 @@ def report_dict(loaded: LoadedModel, report: PruneReport, stats: Statistics, dev
             "rule": f"experts reached by fewer than {MIN_EXPERT_TOKENS} calibration tokens are pruned by {FALLBACK}",
             "layers": [r.name for r in report.layers if r.fallback],
         },
+        **({"block_sparsity": report.block_sparsity} if report.block_sparsity else {}),
         "layers": [r.as_dict() for r in report.layers],
     }
 

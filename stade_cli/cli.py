@@ -349,11 +349,56 @@ def prune(
         typer.Option(
             "--reconstruct",
             help="none, or block: after masking each block, tune its kept weights to the dense block's outputs.",
+            rich_help_panel="Stages",
         ),
     ] = "none",
     reconstruct_steps: Annotated[
         int, typer.Option("--reconstruct-steps", help="Adam steps per block (at most; stops early).", min=1)
     ] = 20,  # reconstruct.DEFAULT_STEPS (not imported here: torch would slow down --help)
+    update: Annotated[
+        str | None,
+        typer.Option(
+            "--update",
+            help="Replace the method's weight update: none, bias, obs, admm (see `stade methods`).",
+            show_default="the method's own",
+            rich_help_panel="Stages",
+        ),
+    ] = None,
+    allocation: Annotated[
+        str,
+        typer.Option(
+            "--allocation", help="Sparsity per block: uniform, or owl (unstructured only).", rich_help_panel="Stages"
+        ),
+    ] = "uniform",
+    admm_iters: Annotated[
+        int, typer.Option("--admm-iters", help="ADMM iterations.", rich_help_panel="Stages", min=1)
+    ] = 20,
+    admm_rho: Annotated[
+        float,
+        typer.Option("--admm-rho", help="ADMM penalty rho (on H scaled to unit diagonal).", rich_help_panel="Stages"),
+    ] = 1.0,
+    admm_rho_growth: Annotated[
+        float,
+        typer.Option(
+            "--admm-rho-growth",
+            help="Multiply rho by this each iteration once the mask is fixed.",
+            rich_help_panel="Stages",
+        ),
+    ] = 1.0,
+    admm_mask_iters: Annotated[
+        int,
+        typer.Option(
+            "--admm-mask-iters", help="Iterations that grow the mask (--method admm).", rich_help_panel="Stages"
+        ),
+    ] = 15,
+    owl_m: Annotated[
+        float,
+        typer.Option("--owl-m", help="OWL: outlier threshold, times the block's mean score.", rich_help_panel="Stages"),
+    ] = 5.0,
+    owl_lambda: Annotated[
+        float,
+        typer.Option("--owl-lambda", help="OWL: block ratios within sparsity ± lambda.", rich_help_panel="Stages"),
+    ] = 0.08,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random method's noise (no other method draws).")] = 0,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
@@ -379,7 +424,12 @@ def prune(
 
     With block reconstruction: stade prune smollm2-135m --stats stats/ --method wanda --pattern 2:4
     --reconstruct block --reconstruct-steps 20 --out pruned/
+
+    Stages: stade prune smollm2-135m --stats stats/ --method wanda --update admm --allocation owl --sparsity 0.6
+    --out pruned/
     """
+    from .admm import AdmmSettings
+    from .allocation import OwlSettings
     from .files import check_apart, check_writable
     from .masks import parse_pattern
     from .models import load_model, parse_dtype, resolve_device
@@ -400,7 +450,20 @@ def prune(
     for m in _csv(method, "--method"):
         for p in _csv(pattern, "--pattern"):
             for r in ratios:  # an N:M pattern fixes the ratio: every --sparsity given must agree with it
-                c = PruneConfig(m, r, p, bias_update, sequential, seed, reconstruct, reconstruct_steps)
+                c = PruneConfig(
+                    m,
+                    r,
+                    p,
+                    bias_update,
+                    sequential,
+                    seed,
+                    reconstruct=reconstruct,
+                    reconstruct_steps=reconstruct_steps,
+                    update=update,
+                    allocation=allocation,
+                    admm=AdmmSettings(admm_iters, admm_rho, admm_rho_growth, admm_mask_iters),
+                    owl=OwlSettings(owl_m, owl_lambda),
+                )
                 if not (parse_pattern(p).structured and c in configs):
                     configs.append(c)
     written = list(output_paths(out, configs).values()) + ([out / SWEEP_SUMMARY] if len(configs) > 1 else [])
@@ -438,28 +501,13 @@ def prune(
 @app.command()
 @cli_errors
 def methods(as_json: JsonOpt = False) -> None:
-    """List the pruning methods, the statistics each needs, and whether it updates biases.
+    """List the methods (presets) and every pruning stage: scores, updates, allocations.
 
     Example: stade methods --json
     """
-    import torch
+    from .methods import stage_rows
 
-    from .metrics import METRICS
-    from .stats import LayerStats
-
-    norm_fed = LayerStats(1, torch.zeros(1), torch.zeros(1), True)
-    other = LayerStats(1, torch.zeros(1), torch.zeros(1), False)
-    rows = []
-    for m in METRICS.values():
-        a, b = m.bias_update(norm_fed), m.bias_update(other)
-        rows.append(
-            {
-                "name": m.name,
-                "description": m.description,
-                "needs": list(m.needs),
-                "bias_update": "all layers" if a and b else "layers not fed by a norm" if b else "no",
-            }
-        )
+    rows = stage_rows()
     if as_json:
         print_json(rows)
     else:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .admm import AdmmSettings
+from .allocation import OwlSettings, check_allocation, get_allocation
 from .blocks import BlockInputs, capture_inputs, iterate_blocks, on_device, run_block
 from .checkpoint import Snapshot, bias_plan, finish_biases, save_checkpoint
 from .console import progress
@@ -32,37 +34,77 @@ from .files import check_space, check_writable, write_json
 from .fingerprint import fingerprint
 from .layers import bias_param, get_weight, set_weight, weight_param
 from .masks import Pattern, check_divisible, mask_from_scores, parse_pattern, resolve_sparsity
-from .metrics import Metric, get_metric
+from .methods import Method, get_method, resolve_update, stages_record
 from .models import LoadedModel
 from .reconstruct import DEFAULT_STEPS, get_reconstruction
-from .sparsegpt import sparsegpt_prune
+from .scores import get_score
 from .stats import LayerStats, Statistics
+from .updates import Pruned, UpdateJob, get_update
 from .weights import WeightFiles
 
 
 @dataclass(frozen=True)
 class PruneConfig:
+    """One pruning run: a method preset, optionally with its update or the block allocation replaced."""
+
     method: str
     sparsity: float | None = None  # None with an N:M pattern: N/M
     pattern: str = "unstructured"
     bias_update: bool = True  # STADE's bias compensation where the method asks for it
     sequential: bool = False
     seed: int = 0
+    update: str | None = None  # None: the method's own
+    allocation: str = "uniform"
     reconstruct: str = "none"  # "none" | "block": see reconstruct.py
     reconstruct_steps: int = DEFAULT_STEPS
+    admm: AdmmSettings = field(default_factory=AdmmSettings)
+    owl: OwlSettings = field(default_factory=OwlSettings)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", get_metric(self.method).name)
+        method = get_method(self.method)
+        object.__setattr__(self, "method", method.name)
         object.__setattr__(self, "reconstruct", get_reconstruction(self.reconstruct).name)
         if self.reconstruct_steps < 1:
             raise StadeError(f"--reconstruct-steps must be at least 1, not {self.reconstruct_steps}.", "pass e.g. 40")
         pattern = parse_pattern(self.pattern)
         object.__setattr__(self, "pattern", str(pattern))
         object.__setattr__(self, "sparsity", resolve_sparsity(pattern, self.sparsity))
+        object.__setattr__(self, "update", resolve_update(method, self.update))
+        object.__setattr__(self, "allocation", get_allocation(self.allocation).name)
+        check_allocation(self.allocation, pattern, self.ratio, self.owl)
+        if "admm" in self.updates:
+            self.admm.check()
 
     @property
-    def metric(self) -> Metric:
-        return get_metric(self.method)
+    def preset(self) -> Method:
+        return get_method(self.method)
+
+    def stages(self, st: LayerStats) -> tuple[str | None, str]:
+        """(score or None where the update chooses the mask, update) for one layer."""
+        score, update = self.preset.stages(st)
+        if self.update is not None:
+            update = self.update
+        if update == "bias" and not self.bias_update:
+            update = "none"
+        return score, update
+
+    @property
+    def updates(self) -> tuple[str, ...]:
+        """Every update this run may apply."""
+        return (self.update,) if self.update is not None else (self.preset.update,)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The statistics this run reads: () for weights only, ("mean", "m2"), ("hessian",)."""
+        needs = {n for s in self.preset.scores for n in get_score(s).needs}
+        needs |= {n for u in self.updates for n in get_update(u).needs}
+        if self.allocation == "owl":
+            needs |= {"mean", "m2"}
+        return tuple(sorted(needs))
+
+    def bias_layer(self, st: LayerStats) -> bool:
+        """Whether this layer gets STADE's bias compensation (so the checkpoint needs a bias there)."""
+        return self.stages(st)[1] == "bias"
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -74,9 +116,28 @@ class PruneConfig:
         return self.sparsity
 
     @property
+    def label(self) -> str:
+        """The method, and the stages that replace its own: wanda, wanda+admm, admm+owl."""
+        parts = [self.method]
+        if self.update is not None:
+            parts.append(self.update)
+        if self.allocation != "uniform":
+            parts.append(self.allocation)
+        if self.reconstruct != "none":
+            parts.append(self.reconstruct)
+        return "+".join(parts)
+
+    @property
     def name(self) -> str:
-        """Folder name in a sweep: method-pattern-sparsity."""
-        return f"{self.method}-{self.parsed_pattern.slug}-{self.ratio:g}"
+        """Folder name in a sweep: method-pattern-sparsity (method+update+allocation where they differ)."""
+        return f"{self.label}-{self.parsed_pattern.slug}-{self.ratio:g}"
+
+    def stages_dict(self) -> dict[str, Any]:
+        """The stages and their parameters, as stade.json records them."""
+        record = stages_record(self.preset, self.updates[0], self.allocation, self.reconstruct, self.admm, self.owl)
+        if self.reconstruct != "none":
+            record["reconstruct"]["steps"] = self.reconstruct_steps
+        return record
 
 
 @dataclass
@@ -113,6 +174,7 @@ class PruneReport:
     route: str = "in-memory"  # how the checkpoint was written: "streaming" (block by block) or "in-memory"
     reconstruction: list[dict[str, Any]] = field(default_factory=list)  # per block, when reconstructing
     routers: tuple[int, int] = (0, 0)  # router layers and weights, left dense
+    block_sparsity: dict[str, float] = field(default_factory=dict)  # per block, where an allocation varies it
 
     @property
     def achieved_sparsity(self) -> float:
@@ -125,56 +187,49 @@ class PruneReport:
 
 
 def output_error(w: torch.Tensor, w_new: torch.Tensor, db: torch.Tensor | None, st: LayerStats) -> tuple[float, float]:
-    """Estimated squared output error of the change, and the dense output energy (diagonal approximation).
+    """Estimated squared output error of the change per token, and the dense output energy.
 
+    With H (= 2 E[x xᵀ]) at hand, exactly: error = tr(dW E[xxᵀ] dWᵀ) + 2 db·(dW mean) + |db|², which an update
+    that uses the inputs' correlations (obs, admm) is judged by. Otherwise the diagonal approximation
     error_i = sum_j dW_ij^2 var_j + (sum_j dW_ij mean_j + db_i)^2, energy = sum_ij W_ij^2 E[x_j^2].
     """
     mean = st.mean.to(w.device, torch.float32)
-    var = st.var.to(w.device, torch.float32)
     delta = w_new - w
+    if st.hessian is not None:
+        second = st.hessian.to(w.device, torch.float32) / 2  # E[x xᵀ]
+        err = ((delta @ second) * delta).double().sum()
+        if db is not None:
+            err = err + 2 * (db.double() * (delta @ mean).double()).sum() + db.double().square().sum()
+        energy = ((w @ second) * w).double().sum()
+        return float(err), float(energy)
+    var = st.var.to(w.device, torch.float32)
     residual = delta @ mean + (db if db is not None else 0.0)
     err = (delta.square() @ var).double().sum() + residual.double().square().sum()
     energy = (w.square() @ (var + mean.square())).double().sum()
     return float(err), float(energy)
 
 
-Pruned = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]
-
-
 def prune_group(ws: list[torch.Tensor], st: LayerStats, config: PruneConfig, names: list[str]) -> list[Pruned]:
     """(new weight, mask, bias change or None, damping) for layers that share one input and so `st`.
 
-    `ws` are the original (out, in) float32 weights. The solver runs once on their stacked rows:
-    one Hessian factor and one column sweep instead of one per layer (each row's update is its own).
+    `ws` are the original (out, in) float32 weights. The score stage chooses each layer's mask (unless the
+    update chooses it itself), then the update stage changes the kept weights and biases.
     """
-    metric = config.metric
-    parts: list[tuple[torch.Tensor, torch.Tensor, float | None]]  # (new weight, mask, damping)
-    if metric.solver:
-        assert st.hessian is not None
-        rows = [w.shape[0] for w in ws]
-        res = sparsegpt_prune(torch.cat(ws), st.hessian, config.ratio, config.parsed_pattern, segments=rows)
-        parts = [
-            (w_new, mask, res.damping) for w_new, mask in zip(res.weight.split(rows), res.mask.split(rows), strict=True)
-        ]
-    else:
-        parts = []
+    score_name, update_name = config.stages(st)
+    masks = None
+    if score_name is not None:
+        score = get_score(score_name)
+        masks = []
         for w, name in zip(ws, names, strict=True):
-            scores = metric.score(w, st, _layer_generator(config.seed, name))  # type: ignore[misc]
+            scores = score.fn(w, st, _layer_generator(config.seed, name))
             if scores.isnan().any():
                 raise StadeError(
-                    f"Layer {name} has NaN {config.method} scores: its weights or calibration statistics contain NaN.",
+                    f"Layer {name} has NaN {score_name} scores: its weights or calibration statistics contain NaN.",
                     "check the model's weights, and calibrate in float32 (--dtype float32) if float16 overflowed",
                 )
-            mask = mask_from_scores(scores, config.ratio, config.parsed_pattern)
-            parts.append((w.masked_fill(mask, 0.0), mask, None))
-    out: list[Pruned] = []
-    for w, (w_new, mask, damping) in zip(ws, parts, strict=True):
-        db = None
-        if config.bias_update and metric.bias_update(st):
-            # From the ORIGINAL weights, before zeroing: the pruned weights' expected contribution.
-            db = (w * mask) @ st.mean.to(w.device, torch.float32)
-        out.append((w_new, mask, db, damping))
-    return out
+            masks.append(mask_from_scores(scores, config.ratio, config.parsed_pattern))
+    job = UpdateJob(config.ratio, config.parsed_pattern, config.admm)
+    return get_update(update_name).fn(ws, masks, st, job)
 
 
 def prune_weight(w: torch.Tensor, st: LayerStats, config: PruneConfig, name: str = "layer") -> Pruned:
@@ -205,8 +260,8 @@ def prune_block(
     for st, members in groups:
         ws = [get_weight(mod).detach().to(torch.float32) for _, mod in members]
         names = [full for full, _ in members]
-        fallback = FALLBACK if config.metric.needs and underfed(names[0], st.count) else None
-        group_config = replace(config, method=fallback) if fallback else config
+        fallback = FALLBACK if config.needs and underfed(names[0], st.count) else None
+        group_config = replace(config, method=fallback, update=None) if fallback else config
         for (full, mod), w, (w_new, mask, db, damping) in zip(
             members, ws, prune_group(ws, st, group_config, names), strict=True
         ):
@@ -271,9 +326,9 @@ def check_compatible(
             for c in configs:
                 check_divisible(c.parsed_pattern, full, shape[1])
     for c in configs:
-        if "hessian" in c.metric.needs and not c.sequential and not stats.has_hessian:
+        if "hessian" in c.needs and not c.sequential and not stats.has_hessian:
             raise StadeError(
-                f"Method {c.method!r} needs second-moment matrices, which {str(stats.path)!r} lacks.",
+                f"{c.label!r} needs second-moment matrices, which {str(stats.path)!r} lacks.",
                 "re-run `stade calibrate --hessian`, or use --sequential",
             )
 
@@ -286,7 +341,7 @@ def _sequential_stats(collector: LayerCollector) -> Any:
 
 
 def _one_shot_stats(stats: Statistics, config: PruneConfig, device: torch.device) -> Any:
-    hessian = "hessian" in config.metric.needs
+    hessian = "hessian" in config.needs
     return lambda _name, full: stats.layer(full, hessian=hessian, device=device)
 
 
@@ -307,8 +362,8 @@ def prune_step(
         return prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
     recon = get_reconstruction(config.reconstruct)
     dense: list[torch.Tensor] = []  # the dense block's outputs on its inputs: the reconstruction's targets
-    if config.sequential and config.metric.needs:
-        collector = LayerCollector(block, device, "hessian" in config.metric.needs)
+    if config.sequential and config.needs:
+        collector = LayerCollector(block, device, "hessian" in config.needs)
         try:
             for batch in inputs.batches():
                 out = run_block(block, batch, device, index)
@@ -333,6 +388,19 @@ def prune_step(
     return reports
 
 
+def allocate_blocks(
+    loaded: LoadedModel, stats: Statistics, config: PruneConfig, report: PruneReport, device: torch.device
+) -> Any:
+    """The config each block is pruned with: the run's own, or with the block's ratio from the allocation stage."""
+    if config.allocation == "uniform":
+        return lambda _prefix: config
+    allocate = get_allocation(config.allocation).fn
+    ratios = allocate(loaded, stats, config.ratio, config.parsed_pattern, config.owl, device)
+    report.block_sparsity = {p: round(r, 6) for p, r in ratios.items()}
+    configs = {p: replace(config, sparsity=r, allocation="uniform") for p, r in ratios.items()}
+    return lambda prefix: configs[prefix]
+
+
 def prune_model(
     loaded: LoadedModel,
     stats: Statistics,
@@ -346,19 +414,20 @@ def prune_model(
     report = PruneReport(config)
     t0 = time.perf_counter()
     # A weights-only score (magnitude, random) masks the same whatever the inputs: no forward passes needed.
-    recalibrate = config.sequential and bool(config.metric.needs)
+    recalibrate = config.sequential and bool(config.needs)
     use_inputs = recalibrate or get_reconstruction(config.reconstruct).needs_inputs
     if use_inputs and inputs is None:
         inputs = capture_inputs(model, stats.token_ids(), batch_size, device)
     blocks = list(iterate_blocks(model))
     report.routers = router_counts([block for _i, _p, block in blocks])
     report.warnings += calibration_warnings(stats, config)
+    block_config = allocate_blocks(loaded, stats, config, report, device)
     with progress() as bar:
         task = bar.add_task(f"{config.name}{' (sequential)' if config.sequential else ''}", total=len(blocks), info="")
         for i, prefix, block in blocks:
             with on_device(loaded, prefix, block, device):
                 report.layers += prune_step(
-                    prefix, block, stats, config, device, inputs if use_inputs else None, i, report
+                    prefix, block, stats, block_config(prefix), device, inputs if use_inputs else None, i, report
                 )
             if report.reconstruction and report.reconstruction[-1].get("heldout_before") is not None:
                 done = report.reconstruction[-1]
@@ -371,7 +440,7 @@ def prune_model(
 
 def calibration_warnings(stats: Statistics, config: PruneConfig) -> list[str]:
     """The statistics' warnings, for a run that prunes from them (a sequential one measures anew)."""
-    if config.sequential and config.metric.needs:
+    if config.sequential and config.needs:
         return []
     return [f"calibration: {w}" for w in stats.manifest.get("warnings", [])]
 

@@ -69,7 +69,7 @@ class Hessian:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """What the metrics read for one linear layer; every derived statistic follows method.md."""
+    """What the scores and updates read for one linear layer; every derived statistic follows method.md."""
 
     count: int
     mean: torch.Tensor  # (in,) float64

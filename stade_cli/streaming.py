@@ -32,6 +32,7 @@ from .prune import (
     SWEEP_SUMMARY,
     PruneConfig,
     PruneReport,
+    allocate_blocks,
     calibration_warnings,
     check_compatible,
     check_fingerprint,
@@ -109,7 +110,7 @@ def uses_bias(stats: Statistics, config: PruneConfig) -> bool:
     if not config.bias_update:
         return False
     return any(
-        config.metric.bias_update(LayerStats(1, torch.zeros(1), torch.zeros(1), bool(e["fed_by_norm"])))
+        config.bias_layer(LayerStats(1, torch.zeros(1), torch.zeros(1), bool(e["fed_by_norm"])))
         for e in stats.manifest["layers"]
     )
 
@@ -260,13 +261,14 @@ def stream_sweep(
     captured = None
     inputs = {}
     for c in configs:
-        if (c.sequential and c.metric.needs) or get_reconstruction(c.reconstruct).needs_inputs:
+        if (c.sequential and c.needs) or get_reconstruction(c.reconstruct).needs_inputs:
             if captured is None:
                 captured = capture_inputs(model, stats.token_ids(), batch_size, device)
                 inputs[c] = captured
             else:
                 inputs[c] = type(captured)(list(captured.hidden), captured.calls)
     blocks = list(iterate_blocks(model))
+    per_block = {c: allocate_blocks(loaded, stats, c, reports[c], device) for c in configs}
     with contextlib.ExitStack() as stack:
         folders = {c: stack.enter_context(atomic_dir(paths[c], force)) for c in configs}
         writers = {c: CheckpointWriter(folders[c], layouts[c]) for c in configs}
@@ -282,7 +284,7 @@ def stream_sweep(
             task = bar.add_task(f"{label} (streaming)", total=len(blocks), info="")
             for i, prefix, block in blocks:
                 with materialized(block, prefix, loaded.files, loaded.dtype, loaded.block_samples):
-                    _prune_into(i, prefix, block, configs, stats, device, inputs, reports, writers)
+                    _prune_into(i, prefix, block, configs, stats, device, inputs, reports, writers, per_block)
                 release_memory()
                 bar.advance(task)
         prune_s = time.perf_counter() - t0
@@ -319,6 +321,7 @@ def _prune_into(
     inputs: dict[PruneConfig, Any],
     reports: dict[PruneConfig, PruneReport],
     writers: dict[PruneConfig, CheckpointWriter],
+    per_block: dict[PruneConfig, Any],
 ) -> None:
     """Prune dense block `index` once per config (restored in between) and write each result to its output."""
     dense = {k: v.detach().clone() for k, v in block.state_dict().items()} if len(configs) > 1 else None
@@ -328,7 +331,9 @@ def _prune_into(
         if idx and dense is not None:
             _drop_added_biases(block, biased)
             block.load_state_dict(dense, strict=True)  # copies into the device's tensors
-        reports[c].layers += prune_step(prefix, block, stats, c, device, inputs.get(c), index, reports[c])
+        reports[c].layers += prune_step(
+            prefix, block, stats, per_block[c](prefix), device, inputs.get(c), index, reports[c]
+        )
         writers[c].write_block(prefix, block)
     _drop_added_biases(block, biased)  # the block goes back to its on-disk shape (meta) for the fingerprint
 

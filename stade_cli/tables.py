@@ -48,14 +48,26 @@ def render_stats(stats: Statistics) -> None:
 
 
 def render_methods(rows: list[dict]) -> None:
-    table = Table(title="Pruning methods")
-    for col in ("method", "statistics", "bias update", "description"):
+    table = Table(title="Pruning methods (presets) and stages (--update, --allocation)")
+    for col in ("kind", "name", "statistics", "stages / description"):
         table.add_column(col)
     for r in rows:
-        table.add_row(
-            f"[bold]{r['name']}[/]", ", ".join(r["needs"]) or "weights only", r["bias_update"], r["description"]
-        )
+        what = f"{r['stages']}: {r['description']}" if "stages" in r else r["description"]
+        table.add_row(r["kind"], f"[bold]{r['name']}[/]", ", ".join(r["needs"]) or "weights only", what)
     out.print(table)
+
+
+def _stages(report: dict) -> str:
+    """The stages a run changed from its method's own: ' (update admm, allocation owl: 0.42-0.58)'."""
+    stages = report.get("stages")
+    if not stages:
+        return ""
+    parts = [f"update {stages['update']['name']}"]
+    if stages["allocation"]["name"] != "uniform":
+        ratios = report.get("block_sparsity", {}).values()
+        span = f": blocks {min(ratios):.3f}-{max(ratios):.3f}" if ratios else ""
+        parts.append(f"allocation {stages['allocation']['name']}{span}")
+    return f" ({', '.join(parts)})"
 
 
 def render_prune(path: str, report: dict) -> None:
@@ -66,7 +78,8 @@ def render_prune(path: str, report: dict) -> None:
     mode = "sequential" if report["sequential"] else "one-shot"
     timings = report["timings"]
     table = Table(
-        title=f"{report['method']} {report['pattern']} {report['sparsity']:g} ({mode}) → {escape(path)}",
+        title=f"{report['method']}{_stages(report)} {report['pattern']} {report['sparsity']:g} ({mode}) "
+        f"→ {escape(path)}",
         caption=f"achieved sparsity {report['achieved_sparsity']:.4f}; "
         f"prune {timings.get('prune_s', 0):.1f}s, write {timings.get('write_s', 0):.1f}s",
     )

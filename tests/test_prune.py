@@ -456,9 +456,13 @@ def test_bad_inputs_are_refused_before_any_work(tiny_llama_dir: Path, llama_stat
 def test_methods_lists_registry() -> None:
     res = invoke("methods", "--json")
     assert res.exit_code == 0
-    rows = {r["name"]: r for r in json.loads(res.output)}
-    assert set(rows) == {"random", "magnitude", "wanda", "sparsegpt", "stade", "stadew", "stade_plus"}
+    listed = json.loads(res.output)
+    rows = {r["name"]: r for r in listed if r["kind"] == "method"}
+    assert set(rows) == {"random", "magnitude", "wanda", "sparsegpt", "stade", "stadew", "stade_plus", "admm"}
     assert rows["sparsegpt"]["needs"] == ["hessian"] and rows["stade"]["bias_update"] == "all layers"
+    stages = {(r["kind"], r["name"]) for r in listed if r["kind"] != "method"}
+    assert {("update", u) for u in ("none", "bias", "obs", "admm")} <= stages
+    assert {("allocation", "uniform"), ("allocation", "owl"), ("score", "stade_plus")} <= stages
 
 
 @pytest.mark.slow
