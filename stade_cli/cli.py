@@ -359,8 +359,9 @@ def prune(
         str | None,
         typer.Option(
             "--update",
-            help="Replace the method's weight update: none, bias, obs, admm (see `stade methods`).",
-            show_default="the method's own",
+            help="Replace the method's weight update: none, bias, obs, admm (see `stade methods`). "
+            "\\[default: the method's own]",
+            show_default=False,
             rich_help_panel="Stages",
         ),
     ] = None,
