@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .blocks import capture_inputs, iterate_blocks, on_device, run_block
 from .console import progress
-from .data import Documents, calibration_windows, check_token_ids, documents, is_token_file, load_token_file
+from .data import Documents, calibration_windows, check_token_ids, documents, ids_sha256, is_token_file, load_token_file
+from .distributed import Group
 from .errors import StadeError
 from .experts import FALLBACK, MIN_EXPERT_TOKENS, LayerCollector, norm_feed_warnings, prunable_layers
 from .files import SafetensorsWriter, atomic_dir, check_writable
 from .layers import get_weight, in_features, layer_kind
 from .models import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
+from .resume import BlockLog
+from .shards import Part, windows_record
 from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, Statistics
 from .versions import library_versions
 
@@ -31,8 +36,11 @@ class CalibrationConfig:
     hessian: bool = False
     batch_size: int = 8
     hessian_dtype: str = "float32"  # how Hessians are stored; accumulated and solved in float32 whatever this is
+    shard: str | None = None  # "I/N": only part I of N of the drawn windows (a job array's task)
 
     def __post_init__(self) -> None:
+        if self.shard is not None:
+            Part.parse(self.shard)
         if self.nsamples is not None and self.nsamples < 1:
             raise StadeError(f"--nsamples must be at least 1, got {self.nsamples}.")
         if self.seqlen is not None and self.seqlen < 2:
@@ -62,11 +70,24 @@ def calibrate(
     force: bool = False,
     cache_dir: str | None = None,
     docs: Documents | None = None,
-) -> Statistics:
+    resume: bool = False,
+    group: Group | None = None,
+) -> Statistics | None:
     """Calibrate `loaded` on `config.data` (its documents `docs`, if loaded already) and write the statistics
-    artifact to `out`."""
+    artifact to `out`.
+
+    `config.shard` computes one part of the windows; `group` (under torchrun) splits them over the ranks,
+    which merge their statistics after each block; rank 0 alone writes, and the others return None.
+    With `resume`, the blocks committed by a killed run in `out`.incomplete are taken as they are.
+    """
     out = Path(out)
-    check_writable(out, force)
+    lead = group is None or group.lead
+    if group is not None and config.shard is not None:
+        raise StadeError("--shard cannot be combined with torchrun: the ranks split the windows themselves.")
+    if group is not None and resume:
+        raise StadeError("--resume is not supported under torchrun yet.", "resume with a single process")
+    if lead:
+        check_writable(out, force)
     model = loaded.model
     seqlen = config.seqlen
     if seqlen is None and not config.data.endswith(".safetensors"):
@@ -78,17 +99,40 @@ def calibrate(
     check_seqlen(model, windows.input_ids.shape[1])
     check_token_ids(windows.input_ids, vocab_size(model), windows.source)
     t_data = time.perf_counter() - t0
-    n, length = windows.input_ids.shape
-    with atomic_dir(out, force) as tmp:
-        # Each block's Hessians go to disk as soon as the block is done: they need not fit in memory.
+    drawn, length = windows.input_ids.shape
+    shard = Part.parse(config.shard) if config.shard is not None else None
+    part = Part(group.rank, group.world) if group is not None else shard or Part()
+    part.check(drawn, "rank" if group is not None else "shard")
+    start, stop = part.bounds(drawn)
+    mine = windows.input_ids[start:stop]  # what this process computes
+    kept = windows.input_ids if group is not None else mine  # what the artifact holds
+    if group is not None:
+        start, stop = 0, drawn
+    with atomic_dir(out, force, keep=resume) if lead else contextlib.nullcontext(None) as tmp:
+        log = None
+        if tmp is not None:
+            key = {
+                "model": loaded.fingerprint(),
+                "dtype": str(loaded.dtype),
+                "data": windows.source,
+                "source_sha256": windows.source_sha256,
+                "seed": config.seed,
+                "hessian": config.hessian,
+                "batch_size": config.batch_size,
+                "windows": [start, stop],
+                "token_ids_sha256": ids_sha256(mine),  # last: any other difference is named first
+            }
+            log = BlockLog(tmp, key, resume)
+        layers, warnings, t_run = collect(loaded, mine, device, config.hessian, config.batch_size, log, group)
+        if tmp is None or log is None:
+            return None
+        # The committed blocks become the artifact's files; each block's Hessians go to disk one at a time.
         hdtype = HESSIAN_DTYPES[config.hessian_dtype]
         hessians = SafetensorsWriter(tmp / HESSIAN_FILE, hessian_room(model, hdtype)) if config.hessian else None
-        tensors, layers, warnings, t_run = collect(
-            loaded, windows.input_ids, device, hessians, config.batch_size, hdtype
-        )
+        tensors = log.finish(_no_hessians if hessians is None else lambda g, h: hessians.add(g, h.to(hdtype)))
         if hessians is not None:
             hessians.close()
-        manifest = {
+        manifest: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "kind": ARTIFACT_KIND,
             "versions": library_versions(),
@@ -103,21 +147,26 @@ def calibrate(
             "data": {
                 "source": windows.source,
                 "source_sha256": windows.source_sha256,
-                "token_ids_sha256": windows.sha256,
-                "nsamples": n,
+                "token_ids_sha256": ids_sha256(kept),
+                "nsamples": int(kept.shape[0]),
                 "seqlen": length,
                 "seed": config.seed,
                 "notes": windows.notes,
             },
+            "windows": windows_record(drawn, windows.sha256, start, stop, shard),
             "statistics": ["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
             **({"hessian_dtype": config.hessian_dtype, "hessian_sha256": hessians.hashes} if hessians else {}),
-            "count": n * length,
+            "count": kept.numel(),
             "layers": layers,
             "experts": {"min_tokens": MIN_EXPERT_TOKENS, "fallback": FALLBACK},
             "warnings": warnings,
-            "timings": {"data_s": round(t_data, 3), "calibrate_s": round(t_run, 3)},
+            "timings": {"data_s": round(t_data, 3), "calibrate_s": round(t_run, 3), "commit_s": round(log.commit_s, 3)},
         }
-        manifest = Statistics.write_files(tmp, manifest, tensors, windows.input_ids)
+        if group is not None:
+            ranks = [list(Part(r, group.world).bounds(drawn)) for r in range(group.world)]
+            manifest["distributed"] = {"world_size": group.world, "backend": group.backend, "windows": ranks}
+            manifest["timings"] |= {"collectives_s": round(group.collective_s, 3), "wait_s": round(group.wait_s, 3)}
+        manifest = Statistics.write_files(tmp, manifest, tensors, kept)
     return Statistics(out, manifest)
 
 
@@ -131,29 +180,44 @@ def hessian_room(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return SafetensorsWriter.room_for(entries)
 
 
+def _no_hessians(_group: str, _tensor: torch.Tensor) -> None:
+    raise AssertionError("Hessians were committed by a run without --hessian")
+
+
 def collect(
     loaded: LoadedModel,
     input_ids: torch.Tensor,
     device: torch.device,
-    hessians: SafetensorsWriter | None,
+    hessian: bool,
     batch_size: int,
-    hessian_dtype: torch.dtype = torch.float32,
-) -> tuple[dict[str, torch.Tensor], list[dict], list[str], float]:
-    """One dense pass, block by block: every linear layer's and expert's input statistics (Hessians into
-    `hessians`), and warnings where a layer's measured norm feed contradicts its name."""
+    log: BlockLog | None,
+    group: Group | None = None,
+) -> tuple[list[dict], list[str], float]:
+    """One dense pass, block by block: every linear layer's and expert's input statistics, committed block by
+    block to `log`, and warnings where a layer's measured norm feed contradicts its name.
+
+    Under torchrun (`group`), each rank runs its own windows and the ranks merge each block's statistics;
+    rank 0 (the one with a `log`) commits them. Blocks that `log` already holds are skipped.
+    """
     model = loaded.model
     t0 = time.perf_counter()
     inputs = capture_inputs(model, input_ids, batch_size, device)
-    tensors: dict[str, torch.Tensor] = {}
-    layers: list[dict] = []
+    done = log.done if log is not None else 0
+    if log is not None and done:
+        hidden = log.hidden(inputs.hidden[0].device)
+        assert hidden is not None and len(hidden) == len(inputs.hidden)
+        inputs.hidden = hidden
+    layers: list[dict] = list(log.layers) if log is not None else []
     warnings: list[str] = []
     n_blocks = len(list(iterate_blocks(model)))
     tokens = input_ids.numel()
-    with progress() as bar:
-        task = bar.add_task("calibrate", total=n_blocks, info="")
+    with progress(disable=group is not None and not group.lead) as bar:
+        task = bar.add_task("calibrate", total=n_blocks, info="", completed=done)
         for i, prefix, block in iterate_blocks(model):
+            if i < done:
+                continue
             with on_device(loaded, prefix, block, device):
-                collector = LayerCollector(block, device, hessians is not None)
+                collector = LayerCollector(block, device, hessian)
                 try:
                     outs = []
                     for batch in inputs.batches():
@@ -162,29 +226,36 @@ def collect(
                 finally:
                     collector.remove()
             inputs.hidden = outs
+            if group is not None:
+                group.merge_collector(collector)
             warnings += norm_feed_warnings(prefix, collector.linear.fed_by_norm)
+            tensors: dict[str, torch.Tensor] = {}
+            block_layers = []
             for name, mod in collector.layers.items():
                 st = collector.layer_stats(name)
                 full = f"{prefix}.{name}"
-                group = f"{prefix}.{collector.group(name)}"
-                if f"{group}.mean" not in tensors:  # a group's statistics are stored once
-                    tensors[f"{group}.mean"] = st.mean.cpu()
-                    tensors[f"{group}.m2"] = st.m2.cpu()
-                    if hessians is not None:
-                        assert st.hessian is not None  # the collector keeps Hessians when hessians are written
-                        hessians.add(group, st.hessian.to(hessian_dtype))
+                group_name = f"{prefix}.{collector.group(name)}"
+                if f"{group_name}.mean" not in tensors:  # a group's statistics are stored once
+                    tensors[f"{group_name}.mean"] = st.mean.cpu()
+                    tensors[f"{group_name}.m2"] = st.m2.cpu()
+                    if st.hessian is not None:
+                        tensors[f"hessian:{group_name}"] = st.hessian.cpu()
                 shape = list(get_weight(mod).shape)  # (out, in)
-                layers.append(
+                block_layers.append(
                     {
                         "name": full,
                         "block": i,
                         "shape": shape,
                         "fed_by_norm": st.fed_by_norm,
-                        "group": group,
+                        "group": group_name,
                         "kind": layer_kind(full),
                         "count": st.count,
                     }
                 )
-            rate = tokens * (i + 1) / n_blocks / max(time.perf_counter() - t0, 1e-9)
+            layers += block_layers
+            if log is not None:
+                log.commit(i, tensors, block_layers, outs)
+            del tensors, collector
+            rate = tokens * (i + 1 - done) / n_blocks / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, info=f"{rate:,.0f} tok/s")
-    return tensors, layers, warnings, time.perf_counter() - t0
+    return layers, warnings, time.perf_counter() - t0

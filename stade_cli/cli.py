@@ -250,6 +250,21 @@ def calibrate(
         ),
     ] = "float32",
     batch_size: BatchOpt = 8,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="I/N: only part I (0-based) of N of the drawn windows, for a job array; join the parts with "
+            "`stade stats merge`.",
+            rich_help_panel="Several machines",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue a killed run from its last committed block.", rich_help_panel="Several machines"
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -261,9 +276,12 @@ def calibrate(
     Example: stade calibrate meta-llama/Llama-3.2-1B --data c4 --hessian --out stats/
 
     Offline: stade calibrate smollm2-135m --data notes.txt --nsamples 32 --seqlen 512 --out stats/
+
+    On K GPUs: torchrun --nproc-per-node K -m stade_cli calibrate MODEL --hessian --out stats/
     """
     from .calibrate import CalibrationConfig, load_data
     from .calibrate import calibrate as run
+    from .distributed import cuda_device_for, group_for
     from .files import check_apart, check_writable
     from .models import load_model, resolve_device
     from .tables import render_stats
@@ -277,14 +295,18 @@ def calibrate(
         hessian=hessian,
         batch_size=batch_size,
         hessian_dtype=hessian_dtype,
+        shard=shard,
     )
     check_writable(out, force)
     check_apart(out, [("the model", model), ("the --data file", data)])
-    dev = resolve_device(device)
+    dev = cuda_device_for(resolve_device(device))
     cache = str(cache_dir) if cache_dir else None
     docs = load_data(config, cache)  # before the model: a source that cannot be had fails in seconds
     loaded = load_model(model, dtype.value if dtype else None, dev, cache, lazy=True)
-    stats = run(loaded, config, out, dev, force=force, cache_dir=cache, docs=docs)
+    with group_for(dev) as group:
+        stats = run(loaded, config, out, dev, force=force, cache_dir=cache, docs=docs, resume=resume, group=group)
+    if stats is None:  # another rank than 0: rank 0 reports
+        return
     if as_json:
         print_json(stats.summary())
     else:
@@ -305,6 +327,30 @@ def stats_show(
     from .tables import render_stats
 
     stats = Statistics.load(path)
+    if as_json:
+        print_json(stats.summary())
+    else:
+        render_stats(stats)
+
+
+@stats_app.command("merge")
+@cli_errors
+def stats_merge(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Shard folders written by `stade calibrate --shard I/N`.", metavar="SHARD")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged statistics artifact.")],
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge the shards of one calibration into the artifact the whole run would have written.
+
+    Example: stade stats merge stats-0/ stats-1/ stats-2/ stats-3/ --out stats/
+    """
+    from .merge import merge_statistics
+    from .tables import render_stats
+
+    stats = merge_statistics(paths, out, force)
     if as_json:
         print_json(stats.summary())
     else:
@@ -428,9 +474,13 @@ def prune(
 
     Stages: stade prune smollm2-135m --stats stats/ --method wanda --update admm --allocation owl --sparsity 0.6
     --out pruned/
+
+    On K GPUs (sequential): torchrun --nproc-per-node K -m stade_cli prune MODEL --sequential ...
     """
     from .admm import AdmmSettings
     from .allocation import OwlSettings
+    from .distributed import cuda_device_for, group_for, launched
+    from .errors import StadeError
     from .files import check_apart, check_writable
     from .masks import parse_pattern
     from .models import load_model, parse_dtype, resolve_device
@@ -471,22 +521,31 @@ def prune(
     for path in written:
         check_writable(path, force)
         check_apart(path, [("--stats", stats), ("the model", model)])
+    if launched() and not sequential:
+        raise StadeError(
+            "Under torchrun, prune splits the calibration windows over the ranks: that needs --sequential.",
+            "add --sequential, or run a one-shot prune as a single process (it has no windows to split)",
+        )
     stats_art = Statistics.load(stats)
-    dev = resolve_device(device)
+    dev = cuda_device_for(resolve_device(device))
     # Computed in float32 on CPU (the checkpoint's own dtype on a GPU), as calibrate runs; saved in --dtype, by
     # default the checkpoint's own. Blocks stream from disk one at a time where the checkpoint allows (streaming.py).
     loaded = load_model(model, None, dev, str(cache_dir) if cache_dir else None, lazy=True)
-    results = prune_checkpoints(
-        loaded,
-        stats_art,
-        configs,
-        out,
-        dev,
-        force,
-        parse_dtype(dtype.value if dtype else None),
-        batch_size,
-        command=command_line(ctx),
-    )
+    with group_for(dev) as group:
+        results = prune_checkpoints(
+            loaded,
+            stats_art,
+            configs,
+            out,
+            dev,
+            force,
+            parse_dtype(dtype.value if dtype else None),
+            batch_size,
+            command=command_line(ctx),
+            group=group,
+        )
+    if not results:  # another rank than 0 under torchrun: rank 0 reports
+        return
     if as_json:
         print_json(
             [{"path": str(p), **r} for p, r in results]

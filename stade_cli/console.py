@@ -16,8 +16,9 @@ out = Console()
 err = Console(stderr=True)
 
 
-def progress() -> Progress:
-    """A progress bar on stderr with a free-text field for rates such as tokens/s."""
+def progress(disable: bool = False) -> Progress:
+    """A progress bar on stderr with a free-text field for rates such as tokens/s (`disable`: drawn by another
+    process, e.g. rank 0 under torchrun)."""
     return Progress(
         # Descriptions hold data and model names: shown as they are, never read as Rich markup.
         TextColumn("{task.description}", style="bold blue", markup=False),
@@ -28,4 +29,5 @@ def progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=False,
+        disable=disable,
     )

@@ -117,14 +117,18 @@ def is_write_error(exc: BaseException, folder: Path) -> bool:
 
 
 @contextmanager
-def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only if the block finishes (Ctrl-C leaves nothing)."""
+def atomic_dir(out: Path, force: bool, keep: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `out` only if the block finishes (Ctrl-C leaves nothing).
+
+    With `keep`, what a killed run left in the temporary folder is used and kept, even on an error
+    (calibrate --resume: committed progress is never thrown away; the folder never looks complete).
+    """
     check_writable(out, force)
     tmp = out.with_name(out.name + ".incomplete")
-    if tmp.exists():
+    if tmp.exists() and not keep:
         shutil.rmtree(tmp)
     try:
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=keep)
     except OSError as exc:
         raise write_error(out, exc) from None
     try:
@@ -133,7 +137,8 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
         if is_write_error(exc, tmp):
             raise write_error(out, exc) from None
         raise

@@ -20,6 +20,7 @@ from .allocation import OwlSettings, check_allocation, get_allocation
 from .blocks import BlockInputs, capture_inputs, iterate_blocks, on_device, run_block
 from .checkpoint import Snapshot, bias_plan, finish_biases, save_checkpoint
 from .console import progress
+from .distributed import Group, rank_windows, tensor_digest
 from .errors import StadeError
 from .experts import (
     FALLBACK,
@@ -354,10 +355,14 @@ def prune_step(
     inputs: BlockInputs | None,
     index: int,
     report: PruneReport | None = None,
+    group: Group | None = None,
 ) -> list[LayerReport]:
     """Prune block `index` (already on `device`). With `inputs` (sequential, or reconstructing): recalibrate on
     them (sequential), reconstruct against the dense block's outputs on them (recorded in `report`), then
-    advance them to the next block's inputs: the pruned block's outputs (sequential), else the dense ones."""
+    advance them to the next block's inputs: the pruned block's outputs (sequential), else the dense ones.
+
+    Under torchrun (`group`), `inputs` are this rank's windows: the ranks merge the block's statistics
+    before it is pruned, and a hash of the pruned block shows that every rank holds the same weights."""
     if inputs is None:
         return prune_block(prefix, block, _one_shot_stats(stats, config, device), config, device)
     recon = get_reconstruction(config.reconstruct)
@@ -374,7 +379,11 @@ def prune_step(
             collector.remove()
         if report is not None:  # a measured norm feed that contradicts a layer's name
             report.warnings += norm_feed_warnings(prefix, collector.linear.fed_by_norm)
+        if group is not None:
+            group.merge_collector(collector)
         reports = prune_block(prefix, block, _sequential_stats(collector), config, device)
+        if group is not None:
+            group.same_everywhere(tensor_digest(list(block.state_dict().values())), f"the pruned weights of {prefix}")
     else:
         if recon.needs_inputs:
             dense = run_block(block, inputs, device, index)
@@ -408,26 +417,36 @@ def prune_model(
     device: torch.device,
     batch_size: int = 8,
     inputs: BlockInputs | None = None,
+    group: Group | None = None,
 ) -> PruneReport:
-    """Prune `loaded.model` in place, block by block on `device`."""
+    """Prune `loaded.model` in place, block by block on `device`.
+
+    Under torchrun (`group`, sequential only), each rank runs its own windows, the ranks merge each block's
+    statistics before it is pruned, and a hash of the pruned block shows that every rank has the same weights.
+    """
     model = loaded.model
     report = PruneReport(config)
     t0 = time.perf_counter()
     # A weights-only score (magnitude, random) masks the same whatever the inputs: no forward passes needed.
     recalibrate = config.sequential and bool(config.needs)
     use_inputs = recalibrate or get_reconstruction(config.reconstruct).needs_inputs
+    if group is not None and get_reconstruction(config.reconstruct).needs_inputs:
+        raise StadeError(
+            "--reconstruct is not supported under torchrun yet: each rank would fit its own windows.",
+            "reconstruct in a single process",
+        )
     if use_inputs and inputs is None:
-        inputs = capture_inputs(model, stats.token_ids(), batch_size, device)
+        inputs = capture_inputs(model, rank_windows(stats.token_ids(), group), batch_size, device)
     blocks = list(iterate_blocks(model))
     report.routers = router_counts([block for _i, _p, block in blocks])
     report.warnings += calibration_warnings(stats, config)
     block_config = allocate_blocks(loaded, stats, config, report, device)
-    with progress() as bar:
+    with progress(disable=group is not None and not group.lead) as bar:
         task = bar.add_task(f"{config.name}{' (sequential)' if config.sequential else ''}", total=len(blocks), info="")
         for i, prefix, block in blocks:
             with on_device(loaded, prefix, block, device):
                 report.layers += prune_step(
-                    prefix, block, stats, block_config(prefix), device, inputs if use_inputs else None, i, report
+                    prefix, block, stats, block_config(prefix), device, inputs if use_inputs else None, i, report, group
                 )
             if report.reconstruction and report.reconstruction[-1].get("heldout_before") is not None:
                 done = report.reconstruction[-1]
@@ -486,11 +505,14 @@ def prune_sweep(
     batch_size: int = 8,
     route_note: str | None = None,
     command: str | None = None,
+    group: Group | None = None,
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Prune once per config from one loaded model and one statistics artifact; returns (path, stade.json).
 
     `route_note` says why this model is pruned in memory rather than streamed (recorded in stade.json).
     `dtype`: the dtype the checkpoints are saved in; None keeps the checkpoint's own, whatever it computed in.
+
+    Under torchrun (`group`) only rank 0 writes; the other ranks return nothing.
     """
     out = Path(out)
     dtype = dtype or loaded.own_dtype
@@ -508,14 +530,17 @@ def prune_sweep(
     for idx, config in enumerate(configs):
         if idx and snap:
             snap.restore()
-        report = prune_model(loaded, stats, config, device, batch_size)
+        report = prune_model(loaded, stats, config, device, batch_size, group=group)
         if route_note:
             report.warnings.append(route_note)
         finish_biases(model, switches if any(r.bias_updated for r in report.layers) else {})
+        if group is not None and not group.lead:
+            continue
         saved = save_checkpoint(loaded, report, stats, paths[config], force, device, dtype, command)
         results.append((paths[config], saved))
     if snap:
         snap.restore()
+    if snap and results:
         write_json(out / SWEEP_SUMMARY, sweep_summary(results))
     return results
 

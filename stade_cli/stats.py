@@ -180,6 +180,12 @@ class Statistics:
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> Statistics:
         path = Path(path)
+        unfinished = path.with_name(path.name + ".incomplete")
+        if path.name.endswith(".incomplete") or (not path.exists() and unfinished.is_dir()):
+            raise StadeError(
+                f"Statistics {str(path)!r} are unfinished: a calibration is writing them, or was killed.",
+                "finish it with the same `stade calibrate ... --resume` command",
+            )
         if not path.is_dir():
             raise StadeError(f"Statistics folder {str(path)!r} does not exist.", "run `stade calibrate` first")
         manifest = read_json(path / "manifest.json", "Statistics manifest")

@@ -23,6 +23,7 @@ from . import checkpoint
 from .blocks import capture_inputs, iterate_blocks, release_memory
 from .checkpoint import REPORT_FILE, bias_plan, report_dict
 from .console import progress
+from .distributed import Group
 from .errors import StadeError
 from .experts import router_counts
 from .files import PlannedSafetensors, atomic_dir, check_space, check_writable, write_json
@@ -46,6 +47,7 @@ from .reconstruct import get_reconstruction
 from .stats import LayerStats, Statistics
 from .weights import materialized
 
+TORCHRUN_NOTE = "under torchrun, each rank prunes in memory (the whole model in host RAM) and rank 0 writes"
 IN_MEMORY_NOTE = (
     "the checkpoint is not in safetensors under the model's own tensor names, so it is pruned in memory "
     "(the whole model in host RAM)"
@@ -62,26 +64,30 @@ def prune_checkpoints(
     dtype: torch.dtype | None = None,
     batch_size: int = 8,
     command: str | None = None,
+    group: Group | None = None,
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Prune and write every config's checkpoint: streaming where the model was loaded lazily, else in memory
     (said on stderr and recorded in stade.json as `route`). `dtype`: the saved dtype (None: the checkpoint's own);
-    `command`: the command line, for the model cards."""
+    `command`: the command line, for the model cards. Under torchrun (`group`) every rank prunes in memory and
+    rank 0 alone writes; the other ranks return nothing."""
     from .console import err
 
     dtype = dtype or loaded.own_dtype
 
-    reason = IN_MEMORY_NOTE
+    reason = IN_MEMORY_NOTE if group is None else TORCHRUN_NOTE
     if loaded.files is not None:
         try:
-            return stream_sweep(loaded, stats, configs, out, device, force, dtype, batch_size, command)
+            if group is None:
+                return stream_sweep(loaded, stats, configs, out, device, force, dtype, batch_size, command)
         except NotStreamable as exc:  # raised before any output exists
             reason = f"{exc}, so it is pruned in memory (the whole model in host RAM)"
-            spec = loaded.spec
-            loaded = load_model(loaded.path, loaded.dtype, "cpu", loaded.cache_dir)
-            loaded.spec = spec
-    err.print(f"[yellow]Note:[/] {reason}.", highlight=False, soft_wrap=True)
+        spec = loaded.spec
+        loaded = load_model(loaded.path, loaded.dtype, "cpu", loaded.cache_dir)
+        loaded.spec = spec
+    if group is None or group.lead:
+        err.print(f"[yellow]Note:[/] {reason}.", highlight=False, soft_wrap=True)
     return prune_sweep(
-        loaded, stats, configs, out, device, force, dtype, batch_size, route_note=reason, command=command
+        loaded, stats, configs, out, device, force, dtype, batch_size, route_note=reason, command=command, group=group
     )
 
 

@@ -30,7 +30,7 @@ def test_help_lists_commands(args: list[str], exit_code: int) -> None:
     assert "calibrate" in res.output and "stats" in res.output
 
 
-@pytest.mark.parametrize("command", [["calibrate"], ["stats"], ["stats", "show"]])
+@pytest.mark.parametrize("command", [["calibrate"], ["stats"], ["stats", "show"], ["stats", "merge"]])
 def test_command_help(command: list[str]) -> None:
     res = invoke(*command, "--help")
     assert res.exit_code == 0, res.output
@@ -155,7 +155,7 @@ def test_write_completions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     [
         ("stade ca", 1, ["calibrate"]),
         ("stade st", 1, ["stats"]),
-        ("stade stats ", 2, ["show"]),
+        ("stade stats ", 2, ["show", "merge"]),
         ("stade calibrate --hes", 2, ["--hessian", "--hessian-dtype"]),
     ],
 )

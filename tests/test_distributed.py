@@ -1,0 +1,378 @@
+"""Shards, merge, resume and torchrun: each part of a calibration merges back into the whole run's statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_model
+from test_calibrate import TEXT, check_against_dense
+
+from stade_cli.calibrate import CalibrationConfig, calibrate
+from stade_cli.models import load_model
+from stade_cli.stats import Statistics
+
+from helpers import invoke
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+REL = 1e-6
+
+
+def assert_equal_statistics(got: Statistics, want: Statistics, rel: float = REL) -> None:
+    """Same token ids, layers and counts; mean, variance and Hessian within `rel` of the largest entry."""
+    assert torch.equal(got.token_ids(), want.token_ids())
+    assert got.manifest["layers"] == want.manifest["layers"] and got.manifest["count"] == want.manifest["count"]
+    hessian = want.has_hessian
+    assert got.has_hessian == hessian
+    for name in want.layers:
+        a, b = got.layer(name, hessian=hessian), want.layer(name, hessian=hessian)
+        for what in ("mean", "var", "hessian") if hessian else ("mean", "var"):
+            x, y = getattr(a, what).double(), getattr(b, what).double()
+            scale = y.abs().max().item()
+            assert (x - y).abs().max().item() <= rel * scale, f"{name} {what}"
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "docs.txt"
+    path.write_text("\n\n".join(f"Document {i}. {TEXT}" for i in range(4)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four blocks, so that a run can be killed with blocks done and blocks to go."""
+    from conftest import tiny_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("deep-llama")
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.num_hidden_layers = 4
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+COMMON = {"nsamples": 7, "seqlen": 24, "seed": 1, "hessian": True, "batch_size": 2}
+
+
+def run(model: Path, out: Path, text: Path, **kwargs) -> Statistics:
+    loaded = load_model(str(model), dtype="float32", device="cpu", lazy=True)
+    result = calibrate(loaded, CalibrationConfig(**{"data": str(text), **COMMON, **kwargs}), out, CPU)
+    assert result is not None
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir: Path, text: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Statistics]:
+    """A whole run and its three shards (7 windows: 2, 2 and 3)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {"whole": run(tiny_llama_dir, root / "whole", text)}
+    for i in range(3):
+        out[f"{i}/3"] = run(tiny_llama_dir, root / f"shard{i}", text, shard=f"{i}/3")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- shards and merge
+
+
+def test_shards_hold_their_windows(runs: dict[str, Statistics]) -> None:
+    ids = runs["whole"].token_ids()
+    for i, (start, stop) in enumerate([(0, 2), (2, 4), (4, 7)]):
+        shard = runs[f"{i}/3"]
+        w = shard.manifest["windows"]
+        assert (w["drawn"], w["start"], w["stop"], w["shard"]) == (7, start, stop, [i, 3])
+        assert torch.equal(shard.token_ids(), ids[start:stop])
+        assert shard.manifest["count"] == (stop - start) * 24
+
+
+def test_merged_shards_equal_the_whole_run(runs: dict[str, Statistics], tmp_path: Path, tiny_llama_dir: Path) -> None:
+    shards = [runs[k].path for k in ("2/3", "0/3", "1/3")]  # any order: merged in window order
+    res = invoke("stats", "merge", *shards, "--out", tmp_path / "merged", "--json")
+    assert res.exit_code == 0, res.output
+    merged = Statistics.load(tmp_path / "merged")  # passes the manifest checks and the hashes
+    assert json.loads(res.stdout)["count"] == 7 * 24
+    assert merged.manifest["windows"] == {**runs["whole"].manifest["windows"]}
+    assert merged.manifest["data"] == runs["whole"].manifest["data"]
+    assert [(m["start"], m["stop"]) for m in merged.manifest["merged_from"]] == [(0, 2), (2, 4), (4, 7)]
+    assert_equal_statistics(merged, runs["whole"])
+    model = load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model
+    assert check_against_dense(model, merged, hessian=True) == 14  # and against a plain dense forward
+
+
+def test_merge_refuses_an_existing_out(runs: dict[str, Statistics], tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    res = invoke("stats", "merge", runs["0/3"].path, runs["1/3"].path, runs["2/3"].path, "--out", tmp_path / "m")
+    assert res.exit_code == 1 and "already exists" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def odd_shards(tiny_llama_dir: Path, text: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Shards that do not belong with runs['0/3'] (each differs in one way), plus a 2-way split."""
+    root = tmp_path_factory.mktemp("odd")
+    other = save_tiny_model("llama", root / "other-model", seed=1)
+    other_text = root / "other.txt"
+    other_text.write_text(text.read_text().replace("fox", "cat"))
+    made = {
+        "model": run(other, root / "model", text, shard="1/3"),
+        "seqlen": run(tiny_llama_dir, root / "seqlen", text, shard="1/3", seqlen=16),
+        "data": run(tiny_llama_dir, root / "data", other_text, shard="1/3"),
+        "seed": run(tiny_llama_dir, root / "seed", text, shard="1/3", seed=2),
+        "half": run(tiny_llama_dir, root / "half", text, shard="0/2"),
+    }
+    return {k: v.path for k, v in made.items()}
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("model", "differ in model (weights fingerprint)"),
+        ("seqlen", "differ in seqlen: 24 vs 16"),
+        ("data", "differ in data source"),
+        ("seed", "differ in seed: 1 vs 2"),
+        ("overlap", "overlap on windows 2-2"),
+        ("gap", "Windows 2-3 of the 7 drawn are in none"),
+        ("gap-end", "Windows 4-6 of the 7 drawn are in none"),
+    ],
+)
+def test_merge_refuses_shards_that_do_not_fit(
+    case: str, words: str, runs: dict[str, Statistics], odd_shards: dict[str, Path], tmp_path: Path
+) -> None:
+    first, rest = runs["0/3"].path, [runs["2/3"].path]
+    if case in odd_shards:
+        rest = [odd_shards[case], *rest]
+    elif case == "overlap":  # windows 0-2 and 2-3
+        first, rest = odd_shards["half"], [runs["1/3"].path, runs["2/3"].path]
+    elif case == "gap-end":
+        rest = [runs["1/3"].path]
+    out = tmp_path / "merged"
+    res = invoke("stats", "merge", first, *rest, "--out", out)
+    assert res.exit_code == 1, res.output
+    message = " ".join(res.stderr.split())
+    assert words in message, message
+    assert "Traceback" not in res.output
+    assert not out.exists() and not list(tmp_path.glob("*.incomplete"))
+
+
+def test_shard_argument_is_checked(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
+    for bad, words in [("2/2", "out of range"), ("1-2", "not of the form I/N"), ("0/9", "cannot be split into 9")]:
+        res = invoke(
+            "calibrate", tiny_llama_dir, "--data", text, "--nsamples", "7", "--seqlen", "24", "--shard", bad,
+            "--out", tmp_path / "s", "--device", "cpu",
+        )  # fmt: skip
+        assert res.exit_code == 1 and words in " ".join(res.stderr.split()), res.output
+        assert not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import stade_cli.calibrate as cal
+    from stade_cli.cli import main
+
+    real_commit, real_run = cal.BlockLog.commit, cal.run_block
+    state = {"committed": -1, "calls": 0}
+
+    def commit(self, block, *args, **kwargs):
+        real_commit(self, block, *args, **kwargs)
+        state["committed"] = block
+
+    def run_block(*args, **kwargs):
+        if state["committed"] == 1:  # block 2, after two committed blocks
+            state["calls"] += 1
+            if state["calls"] == 2:  # in the middle of it
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_run(*args, **kwargs)
+
+    cal.BlockLog.commit, cal.run_block = commit, run_block
+    sys.argv = ["stade", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+def test_resume_after_sigkill_gives_identical_statistics(deep_llama: Path, text: Path, tmp_path: Path) -> None:
+    args = ["calibrate", str(deep_llama), "--data", str(text), "--nsamples", "7", "--seqlen", "24", "--seed", "1"]
+    args += ["--hessian", "-b", "2", "--device", "cpu"]
+    out = tmp_path / "stats"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLER, *args, "--out", str(out)], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    unfinished = tmp_path / "stats.incomplete"
+    progress = json.loads((unfinished / "progress.json").read_text())
+    assert progress["blocks_done"] == 2 and not out.exists()
+    assert sorted(p.name for p in unfinished.iterdir() if p.suffix == ".safetensors") == [
+        "block-00000.safetensors",
+        "block-00001.safetensors",
+        "hidden-00001.safetensors",
+    ]
+    # Nothing takes the half-written folder for statistics.
+    for target in (out, unfinished):
+        res = invoke("stats", "show", target)
+        assert res.exit_code == 1 and "unfinished" in res.stderr, res.output
+        res = invoke("stats", "merge", target, target, "--out", tmp_path / "m")
+        assert res.exit_code == 1 and "unfinished" in res.stderr, res.output
+        res = invoke(
+            "prune", deep_llama, "--stats", target, "--method", "wanda", "--sparsity", "0.5", "--out", tmp_path / "p"
+        )
+        assert res.exit_code == 1 and "unfinished" in res.stderr, res.output
+    resumed = invoke(*args, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "Resuming after block 1" in resumed.stderr
+    assert not unfinished.exists()
+    whole = invoke(*args, "--out", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    a, b = Statistics.load(out), Statistics.load(tmp_path / "whole")
+    assert a.manifest["files"] == b.manifest["files"], "bitwise the same statistics, Hessians and token ids"
+    assert a.manifest["layers"] == b.manifest["layers"] and len(a.manifest["layers"]) == 4 * 7
+
+
+def test_resume_refuses_other_arguments(deep_llama: Path, text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stats"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["calibrate", str(deep_llama), "--data", str(text), "--nsamples", "4", "--seqlen", "24", "-b", "2"]
+    args += ["--device", "cpu", "--out", str(out)]
+    killed = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True)
+    assert killed.returncode == -9
+    res = invoke(*args[:-2], "--seed", "5", "--out", out, "--resume")
+    assert res.exit_code == 1
+    assert "started with seed 0, this run has 5" in " ".join(res.stderr.split()), res.output
+    assert (tmp_path / "stats.incomplete" / "progress.json").exists(), "a refused resume keeps the progress"
+
+
+def test_resume_with_nothing_to_resume_starts_afresh(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
+    res = invoke(
+        "calibrate", tiny_llama_dir, "--data", text, "--nsamples", "2", "--seqlen", "16", "--device", "cpu",
+        "--out", tmp_path / "s", "--resume",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "nothing to resume" in res.stderr
+    Statistics.load(tmp_path / "s")
+
+
+# ----------------------------------------------------------------------------------------------- torchrun
+
+
+def torchrun(nproc: int, *args: str, cwd: Path, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}"]
+    return subprocess.run([*cmd, "-m", "stade_cli", *args], env=env, cwd=cwd, capture_output=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
+    args = ["calibrate", str(tiny_llama_dir), "--data", str(text), "--nsamples", "7", "--seqlen", "24"]
+    args += ["--seed", "1", "--hessian", "-b", "2", "--device", "cpu"]
+    res = torchrun(2, *args, "--out", str(tmp_path / "two"), "--json", cwd=tmp_path, port=29611)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert json.loads(res.stdout)["count"] == 7 * 24  # one report, from rank 0
+    two = Statistics.load(tmp_path / "two")
+    assert two.manifest["distributed"] == {"world_size": 2, "backend": "gloo", "windows": [[0, 3], [3, 7]]}
+    one = run(tiny_llama_dir, tmp_path / "one", text)
+    assert two.manifest["data"] == one.manifest["data"] and two.manifest["windows"] == one.manifest["windows"]
+    assert_equal_statistics(two, one)
+
+
+def _checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors |= load_file(str(f))
+    return tensors
+
+
+@pytest.mark.slow
+def test_torchrun_sequential_prune_equals_one_process(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
+    """wanda and sparsegpt, --sequential, on 2 ranks: the same masks and weights as one process.
+
+    The ranks' statistics are merged exactly but sum in another order than one process does (float32
+    batch means and X^T X), so a score tie closer than ~1e-7 could flip a mask: the bound allowed is
+    1 flip per 10,000 weights. wanda's kept weights are the dense ones, bit for bit; sparsegpt's are updated
+    by a solve (Cholesky of H) that amplifies H's ~1e-7 differences: they must agree to 1e-4 of the largest.
+    """
+    stats = run(tiny_llama_dir, tmp_path / "stats", text, hessian=False)
+    args = ["prune", str(tiny_llama_dir), "--stats", str(stats.path), "--method", "wanda,sparsegpt"]
+    args += ["--sparsity", "0.5", "--sequential", "-b", "2", "--device", "cpu"]
+    res = torchrun(2, *args, "--out", str(tmp_path / "two"), "--json", cwd=tmp_path, port=29613)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert len(json.loads(res.stdout)) == 2  # one report, from rank 0
+    one = invoke(*args, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    flips = total = 0
+    worst = {"wanda": 0.0, "sparsegpt": 0.0}
+    for method in ("wanda", "sparsegpt"):
+        a, b = (
+            _checkpoint(tmp_path / "two" / f"{method}-unstructured-0.5"),
+            _checkpoint(tmp_path / "one" / f"{method}-unstructured-0.5"),
+        )
+        assert a.keys() == b.keys()
+        for name, w in b.items():
+            if ".layers." not in name or not name.endswith("proj.weight"):
+                assert torch.equal(a[name], w), name  # embeddings, norms, head: untouched
+                continue
+            flips += int(((a[name] == 0) != (w == 0)).sum())
+            total += w.numel()
+            both = (a[name] != 0) & (w != 0)
+            worst[method] = max(worst[method], float((a[name] - w)[both].abs().max() / w.abs().max()))
+    print(f"mask flips: {flips} of {total} weights; largest difference of kept weights: {worst}")
+    assert worst["wanda"] == 0.0 and worst["sparsegpt"] <= 1e-4
+    assert flips <= total // 10_000
+
+
+FAILING_RANK = textwrap.dedent(
+    """
+    import os, sys, time
+    import stade_cli.calibrate as cal
+    from stade_cli.cli import main
+    from stade_cli.errors import StadeError
+
+    real = cal.run_block
+
+    def run_block(*args, **kwargs):
+        if os.environ["RANK"] == "1":
+            if os.environ.get("HANG"):
+                time.sleep(120)
+            raise StadeError("block input broken on purpose")
+        return real(*args, **kwargs)
+
+    cal.run_block = run_block
+    main()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hang", [False, True], ids=["fails", "hangs"])
+def test_torchrun_failing_rank_names_itself(hang: bool, tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
+    """A rank that fails says so and the job ends; a rank that hangs makes the others time out, not wait forever."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "STADE_DIST_TIMEOUT": "10"}
+    env |= {"HANG": "1"} if hang else {}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={29615 + hang}"]
+    args = ["calibrate", str(tiny_llama_dir), "--data", str(text), "--nsamples", "4", "--seqlen", "16"]
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        [*cmd, str(script), *args, "--device", "cpu", "--out", str(tmp_path / "s")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode != 0
+    message = " ".join(res.stderr.split())
+    if hang:
+        assert "rank 0 of 2: a collective waited more than 10 s" in message, message[-3000:]
+    else:
+        assert "rank 1 of 2: block input broken on purpose" in message, message[-3000:]
+    assert time.perf_counter() - t0 < 110, "no rank may wait for the one that hangs"
+    assert not (tmp_path / "s").exists()
