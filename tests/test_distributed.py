@@ -16,6 +16,7 @@ from conftest import save_tiny_model
 from test_calibrate import TEXT, check_against_dense
 
 from stade_cli.calibrate import CalibrationConfig, calibrate
+from stade_cli.merge import merge_statistics
 from stade_cli.models import load_model
 from stade_cli.stats import Statistics
 
@@ -376,3 +377,21 @@ def test_torchrun_failing_rank_names_itself(hang: bool, tiny_llama_dir: Path, te
         assert "rank 1 of 2: block input broken on purpose" in message, message[-3000:]
     assert time.perf_counter() - t0 < 110, "no rank may wait for the one that hangs"
     assert not (tmp_path / "s").exists()
+
+
+def test_merged_moe_shards_count_each_experts_tokens(text: Path, tmp_path: Path) -> None:
+    """An expert's statistics merge with its own token counts (which differ shard to shard)."""
+    from conftest import tiny_tokenizer
+    from test_moe import moe_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(moe_config("mixtral")).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    whole = run(tmp_path / "model", tmp_path / "whole", text, nsamples=6)
+    shards = [run(tmp_path / "model", tmp_path / f"s{i}", text, nsamples=6, shard=f"{i}/2") for i in range(2)]
+    expert = next(e for e in whole.manifest["layers"] if "count" in e and e["count"] != whole.manifest["count"])
+    counts = [next(e["count"] for e in s.manifest["layers"] if e["name"] == expert["name"]) for s in shards]
+    assert sum(counts) == expert["count"] and counts[0] != counts[1]
+    merged = merge_statistics([s.path for s in shards], tmp_path / "merged")
+    assert_equal_statistics(Statistics.load(merged.path), whole)
