@@ -51,6 +51,68 @@ def save_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
+MOE_EXPERTS, MOE_TOP_K, MOE_HIDDEN, MOE_INTER, MOE_BLOCKS = 5, 2, 64, 32, 2
+MIN_EXPERT_TOKENS = 16  # experts.MIN_EXPERT_TOKENS, restated: the README's documented fallback rule
+
+
+def moe_config(family: str):
+    """A tiny Mixtral or Qwen3-MoE config: MOE_EXPERTS fused experts per block, top MOE_TOP_K routing."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=260,
+        hidden_size=MOE_HIDDEN,
+        num_hidden_layers=MOE_BLOCKS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_experts_per_tok=MOE_TOP_K,
+        tie_word_embeddings=False,
+    )
+    if family == "mixtral":
+        return MixtralConfig(**common, intermediate_size=MOE_INTER, num_local_experts=MOE_EXPERTS)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common, intermediate_size=96, moe_intermediate_size=MOE_INTER, num_experts=MOE_EXPERTS, head_dim=16
+        )
+    raise ValueError(family)
+
+
+def starve(router_weight: torch.Tensor) -> None:
+    """Rows v, -v, u, -u, 0: for every token two of the first four logits are >= 0, so the zero row (the last
+    expert) never makes the top 2 (ties have probability zero)."""
+    g = torch.Generator().manual_seed(1)
+    v, u = torch.randn(2, router_weight.shape[1], generator=g)
+    router_weight.data.copy_(torch.stack([v, -v, u, -u, torch.zeros_like(v)]))
+
+
+def moe_modules(model: torch.nn.Module, blocks: str) -> dict[str, torch.nn.Module]:
+    """The sparse-MoE modules (a router `gate` and fused `experts`) inside the decoder blocks, by full name."""
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if name.startswith(blocks + ".") and hasattr(mod, "gate") and hasattr(mod, "experts")
+    }
+
+
+def routed_inputs(moe: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each expert projection's input, by `experts.<e>.<param>`, the routing redone in plain torch from the MoE
+    module's input `x`: the tokens whose top-k router logits include e, and SiLU(gate) * up of those tokens for
+    the down projection."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    gate_up = moe.experts.gate_up_proj.detach()  # (E, 2I, H): gate rows, then up rows
+    inter = gate_up.shape[1] // 2
+    chosen = torch.topk(x @ moe.gate.weight.detach().t(), MOE_TOP_K, dim=-1).indices
+    out = {}
+    for e in range(gate_up.shape[0]):
+        xs = x[(chosen == e).any(-1)]
+        out[f"experts.{e}.gate_up_proj"] = xs
+        out[f"experts.{e}.down_proj"] = torch.nn.functional.silu(xs @ gate_up[e, :inter].t()) * (
+            xs @ gate_up[e, inter:].t()
+        )
+    return out
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer (one id per byte, plus an end-of-text id 256), built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

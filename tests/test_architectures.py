@@ -5,7 +5,11 @@ forward; `--sequential` wanda equals a hand-written loop over full forwards; the
 reloads with plain transformers and gives the same logits. Layer types differ within a model where
 the family has them (sliding and full attention, local and global rotary tables, no-RoPE layers),
 with a sliding window shorter than the windows, so that a block run with another block's arguments
-would show. Adding a family is one entry in ARCHITECTURES.
+would show. Mixture-of-experts families (Mixtral, Qwen3-MoE) are in the matrix too: each expert's
+(out, in) slice is a layer whose statistics are those of the tokens routed to it (the routing redone in
+plain torch from the MoE module's input, `conftest.routed_inputs`), routers stay dense, and an expert
+that fewer than MIN_EXPERT_TOKENS tokens reach is pruned by magnitude. Adding a family is one entry in
+ARCHITECTURES.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MIN_EXPERT_TOKENS, MOE_EXPERTS, MOE_TOP_K, moe_config, moe_modules, routed_inputs, starve
 from safetensors.torch import save_file
 from torch import nn
 
@@ -37,6 +42,7 @@ HIDDEN = dict(vocab_size=260, hidden_size=64, num_attention_heads=4, max_positio
 class Arch:
     config: Callable[[], object]  # a transformers config of a tiny model
     blocks: str  # where the model keeps its decoder blocks (written out here, not found by stade)
+    moe: bool = False  # fused experts: block 0's router starved of its last expert, saved under fused names
 
 
 def _llama():
@@ -173,6 +179,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "opt": Arch(_opt, "model.decoder.layers"),
     "gpt2": Arch(_gpt2, "transformer.h"),
     "phi3": Arch(_phi3, "model.layers"),
+    "mixtral": Arch(lambda: moe_config("mixtral"), "model.layers", moe=True),
+    "qwen3_moe": Arch(lambda: moe_config("qwen3_moe"), "model.layers", moe=True),
 }
 
 
@@ -185,7 +193,13 @@ def save_model(family: str, path: Path, seed: int = 0) -> Path:
     config.initializer_range = 0.1
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if ARCHITECTURES[family].moe:
+        starve(model.model.layers[0].mlp.gate.weight)  # an expert no token reaches: the magnitude fallback
     model.save_pretrained(path)
+    if ARCHITECTURES[family].moe:
+        # transformers writes per-expert names, which stade loads whole (test_moe); under the fused names the
+        # checkpoint is read block by block, so that lazy calibration is lazy here too.
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
     tiny_tokenizer().save_pretrained(path)
     return path
 
@@ -215,29 +229,41 @@ def weight(mod: nn.Module) -> torch.Tensor:
 
 
 class Hooks:
-    """Inputs of the given layers in plain full-model forwards, summed in float64."""
+    """Inputs of the given layers in plain full-model forwards, summed in float64; and of every expert of the
+    given MoE modules, `<moe>.experts.<e>.<param>`, from the routing redone on each MoE module's input."""
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module], moes: dict[str, nn.Module] | None = None) -> None:
         self.count: dict[str, int] = {}
         self.sum: dict[str, torch.Tensor] = {}
         self.sumsq: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.handles = [mod.register_forward_hook(self._hook(name)) for name, mod in layers.items()]
+        self.handles += [mod.register_forward_hook(self._moe_hook(name)) for name, mod in (moes or {}).items()]
 
     def _hook(self, name: str):
         def hook(_mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            if name not in self.count:
-                self.count[name] = 0
-                self.sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
-                self.sumsq[name] = torch.zeros(x.shape[1], dtype=torch.float64)
-                self.xtx[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-            self.count[name] += x.shape[0]
-            self.sum[name] += x.sum(0)
-            self.sumsq[name] += x.square().sum(0)
-            self.xtx[name] += x.t() @ x
+            self._add(name, args[0])
 
         return hook
+
+    def _moe_hook(self, prefix: str):
+        def hook(mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            for local, x in routed_inputs(mod, args[0]).items():
+                self._add(f"{prefix}.{local}", x)
+
+        return hook
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        if name not in self.count:
+            self.count[name] = 0
+            self.sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.sumsq[name] = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.xtx[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        self.count[name] += x.shape[0]
+        self.sum[name] += x.sum(0)
+        self.sumsq[name] += x.square().sum(0)
+        self.xtx[name] += x.t() @ x
 
     def run(self, model: nn.Module, ids: torch.Tensor) -> Hooks:
         try:
@@ -255,22 +281,41 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str) ->
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
 
 
-def wanda_sequential_by_hand(path: Path, blocks: str, ids: torch.Tensor, sparsity: float) -> nn.Module:
-    """Block k is pruned from hooks in a full forward of the model whose blocks 0..k-1 are already pruned."""
+def expert_weights(moes: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Each expert's (out, in) slice of the fused 3-D parameters, a view, by `<moe>.experts.<e>.<param>`."""
+    return {
+        f"{prefix}.experts.{e}.{param}": getattr(moe.experts, param).data[e]
+        for prefix, moe in moes.items()
+        for param in ("gate_up_proj", "down_proj")
+        for e in range(getattr(moe.experts, param).shape[0])
+    }
+
+
+def wanda_sequential_by_hand(path: Path, blocks: str, ids: torch.Tensor, sparsity: float) -> tuple[nn.Module, set[str]]:
+    """Block k is pruned from hooks in a full forward of the model whose blocks 0..k-1 are already pruned:
+    its linear layers by Wanda, each expert by Wanda on its routed tokens, or by magnitude where fewer than
+    MIN_EXPERT_TOKENS tokens reach it (README, "Mixture-of-experts models"); routers are not touched.
+    Returns the model and the experts pruned by magnitude."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    fallback: set[str] = set()
     for block in model.get_submodule(blocks):
         inside = {id(m) for m in block.modules()}
         layers = {name: mod for name, mod in prunable(model, blocks).items() if id(mod) in inside}
-        seen = Hooks(layers).run(model, ids)
+        moes = {name: mod for name, mod in moe_modules(model, blocks).items() if id(mod) in inside}
+        seen = Hooks(layers, moes).run(model, ids)
+        targets = {name: weight(mod) for name, mod in layers.items()} | expert_weights(moes)
         with torch.no_grad():
-            for name, mod in layers.items():
-                w = weight(mod)
-                scores = w.abs().double() * seen.sumsq[name].sqrt()  # |W_ij| * ||x_j||, per output row
+            for name, w in targets.items():
+                if ".experts." in name and seen.count[name] < MIN_EXPERT_TOKENS:
+                    scores = w.abs().double()  # the fallback: magnitude
+                    fallback.add(name)
+                else:
+                    scores = w.abs().double() * seen.sumsq[name].sqrt()  # |W_ij| * ||x_j||, per output row
                 order = torch.sort(scores, dim=1, stable=True).indices[:, : int(w.shape[1] * sparsity)]
                 w.scatter_(1, order, 0.0)
-    return model
+    return model, fallback
 
 
 # ----------------------------------------------------------------------------------------------- the matrix
@@ -306,18 +351,26 @@ def test_statistics_equal_full_forward(family: Family, tmp_path: Path) -> None:
     model = load_model(str(family.path), dtype="float32", device="cpu").model
     ids = family.stats.token_ids()
     assert torch.equal(lazy_stats.token_ids(), ids)
-    expected = Hooks(prunable(model, blocks)).run(model, ids)
+    moes = moe_modules(model, blocks)
+    assert bool(moes) == ARCHITECTURES[family.name].moe
+    expected = Hooks(prunable(model, blocks), moes).run(model, ids)
     assert expected.count, "the reference saw no layer"
+    experts = {name for name in expected.count if ".experts." in name}
+    for prefix in moes:  # every token goes to top-k experts; block 0's starved one to none
+        routed = [expected.count[f"{prefix}.experts.{e}.gate_up_proj"] for e in range(MOE_EXPERTS)]
+        assert sum(routed) == NSAMPLES * SEQLEN * MOE_TOP_K and (routed[-1] == 0) == prefix.startswith(f"{blocks}.0.")
     for mode, stats in (("eager", family.stats), ("lazy", lazy_stats)):
         assert set(stats.layers) == set(expected.count), f"{mode}: the artifact must cover exactly the block layers"
         for name in sorted(expected.count):
             n = expected.count[name]
-            mean = expected.sum[name] / n
+            mean = expected.sum[name] / max(n, 1)
             got = stats.layer(name, hessian=True)
-            assert got.count == n == NSAMPLES * SEQLEN, f"{mode} {name} count"
+            assert got.count == n, f"{mode} {name} count"
+            assert name in experts or n == NSAMPLES * SEQLEN, f"{mode} {name} count"
+            var = (expected.sumsq[name] - n * mean.square()) / max(n - 1, 1)
             assert_rel_close(got.mean, mean, f"{mode} {name} mean")
-            assert_rel_close(got.var, (expected.sumsq[name] - n * mean.square()) / (n - 1), f"{mode} {name} var")
-            assert_rel_close(got.hessian, expected.xtx[name] * (2.0 / n), f"{mode} {name} hessian")
+            assert_rel_close(got.var, var, f"{mode} {name} var")
+            assert_rel_close(got.hessian, expected.xtx[name] * (2.0 / max(n, 1)), f"{mode} {name} hessian")
 
 
 def test_sequential_wanda_equals_loop_by_hand_and_checkpoint_reloads(family: Family, tmp_path: Path) -> None:
@@ -330,14 +383,24 @@ def test_sequential_wanda_equals_loop_by_hand_and_checkpoint_reloads(family: Fam
     [(out, record)] = prune_sweep(loaded, family.stats, [config], tmp_path / "pruned", CPU, batch_size=BATCH)
     assert record["sequential"]
 
-    by_hand = wanda_sequential_by_hand(family.path, blocks, ids, 0.5)
+    by_hand, fallback = wanda_sequential_by_hand(family.path, blocks, ids, 0.5)
     ours = dict(loaded.model.named_parameters())
     theirs = dict(by_hand.named_parameters())
     assert ours.keys() == theirs.keys()
     for name, p in theirs.items():
         assert torch.equal(ours[name], p), f"{family.name}: {name} differs from the loop by hand"
-    for name, mod in prunable(by_hand, blocks).items():
-        assert (weight(mod) == 0).float().mean().item() >= 0.5, name
+    moes = moe_modules(by_hand, blocks)
+    targets = {name: weight(mod) for name, mod in prunable(by_hand, blocks).items()} | expert_weights(moes)
+    for name, w in targets.items():
+        assert (w == 0).float().mean().item() >= 0.5, name
+    dense = AutoModelForCausalLM.from_pretrained(family.path, dtype=torch.float32)
+    for prefix in moes:  # routers stay dense (and equal the loop by hand's, above)
+        assert torch.equal(ours[f"{prefix}.gate.weight"], dense.get_submodule(prefix).gate.weight), prefix
+    if moes:  # the fallback ran where the loop by hand took it (at least block 0's starved expert), only there
+        assert f"{blocks}.0.mlp.experts.{MOE_EXPERTS - 1}.down_proj" in fallback
+        assert set(record["expert_fallback"]["layers"]) == fallback
+    else:
+        assert not fallback
 
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():

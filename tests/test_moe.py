@@ -10,42 +10,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import (
+    MIN_EXPERT_TOKENS,
+    MOE_BLOCKS,
+    MOE_EXPERTS,
+    MOE_HIDDEN,
+    MOE_INTER,
+    MOE_TOP_K,
+    moe_config,
+    moe_modules,
+    routed_inputs,
+    starve,
+    tiny_tokenizer,
+)
 from safetensors import safe_open
 from typer.testing import CliRunner
 
 from stade_cli.cli import app
 
 runner = CliRunner()
-EXPERTS, TOP_K, HIDDEN, INTER, BLOCKS = 5, 2, 64, 32, 2
-STARVED = 4  # block 0's router can never pick this expert (see `starve`)
-MIN_TOKENS = 16  # experts.MIN_EXPERT_TOKENS, restated: the documented rule
-
-
-def moe_config(family: str):
-    from transformers import MixtralConfig, Qwen3MoeConfig
-
-    common = dict(
-        vocab_size=260,
-        hidden_size=HIDDEN,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        num_experts_per_tok=TOP_K,
-        tie_word_embeddings=False,
-    )
-    if family == "mixtral":
-        return MixtralConfig(**common, intermediate_size=INTER, num_local_experts=EXPERTS)
-    return Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=INTER, num_experts=EXPERTS, head_dim=16)
-
-
-def starve(router_weight: torch.Tensor) -> None:
-    """Rows v, -v, u, -u, 0: for every token two of the first four logits are >= 0, so the zero row never
-    makes the top 2 (ties have probability zero)."""
-    g = torch.Generator().manual_seed(1)
-    v, u = torch.randn(2, router_weight.shape[1], generator=g)
-    router_weight.data.copy_(torch.stack([v, -v, u, -u, torch.zeros_like(v)]))
+EXPERTS, TOP_K, HIDDEN, INTER, BLOCKS = MOE_EXPERTS, MOE_TOP_K, MOE_HIDDEN, MOE_INTER, MOE_BLOCKS
+STARVED = EXPERTS - 1  # block 0's router can never pick this expert (see `starve`)
+MIN_TOKENS = MIN_EXPERT_TOKENS
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
@@ -92,30 +78,26 @@ def reference_expert_stats(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    seen: dict[int, torch.Tensor] = {}
-    handles = [
-        layer.mlp.register_forward_hook(lambda _m, args, _o, i=i: seen.__setitem__(i, args[0].detach()))
-        for i, layer in enumerate(model.model.layers)
-    ]
+    routed: dict[str, torch.Tensor] = {}
+
+    def hook(prefix: str):
+        def record(mod: torch.nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            routed.update({f"{prefix}.{k}": v for k, v in routed_inputs(mod, args[0]).items()})
+
+        return record
+
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in moe_modules(model, "model.layers").items()]
     with torch.no_grad():
         model(ids, use_cache=False)
     for h in handles:
         h.remove()
     out = {}
-    for b, layer in enumerate(model.model.layers):
-        x = seen[b].reshape(-1, HIDDEN)
-        chosen = torch.topk(x @ layer.mlp.gate.weight.detach().t(), TOP_K, dim=-1).indices
-        gate_up = layer.mlp.experts.gate_up_proj.detach()
-        for e in range(EXPERTS):
-            xs = x[(chosen == e).any(-1)]
-            inner = torch.nn.functional.silu(xs @ gate_up[e, :INTER].t()) * (xs @ gate_up[e, INTER:].t())
-            for name, t in (("gate_up_proj", xs), ("down_proj", inner)):
-                t64 = t.double().numpy()
-                n = t64.shape[0]
-                mean = t64.mean(0) if n else np.zeros(t64.shape[1])
-                m2 = ((t64 - mean) ** 2).sum(0)
-                h = 2.0 / max(n, 1) * t64.T @ t64
-                out[f"model.layers.{b}.mlp.experts.{e}.{name}"] = (n, mean, m2, h)
+    for name, t in routed.items():
+        t64 = t.double().numpy()
+        n = t64.shape[0]
+        mean = t64.mean(0) if n else np.zeros(t64.shape[1])
+        m2 = ((t64 - mean) ** 2).sum(0)
+        out[name] = (n, mean, m2, 2.0 / max(n, 1) * t64.T @ t64)
     return out
 
 
