@@ -381,8 +381,7 @@ def test_torchrun_failing_rank_names_itself(hang: bool, tiny_llama_dir: Path, te
 
 def test_merged_moe_shards_count_each_experts_tokens(text: Path, tmp_path: Path) -> None:
     """An expert's statistics merge with its own token counts (which differ shard to shard)."""
-    from conftest import tiny_tokenizer
-    from test_moe import moe_config
+    from conftest import moe_config, tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
