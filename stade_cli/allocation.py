@@ -52,9 +52,7 @@ def register(name: str, description: str) -> Callable[[AllocateFn], AllocateFn]:
 
 
 def get_allocation(name: str) -> Allocation:
-    allocation = lookup(ALLOCATIONS, "allocation", name, "--allocation")
-    assert isinstance(allocation, Allocation)
-    return allocation
+    return lookup(ALLOCATIONS, "allocation", name, "--allocation")
 
 
 def check_allocation(name: str, pattern: Pattern, ratio: float, owl: OwlSettings) -> None:

@@ -55,6 +55,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.", min=1)]
 
 
+def _stage(flag: str, help: str, **kwargs: Any) -> Any:
+    """An option of `stade prune`'s Stages panel (score, update, allocation, reconstruction and their settings)."""
+    return typer.Option(flag, help=help, rich_help_panel="Stages", **kwargs)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"stade {__version__}")
@@ -392,10 +397,9 @@ def prune(
     ] = True,
     reconstruct: Annotated[
         str,
-        typer.Option(
+        _stage(
             "--reconstruct",
-            help="none, or block: after masking each block, tune its kept weights to the dense block's outputs.",
-            rich_help_panel="Stages",
+            "none, or block: after masking each block, tune its kept weights to the dense block's outputs.",
         ),
     ] = "none",
     reconstruct_steps: Annotated[
@@ -403,49 +407,24 @@ def prune(
     ] = 20,  # reconstruct.DEFAULT_STEPS (not imported here: torch would slow down --help)
     update: Annotated[
         str | None,
-        typer.Option(
+        _stage(
             "--update",
-            help="Replace the method's weight update: none, bias, obs, admm (see `stade methods`). "
+            "Replace the method's weight update: none, bias, obs, admm (see `stade methods`). "
             "\\[default: the method's own]",
             show_default=False,
-            rich_help_panel="Stages",
         ),
     ] = None,
-    allocation: Annotated[
-        str,
-        typer.Option(
-            "--allocation", help="Sparsity per block: uniform, or owl (unstructured only).", rich_help_panel="Stages"
-        ),
-    ] = "uniform",
-    admm_iters: Annotated[
-        int, typer.Option("--admm-iters", help="ADMM iterations.", rich_help_panel="Stages", min=1)
-    ] = 20,
-    admm_rho: Annotated[
-        float,
-        typer.Option("--admm-rho", help="ADMM penalty rho (on H scaled to unit diagonal).", rich_help_panel="Stages"),
-    ] = 1.0,
+    allocation: Annotated[str, _stage("--allocation", "Sparsity per block: uniform, or owl (unstructured only).")] = (
+        "uniform"
+    ),
+    admm_iters: Annotated[int, _stage("--admm-iters", "ADMM iterations.", min=1)] = 20,
+    admm_rho: Annotated[float, _stage("--admm-rho", "ADMM penalty rho (on H scaled to unit diagonal).")] = 1.0,
     admm_rho_growth: Annotated[
-        float,
-        typer.Option(
-            "--admm-rho-growth",
-            help="Multiply rho by this each iteration once the mask is fixed.",
-            rich_help_panel="Stages",
-        ),
+        float, _stage("--admm-rho-growth", "Multiply rho by this each iteration once the mask is fixed.")
     ] = 1.0,
-    admm_mask_iters: Annotated[
-        int,
-        typer.Option(
-            "--admm-mask-iters", help="Iterations that grow the mask (--method admm).", rich_help_panel="Stages"
-        ),
-    ] = 15,
-    owl_m: Annotated[
-        float,
-        typer.Option("--owl-m", help="OWL: outlier threshold, times the block's mean score.", rich_help_panel="Stages"),
-    ] = 5.0,
-    owl_lambda: Annotated[
-        float,
-        typer.Option("--owl-lambda", help="OWL: block ratios within sparsity ± lambda.", rich_help_panel="Stages"),
-    ] = 0.08,
+    admm_mask_iters: Annotated[int, _stage("--admm-mask-iters", "Iterations that grow the mask (--method admm).")] = 15,
+    owl_m: Annotated[float, _stage("--owl-m", "OWL: outlier threshold, times the block's mean score.")] = 5.0,
+    owl_lambda: Annotated[float, _stage("--owl-lambda", "OWL: block ratios within sparsity ± lambda.")] = 0.08,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random method's noise (no other method draws).")] = 0,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
@@ -484,7 +463,7 @@ def prune(
     from .files import check_apart, check_writable
     from .masks import parse_pattern
     from .models import load_model, parse_dtype, resolve_device
-    from .prune import SWEEP_SUMMARY, PruneConfig, output_paths
+    from .prune import PruneConfig, written_paths
     from .stats import Statistics
     from .streaming import prune_checkpoints
     from .tables import render_prune, render_sweep
@@ -517,8 +496,7 @@ def prune(
                 )
                 if not (parse_pattern(p).structured and c in configs):
                     configs.append(c)
-    written = list(output_paths(out, configs).values()) + ([out / SWEEP_SUMMARY] if len(configs) > 1 else [])
-    for path in written:
+    for path in written_paths(out, configs):
         check_writable(path, force)
         check_apart(path, [("--stats", stats), ("the model", model)])
     if launched() and not sequential:

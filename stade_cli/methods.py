@@ -56,9 +56,7 @@ def preset(
 
 
 def get_method(name: str) -> Method:
-    method = lookup(METHODS, "method", name, "--method")
-    assert isinstance(method, Method)
-    return method
+    return lookup(METHODS, "method", name, "--method")
 
 
 def resolve_update(method: Method, name: str | None) -> str | None:

@@ -494,6 +494,20 @@ def output_paths(out: Path, configs: list[PruneConfig]) -> dict[PruneConfig, Pat
     return {c: out / c.name for c in configs}
 
 
+def written_paths(out: Path, configs: list[PruneConfig]) -> list[Path]:
+    """Every path a run writes: each checkpoint, and a sweep's summary."""
+    return [*output_paths(out, configs).values(), *([out / SWEEP_SUMMARY] if len(configs) > 1 else [])]
+
+
+def check_outputs(out: Path, configs: list[PruneConfig], force: bool) -> dict[PruneConfig, Path]:
+    """Refuse a sweep naming a combination twice, or an existing output without --force; returns the outputs."""
+    if len(set(configs)) != len(configs):
+        raise StadeError("The sweep names the same combination twice.", "remove the duplicate method/pattern/ratio")
+    for p in written_paths(out, configs):
+        check_writable(p, force)
+    return output_paths(out, configs)
+
+
 def prune_sweep(
     loaded: LoadedModel,
     stats: Statistics,
@@ -516,11 +530,7 @@ def prune_sweep(
     """
     out = Path(out)
     dtype = dtype or loaded.own_dtype
-    if len(set(configs)) != len(configs):
-        raise StadeError("The sweep names the same combination twice.", "remove the duplicate method/pattern/ratio")
-    paths = output_paths(out, configs)
-    for p in [*paths.values(), *([out / SWEEP_SUMMARY] if len(configs) > 1 else [])]:
-        check_writable(p, force)
+    paths = check_outputs(out, configs, force)
     model = loaded.model
     check_compatible(model, stats, configs)
     check_space(out, len(configs) * checkpoint_bytes(model, dtype))

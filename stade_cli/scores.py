@@ -5,12 +5,14 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from .errors import StadeError
 from .stats import LayerStats
 
+T = TypeVar("T")
 ScoreFn = Callable[[torch.Tensor, LayerStats, torch.Generator], torch.Tensor]
 
 
@@ -35,7 +37,7 @@ def register(name: str, description: str, needs: tuple[str, ...] = ()) -> Callab
     return deco
 
 
-def lookup(registry: dict, kind: str, name: str, option: str) -> object:
+def lookup(registry: dict[str, T], kind: str, name: str, option: str) -> T:
     """`registry[name]` with normalised spelling; a miss names the closest entry and lists them all."""
     key = name.strip().lower().replace("-", "_")
     if key not in registry:
@@ -46,9 +48,7 @@ def lookup(registry: dict, kind: str, name: str, option: str) -> object:
 
 
 def get_score(name: str) -> Score:
-    score = lookup(SCORES, "score", name, "--method")
-    assert isinstance(score, Score)
-    return score
+    return lookup(SCORES, "score", name, "--method")
 
 
 def _f32(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

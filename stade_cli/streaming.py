@@ -26,7 +26,7 @@ from .console import progress
 from .distributed import Group
 from .errors import StadeError
 from .experts import router_counts
-from .files import PlannedSafetensors, atomic_dir, check_space, check_writable, write_json
+from .files import PlannedSafetensors, atomic_dir, check_space, write_json
 from .modelcard import write_card
 from .models import LoadedModel, load_model
 from .prune import (
@@ -37,8 +37,8 @@ from .prune import (
     calibration_warnings,
     check_compatible,
     check_fingerprint,
+    check_outputs,
     note_damping,
-    output_paths,
     prune_step,
     prune_sweep,
     sweep_summary,
@@ -246,11 +246,7 @@ def stream_sweep(
     """Prune a lazily loaded model once per config, reading each block once and writing it to every output."""
     assert loaded.files is not None, "stream_sweep needs a model whose blocks are on disk (load_model(lazy=True))"
     out = Path(out)
-    if len(set(configs)) != len(configs):
-        raise StadeError("The sweep names the same combination twice.", "remove the duplicate method/pattern/ratio")
-    paths = output_paths(out, configs)
-    for p in [*paths.values(), *([out / SWEEP_SUMMARY] if len(configs) > 1 else [])]:
-        check_writable(p, force)
+    paths = check_outputs(out, configs, force)
     model = loaded.model
     check_compatible(model, stats, configs, weights_in_memory=False)
     check_fingerprint(stats, loaded.fingerprint())  # from strided samples of the files: no block is read whole

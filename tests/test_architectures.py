@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MIN_EXPERT_TOKENS, MOE_EXPERTS, MOE_TOP_K, moe_config, moe_modules, routed_inputs, starve
+from conftest import (
+    MIN_EXPERT_TOKENS,
+    MOE_EXPERTS,
+    MOE_TOP_K,
+    moe_config,
+    moe_modules,
+    routed_inputs,
+    starve,
+    tiny_config,
+)
 from safetensors.torch import save_file
 from torch import nn
 
@@ -30,6 +39,8 @@ from stade_cli.errors import StadeError
 from stade_cli.models import load_model
 from stade_cli.prune import PruneConfig, prune_sweep
 from stade_cli.stats import Statistics
+
+from helpers import assert_rel_close
 
 CPU = torch.device("cpu")
 RTOL = 1e-5
@@ -134,20 +145,6 @@ def _cohere2():
     )
 
 
-def _opt():
-    from transformers import OPTConfig
-
-    return OPTConfig(
-        vocab_size=260,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        ffn_dim=128,
-        max_position_embeddings=128,
-        word_embed_proj_dim=64,
-    )
-
-
 def _gpt2():
     from transformers import GPT2Config
 
@@ -176,7 +173,7 @@ ARCHITECTURES: dict[str, Arch] = {
     "gemma2": Arch(_gemma2, "model.layers"),
     "gemma3": Arch(_gemma3, "model.layers"),
     "cohere2": Arch(_cohere2, "model.layers"),
-    "opt": Arch(_opt, "model.decoder.layers"),
+    "opt": Arch(lambda: tiny_config("opt"), "model.decoder.layers"),
     "gpt2": Arch(_gpt2, "transformer.h"),
     "phi3": Arch(_phi3, "model.layers"),
     "mixtral": Arch(lambda: moe_config("mixtral"), "model.layers", moe=True),
@@ -280,12 +277,6 @@ class Hooks:
         return self
 
 
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
-
-
 def expert_weights(moes: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Each expert's (out, in) slice of the fused 3-D parameters, a view, by `<moe>.experts.<e>.<param>`."""
     return {
@@ -374,9 +365,9 @@ def test_statistics_equal_full_forward(family: Family, tmp_path: Path) -> None:
             assert got.count == n, f"{mode} {name} count"
             assert name in experts or n == NSAMPLES * SEQLEN, f"{mode} {name} count"
             var = (expected.sumsq[name] - n * mean.square()) / max(n - 1, 1)
-            assert_rel_close(got.mean, mean, f"{mode} {name} mean")
-            assert_rel_close(got.var, var, f"{mode} {name} var")
-            assert_rel_close(got.hessian, expected.xtx[name] * (2.0 / max(n, 1)), f"{mode} {name} hessian")
+            assert_rel_close(got.mean, mean, f"{mode} {name} mean", RTOL)
+            assert_rel_close(got.var, var, f"{mode} {name} var", RTOL)
+            assert_rel_close(got.hessian, expected.xtx[name] * (2.0 / max(n, 1)), f"{mode} {name} hessian", RTOL)
 
 
 def test_sequential_wanda_equals_loop_by_hand_and_checkpoint_reloads(family: Family, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from stade_cli.fingerprint import fingerprint
 from stade_cli.models import load_model
 from stade_cli.stats import Statistics
 
-from helpers import invoke, recorded_versions
+from helpers import assert_rel_close, invoke, recorded_versions
 
 CPU = torch.device("cpu")
 RTOL = 1e-4
@@ -97,13 +97,6 @@ def dense_reference(model: nn.Module, input_ids: torch.Tensor, hessian: bool) ->
     return ref
 
 
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Within RTOL of each value, or of the tensor's largest value for entries near zero."""
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}")
-
-
 def check_against_dense(model: nn.Module, stats: Statistics, hessian: bool) -> int:
     ids = stats.token_ids()
     ref = dense_reference(model, ids, hessian)
@@ -113,12 +106,12 @@ def check_against_dense(model: nn.Module, stats: Statistics, hessian: bool) -> i
         got = stats.layer(name, hessian=hessian)
         exp = ref.expected(name)
         assert got.count == ref.count[name] == ids.numel()
-        assert_rel_close(got.mean, exp["mean"], f"{name} mean")
-        assert_rel_close(got.var, exp["var"], f"{name} var")
-        assert_rel_close(got.sumsq, exp["sumsq"], f"{name} sumsq")
+        assert_rel_close(got.mean, exp["mean"], f"{name} mean", RTOL)
+        assert_rel_close(got.var, exp["var"], f"{name} var", RTOL)
+        assert_rel_close(got.sumsq, exp["sumsq"], f"{name} sumsq", RTOL)
         if hessian:
             assert got.hessian is not None and got.hessian.dtype == torch.float32
-            assert_rel_close(got.hessian, exp["hessian"], f"{name} hessian")
+            assert_rel_close(got.hessian, exp["hessian"], f"{name} hessian", RTOL)
     return len(names)
 
 
@@ -149,7 +142,7 @@ def test_batch_size_does_not_change_statistics(tiny_llama_dir: Path, text_file: 
         a, b = one.layer(name, hessian=True), several.layer(name, hessian=True)
         assert a.count == b.count
         for what in ("mean", "var", "sumsq", "hessian"):
-            assert_rel_close(getattr(a, what), getattr(b, what), f"{name} {what}")
+            assert_rel_close(getattr(a, what), getattr(b, what), f"{name} {what}", RTOL)
 
 
 def test_groups_share_one_input(tiny_llama_dir: Path, text_file: Path, tmp_path: Path) -> None:

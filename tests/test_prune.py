@@ -11,37 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import invoke, recorded_versions
+from helpers import calibrate, invoke, read_weights, recorded_versions
 
 SCORED = ["magnitude", "wanda", "stade", "stadew", "stade_plus"]
-
-
-def calibrate(model: Path | str, out: Path, *extra: str) -> Path:
-    res = invoke(
-        "calibrate",
-        model,
-        "--data",
-        "sample-news",
-        "--nsamples",
-        4,
-        "--seqlen",
-        64,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        *extra,
-    )
-    assert res.exit_code == 0, res.output
-    return out
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
-    return tensors
 
 
 def artifact_stats(stats_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:

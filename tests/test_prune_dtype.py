@@ -8,25 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config, tiny_tokenizer
-from safetensors import safe_open
-from typer.testing import CliRunner
 
 import stade_cli.prune
-from stade_cli.cli import app
+
+from helpers import invoke, read_weights
 
 
-def invoke(*args: object):
-    res = CliRunner().invoke(app, [str(a) for a in args])
+def ok(*args: object) -> None:
+    res = invoke(*args)
     assert res.exit_code == 0, res.output
-    return res
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def bf16_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pa
     text = root / "text.txt"
     text.write_text("\n\n".join(f"Story {i}. " + "A quiet river runs past the mill at night. " * 6 for i in range(30)))
     stats = root / "stats"
-    invoke(
+    ok(
         *("calibrate", root / "bf16", "--data", text, "--nsamples", 4, "--seqlen", 64),
         *("--device", "cpu", "--out", stats),
     )
@@ -53,7 +43,7 @@ def bf16_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pa
 
 
 def prune(model: Path, stats: Path, out: Path, *extra: str) -> dict:
-    invoke(
+    ok(
         *("prune", model, "--stats", stats, "--method", "wanda", "--sparsity", "0.5", "--sequential"),
         *("--device", "cpu", "--out", out, *extra),
     )
@@ -77,7 +67,7 @@ def test_bf16_checkpoint_prunes_in_float32_and_saves_bf16(
     reference = prune(f32, stats, tmp_path / "f32-pruned")  # the float32 protocol on the same weights
     assert report["dtype"] == "bfloat16" and reference["dtype"] == "float32"
     assert json.loads((tmp_path / "bf16-pruned" / "config.json").read_text())["dtype"] == "bfloat16"
-    got, want = weights(tmp_path / "bf16-pruned"), weights(tmp_path / "f32-pruned")
+    got, want = read_weights(tmp_path / "bf16-pruned"), read_weights(tmp_path / "f32-pruned")
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
     for name, w in want.items():
         assert torch.equal(got[name] == 0, w == 0), name  # the same masks as the float32 run
@@ -89,7 +79,7 @@ def test_dtype_option_is_the_saved_dtype(bf16_setup: tuple[Path, Path, Path], tm
     report = prune(bf16, stats, tmp_path / "as-f32", "--dtype", "float32")
     reference = prune(f32, stats, tmp_path / "f32-pruned")
     assert report["dtype"] == "float32"
-    got, want = weights(tmp_path / "as-f32"), weights(tmp_path / "f32-pruned")
+    got, want = read_weights(tmp_path / "as-f32"), read_weights(tmp_path / "f32-pruned")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)  # float32 compute, float32 out: the float32 run itself
     assert reference["achieved_sparsity"] == report["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_prune import invoke, read_weights
+
+from helpers import calibrate, invoke, read_weights
 
 STEPS = "8"
 
@@ -16,23 +17,7 @@ STEPS = "8"
 @pytest.fixture(scope="module")
 def stats8(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 windows of 64 tokens: one is held out."""
-    out = tmp_path_factory.mktemp("stats8") / "s"
-    res = invoke(
-        "calibrate",
-        tiny_llama_dir,
-        "--data",
-        "sample-news",
-        "--nsamples",
-        8,
-        "--seqlen",
-        64,
-        "--device",
-        "cpu",
-        "--out",
-        out,
-    )
-    assert res.exit_code == 0, res.output
-    return out
+    return calibrate(tiny_llama_dir, tmp_path_factory.mktemp("stats8") / "s", nsamples=8)
 
 
 def prune(model: Path, stats: Path, out: Path, *extra: str) -> dict:

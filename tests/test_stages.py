@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from test_prune import calibrate, invoke, read_weights
 
 from stade_cli.admm import AdmmSettings, admm_prune
 from stade_cli.masks import parse_pattern
+
+from helpers import calibrate, invoke, read_weights
 
 
 def _layer(seed: int = 0, rows: int = 24, cols: int = 32, n: int = 1024) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 import stade_cli.stats
 from stade_cli.cli import app
 
+import helpers
+
 runner = CliRunner()
 
 
@@ -22,12 +24,7 @@ def invoke(*args: object) -> object:
 
 
 def calibrate(model: Path | str, out: Path, *extra: object) -> Path:
-    res = invoke(
-        "calibrate", model, "--data", "sample-news", "--nsamples", 4, "--seqlen", 32, "--device", "cpu", "--out", out,
-        *extra,
-    )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    return out
+    return helpers.calibrate(model, out, *extra, seqlen=32)
 
 
 def prune(model: Path | str, stats: Path, out: Path, method: str, *extra: object) -> object:

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from stade_cli.cli import app
 
+from helpers import calibrate
+
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 RUN_CLI = "from stade_cli.cli import main; main()"
@@ -49,10 +51,7 @@ def save_model(family: str, path: Path, tied: bool = False, layers: int = 2) -> 
 
 
 def calibrate_cli(model: Path, out: Path) -> Path:
-    args = ["calibrate", model, "--data", "sample-news", "--nsamples", 4, "--seqlen", 32, "--device", "cpu"]
-    res = runner.invoke(app, [str(a) for a in [*args, "--hessian", "--out", out]])
-    assert res.exit_code == 0, res.output
-    return out
+    return calibrate(model, out, "--hessian", seqlen=32)
 
 
 @pytest.mark.parametrize(
