@@ -14,7 +14,8 @@ import torch
 
 from stade_cli.layers import get_weight, linear_layers
 from stade_cli.models import load_model
-from stade_cli.prune import PruneConfig, output_error, prune_group
+from stade_cli.prune import output_error, prune_group
+from stade_cli.pruneconfig import PruneConfig
 from stade_cli.stats import Statistics
 
 torch.set_num_threads(1)

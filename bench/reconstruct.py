@@ -27,7 +27,8 @@ from stade_cli.console import err
 from stade_cli.data import load_token_file
 from stade_cli.evaluate import perplexity
 from stade_cli.models import load_model
-from stade_cli.prune import PruneConfig, prune_model
+from stade_cli.prune import prune_model
+from stade_cli.pruneconfig import PruneConfig
 from stade_cli.stats import Statistics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -36,7 +36,8 @@ from stade_cli.evaluate import perplexity
 from stade_cli.layers import linear_layers
 from stade_cli.masks import parse_pattern
 from stade_cli.models import load_model
-from stade_cli.prune import PruneConfig, prune_model
+from stade_cli.prune import prune_model
+from stade_cli.pruneconfig import PruneConfig
 
 NOT_FED_BY_NORM = ("self_attn.o_proj", "mlp.down_proj")  # where stadew uses stade (SmolLM2 is a Llama)
 CPU = torch.device("cpu")

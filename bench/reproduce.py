@@ -30,7 +30,8 @@ from stade_cli.data import load_token_file
 from stade_cli.evaluate import perplexity
 from stade_cli.fingerprint import full_fingerprint
 from stade_cli.models import LoadedModel, load_model
-from stade_cli.prune import PruneConfig, prune_model
+from stade_cli.prune import prune_model
+from stade_cli.pruneconfig import PruneConfig
 from stade_cli.stats import Statistics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ from .weights import WeightFiles
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from .prune import PruneConfig, PruneReport
+    from .pruneconfig import PruneConfig, PruneReport
 
 REPORT_FILE = "stade.json"
 REPORT_KIND = "stade-prune-report"

@@ -31,8 +31,6 @@ from .modelcard import write_card
 from .models import LoadedModel, load_model
 from .prune import (
     SWEEP_SUMMARY,
-    PruneConfig,
-    PruneReport,
     allocate_blocks,
     calibration_warnings,
     check_compatible,
@@ -43,6 +41,7 @@ from .prune import (
     prune_sweep,
     sweep_summary,
 )
+from .pruneconfig import PruneConfig, PruneReport
 from .reconstruct import get_reconstruction
 from .stats import LayerStats, Statistics
 from .weights import materialized

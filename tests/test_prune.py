@@ -119,7 +119,8 @@ def test_masks_match_method_definitions(
 
 def test_stade_bias_restores_mean_output_and_reduces_error() -> None:
     """On one layer with off-centre inputs, the compensated output has the dense mean and a smaller error."""
-    from stade_cli.prune import PruneConfig, prune_weight
+    from stade_cli.prune import prune_weight
+    from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import LayerStats, Moments
 
     g = torch.Generator().manual_seed(0)
@@ -147,7 +148,8 @@ def test_checkpoint_reloads_with_same_logits(
     from transformers import AutoModelForCausalLM
 
     from stade_cli.models import load_model, resolve_device
-    from stade_cli.prune import PruneConfig, prune_sweep
+    from stade_cli.prune import prune_sweep
+    from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Statistics
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
@@ -259,7 +261,8 @@ def test_same_command_twice_gives_identical_bytes(tiny_llama_dir: Path, llama_st
 def test_sparsegpt_beats_wanda_mask_on_reconstruction() -> None:
     """A layer with correlated inputs: the OBS update lowers ||WX - W'X|| below the same-sparsity wanda mask."""
     from stade_cli.masks import Pattern
-    from stade_cli.prune import PruneConfig, prune_weight
+    from stade_cli.prune import prune_weight
+    from stade_cli.pruneconfig import PruneConfig
     from stade_cli.sparsegpt import sparsegpt_prune
     from stade_cli.stats import Hessian, LayerStats, Moments
 
@@ -326,7 +329,8 @@ def test_sparsegpt_on_stacked_layers_equals_one_layer_at_a_time(pattern: str) ->
 
 def test_nan_scores_name_the_layer() -> None:
     from stade_cli.errors import StadeError
-    from stade_cli.prune import PruneConfig, prune_weight
+    from stade_cli.prune import prune_weight
+    from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import LayerStats
 
     st = LayerStats(10, torch.tensor([0.0, float("nan"), 1.0, 2.0]), torch.ones(4), False)
@@ -338,7 +342,8 @@ def test_sweep_snapshot_reads_dense_weights_back_from_disk(tiny_llama_dir: Path,
     """A sweep restores the dense model between runs from the checkpoint files, keeping no second copy."""
     from stade_cli.checkpoint import Snapshot
     from stade_cli.models import load_model
-    from stade_cli.prune import PruneConfig, prune_model
+    from stade_cli.prune import prune_model
+    from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Statistics
     from stade_cli.weights import WeightFiles
 
@@ -472,7 +477,8 @@ def test_sparsegpt_beats_wanda_on_real_smollm2_layer() -> None:
     """Real inputs of a real layer (block 2's down_proj on real text): the OBS update wins, with no NaN."""
     from stade_cli.data import calibration_windows
     from stade_cli.models import load_model
-    from stade_cli.prune import PruneConfig, prune_weight
+    from stade_cli.prune import prune_weight
+    from stade_cli.pruneconfig import PruneConfig
     from stade_cli.sparsegpt import sparsegpt_prune
     from stade_cli.stats import Hessian, LayerStats, Moments
 

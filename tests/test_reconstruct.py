@@ -143,7 +143,8 @@ def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, stats8: Path,
     from transformers import AutoModelForCausalLM
 
     from stade_cli.models import load_model, resolve_device
-    from stade_cli.prune import PruneConfig, prune_sweep
+    from stade_cli.prune import prune_sweep
+    from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Statistics
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")

@@ -18,7 +18,8 @@ def test_sequential_wanda_reproduces_reference_figure(tmp_path: Path) -> None:
     from stade_cli.data import load_token_file
     from stade_cli.evaluate import perplexity
     from stade_cli.models import load_model
-    from stade_cli.prune import PruneConfig, prune_model
+    from stade_cli.prune import prune_model
+    from stade_cli.pruneconfig import PruneConfig
 
     cpu = torch.device("cpu")
     loaded = load_model("smollm2-135m", "float32", cpu)

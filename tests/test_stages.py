@@ -90,7 +90,8 @@ def test_stage_code_follows_the_inputs_device() -> None:
 
     A tensor made without `device=` would land on `meta` and the CPU arithmetic would fail or come back meta.
     """
-    from stade_cli.prune import PruneConfig, prune_group
+    from stade_cli.prune import prune_group
+    from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Hessian, LayerStats, Moments
 
     w, x = _layer(3, rows=16, cols=32)
@@ -190,7 +191,7 @@ def test_stages_from_the_cli_are_recorded(tiny_llama_dir: Path, tmp_path: Path) 
 
 
 def test_stade_with_update_none_is_stade_without_bias() -> None:
-    from stade_cli.prune import PruneConfig
+    from stade_cli.pruneconfig import PruneConfig
 
     assert PruneConfig("stade", 0.5, update="bias") == PruneConfig("stade", 0.5)  # the preset's own update
     w, x = _layer(4)
