@@ -168,13 +168,19 @@ def main() -> int:
 
     for r in rows:
         r["rel_diff"] = (r["ours"] - r["reference"]) / r["reference"] if r["reference"] else None
-    cost = cost_summary(calibrate_s, sum(r["prune_s"] for r in rows if r["mode"] == "one-shot (default)"))
+    # The cost compares the ten one-shot prunes with the reference's: meaningless for rows that --only selected.
+    one_shot_s = sum(r["prune_s"] for r in rows if r["mode"] == "one-shot (default)")
+    cost = None if args.only else cost_summary(calibrate_s, one_shot_s)
     render(rows, cost)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     name = "reproduce-only" if args.only else "reproduce-quick" if args.quick else "reproduce"
     (results / f"{name}.json").write_text(
-        json.dumps({"rows": rows, "cost": cost, "windows": heldout.shape[1] // 512, "fingerprint": fp}, indent=2) + "\n"
+        json.dumps(
+            {"rows": rows, **({"cost": cost} if cost else {}), "windows": heldout.shape[1] // 512, "fingerprint": fp},
+            indent=2,
+        )
+        + "\n"
     )
     (results / f"{name}.md").write_text(markdown(rows, cost))
     shutil.rmtree(args.work, ignore_errors=True)
@@ -219,7 +225,7 @@ def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
-def render(rows: list[dict], cost: dict) -> None:
+def render(rows: list[dict], cost: dict | None) -> None:
     table = Table(title="SmolLM2-135M: held-out perplexity (147 x 512 tokens), reference code vs stade", expand=False)
     for col in ("method", "pattern", "mode", "reference", "stade", "rel. diff", "prune s"):
         table.add_column(col, justify="right" if col in ("reference", "stade", "rel. diff", "prune s") else "left")
@@ -236,13 +242,15 @@ def render(rows: list[dict], cost: dict) -> None:
             f"{r['prune_s']:.1f}",
         )
     out.print(table)
+    if cost is None:
+        return
     out.print(
         f"cost: calibrate {cost['calibrate_s']:.1f}s + ten one-shot prunes {cost['one_shot_prunes_s']:.1f}s "
         f"= {cost['ratio']:.3f} x the reference's {cost['reference_prunes_s']:.0f}s"
     )
 
 
-def markdown(rows: list[dict], cost: dict) -> str:
+def markdown(rows: list[dict], cost: dict | None) -> str:
     lines = [
         "| method | pattern | mode | reference | stade | rel. diff | prune s |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -253,6 +261,8 @@ def markdown(rows: list[dict], cost: dict) -> str:
             f"| {r['method']} | {r['pattern']} | {r['mode']} | {_fmt(r['reference'], '.3f')} | "
             f"{r['ours']:.3f} | {diff} | {r['prune_s']:.1f} |"
         )
+    if cost is None:
+        return "\n".join(lines) + "\n"
     lines.append("")
     lines.append(
         f"Cost: calibrate {cost['calibrate_s']:.1f} s + ten one-shot prunes {cost['one_shot_prunes_s']:.1f} s "
