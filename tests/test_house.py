@@ -60,7 +60,7 @@ def test_each_function_and_class_is_defined_once() -> None:
 
 @pytest.mark.parametrize("module", ["compare", "tables", "zeroshot", "evaluate"])
 def test_evaluation_numbers_are_results_not_metrics(module: str) -> None:
-    """'metric' is the pruning scores' word (metrics.py); an evaluation number is a 'result'."""
+    """An evaluation number is a 'result' (and a pruning score a 'score', scores.py): 'metric' names neither."""
     names = set()
     for node in ast.walk(MODULES[module]):
         if isinstance(node, ast.FunctionDef | ast.ClassDef):
