@@ -38,6 +38,7 @@ from .models import LoadedModel
 from .pruneconfig import LayerReport, PruneConfig, PruneReport
 from .reconstruct import get_reconstruction
 from .scores import get_score
+from .shards import windows_of
 from .stats import LayerStats, Statistics
 from .updates import Pruned, UpdateJob, get_update
 from .weights import WeightFiles
@@ -162,6 +163,18 @@ def check_fingerprint(stats: Statistics, model_fingerprint: str) -> None:
         )
 
 
+def check_whole(stats: Statistics) -> None:
+    """A shard holds some of the run's windows: pruning from it would silently use a fraction of the data."""
+    windows = windows_of(stats.manifest)
+    if windows["shard"] is not None:
+        index, count = windows["shard"]
+        raise StadeError(
+            f"The statistics in {str(stats.path)!r} are shard {index}/{count} of a calibration "
+            f"(windows {windows['start']}-{windows['stop'] - 1} of {windows['drawn']}).",
+            "merge every shard first: stade stats merge SHARD... --out stats/",
+        )
+
+
 def check_compatible(
     model: nn.Module, stats: Statistics, configs: list[PruneConfig], weights_in_memory: bool = True
 ) -> None:
@@ -172,6 +185,7 @@ def check_compatible(
     """
     if weights_in_memory:
         check_fingerprint(stats, fingerprint(model))
+    check_whole(stats)
     layers = stats.layers
     for i, prefix, block in iterate_blocks(model):
         for name, mod in prunable_layers(block).items():

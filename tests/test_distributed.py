@@ -110,6 +110,39 @@ def test_merged_shards_equal_the_whole_run(runs: dict[str, Statistics], tmp_path
     assert check_against_dense(model, merged, hessian=True) == 14  # and against a plain dense forward
 
 
+def test_prune_refuses_a_shard_and_takes_the_merged_artifact(
+    runs: dict[str, Statistics], tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    res = invoke(
+        "prune",
+        tiny_llama_dir,
+        "--stats",
+        runs["1/3"].path,
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--out",
+        tmp_path / "p",
+    )
+    assert res.exit_code == 1 and "shard 1/3 of a calibration (windows 2-3 of 7)" in res.stderr, res.output
+    assert "stade stats merge" in res.stderr and not (tmp_path / "p").exists()
+    merged = merge_statistics([runs[k].path for k in ("0/3", "1/3", "2/3")], tmp_path / "merged")
+    res = invoke(
+        "prune",
+        tiny_llama_dir,
+        "--stats",
+        merged.path,
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--out",
+        tmp_path / "p",
+    )
+    assert res.exit_code == 0, res.output
+
+
 def test_merge_refuses_an_existing_out(runs: dict[str, Statistics], tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     res = invoke("stats", "merge", runs["0/3"].path, runs["1/3"].path, runs["2/3"].path, "--out", tmp_path / "m")
