@@ -214,6 +214,35 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(args + opts)
 
 
+def _plan_line(
+    stage: str,
+    model: str,
+    dev: Any,
+    out: Path | None,
+    cache_dir: Path | None,
+    data: str | None = None,
+    dtype: Dtype | None = None,
+    **kwargs: Any,
+) -> None:
+    """Print `stade plan`'s one line for this run on stderr; refuse a run that cannot fit (plan.preflight)."""
+    from rich.markup import escape
+
+    from .console import err
+    from .plan import PlanConfig, ids_shape, preflight
+
+    if data is not None and data.endswith(".safetensors"):  # token ids: the file says the shape
+        shape = ids_shape(data)
+        if shape is not None:
+            kwargs["nsamples"] = min(kwargs.get("nsamples") or shape[0], shape[0])
+            kwargs["seqlen"] = shape[1]
+    if data is not None:
+        kwargs["data"] = data
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    config = PlanConfig(**kwargs, dtype=dtype.value if dtype else None, timed=False)
+    line = preflight(stage, model, config, dev, out, str(cache_dir) if cache_dir else None)
+    err.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True)
+
+
 def print_json(data: object) -> None:
     from .console import out
 
@@ -305,6 +334,20 @@ def calibrate(
     check_writable(out, force)
     check_apart(out, [("the model", model), ("the --data file", data)])
     dev = cuda_device_for(resolve_device(device))
+    _plan_line(
+        "calibrate",
+        model,
+        dev,
+        out,
+        cache_dir,
+        data=data,
+        nsamples=config.nsamples,
+        seqlen=seqlen,
+        hessian=hessian,
+        hessian_dtype=hessian_dtype,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
     cache = str(cache_dir) if cache_dir else None
     docs = load_data(config, cache)  # before the model: a source that cannot be had fails in seconds
     loaded = load_model(model, dtype.value if dtype else None, dev, cache, lazy=True)
@@ -507,6 +550,19 @@ def prune(
         )
     stats_art = Statistics.load(stats)
     dev = cuda_device_for(resolve_device(device))
+    _plan_line(
+        "prune",
+        model,
+        dev,
+        None,
+        cache_dir,
+        nsamples=stats_art.manifest["data"]["nsamples"],
+        seqlen=stats_art.manifest["data"]["seqlen"],
+        methods=tuple(sorted({c.method for c in configs})),
+        sequential=sequential,
+        batch_size=batch_size,
+        dtype=dtype,
+    )  # the disk: stream_sweep's check_space
     # Computed in float32 on CPU (the checkpoint's own dtype on a GPU), as calibrate runs; saved in --dtype, by
     # default the checkpoint's own. Blocks stream from disk one at a time where the checkpoint allows (streaming.py).
     loaded = load_model(model, None, dev, str(cache_dir) if cache_dir else None, lazy=True)
@@ -535,6 +591,64 @@ def prune(
         render_prune(str(results[0][0]), results[0][1])
     else:
         render_sweep([(str(p), r) for p, r in results])
+
+
+@app.command()
+@cli_errors
+def plan(
+    model: ModelArg,
+    data: Annotated[
+        str, typer.Option("--data", help="Calibration source: a text source, or a .safetensors file of token ids.")
+    ] = "sample-wiki",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.", min=1)] = 128,
+    seqlen: Annotated[int | None, typer.Option(help="Tokens per window.", show_default="min(context, 2048)")] = None,
+    hessian: Annotated[bool, typer.Option("--hessian", help="Plan calibrate with Hessians (sparsegpt).")] = False,
+    hessian_dtype: Annotated[str, typer.Option("--hessian-dtype", help="float32 or bfloat16.")] = "float32",
+    method: Annotated[str, typer.Option("--method", "-m", help="Method(s) to prune with, comma-separated.")] = "wanda",
+    pattern: Annotated[str, typer.Option("--pattern", "-p", help="unstructured or N:M.")] = "unstructured",
+    sequential: Annotated[bool, typer.Option("--sequential", help="Plan a sequential prune.")] = False,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    timed: Annotated[
+        bool, typer.Option("--time/--no-time", help="Time one block here for the time estimate (random weights).")
+    ] = True,
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Estimate memory, disk and time of calibrate, prune and eval from MODEL's config alone (no weights read).
+
+    MODEL may also be a folder or a config.json file with no weights. Memory figures are peaks derived from the
+    shapes; the time is an ESTIMATE scaled from one block's forward pass timed on this device.
+
+    Example: stade plan meta-llama/Llama-3.1-8B --nsamples 128 --seqlen 2048 --hessian --method sparsegpt
+    --device cuda
+    """
+    from .masks import parse_pattern
+    from .models import resolve_device
+    from .plan import PlanConfig, make_plan
+    from .tables import render_plan
+
+    for p in _csv(pattern, "--pattern"):
+        parse_pattern(p)  # a bad pattern is refused as prune would
+    config = PlanConfig(
+        nsamples,
+        seqlen,
+        hessian,
+        hessian_dtype,
+        tuple(_csv(method, "--method")),
+        pattern,
+        sequential,
+        batch_size,
+        dtype.value if dtype else None,
+        timed,
+        data,
+    )
+    result = make_plan(model, config, resolve_device(device), str(cache_dir) if cache_dir else None)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        render_plan(result.to_dict())
 
 
 @app.command()
@@ -660,6 +774,18 @@ def eval_(
     ready = prepare(config, cache)  # every task and dataset loaded before the first model runs
     documents = []
     for model, path in zip(models, paths, strict=True):
+        if not spread:  # a model spread over devices fits by construction
+            _plan_line(
+                "eval",
+                model,
+                dev,
+                None,
+                cache_dir,
+                seqlen=seqlen,
+                nsamples=batch_size,
+                batch_size=batch_size,
+                dtype=dtype,
+            )
         with tempfile.TemporaryDirectory(prefix="stade-offload-") as offload:
             dispatch = dispatch_kwargs(max_memory, offload) if spread else None
             loaded = load_model(model, dtype.value if dtype else None, dev, cache, dispatch=dispatch)

@@ -201,3 +201,33 @@ def render_comparison(comparison: Comparison) -> None:
     out.print(table)
     for note in comparison.notes:
         out.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def render_plan(plan: dict) -> None:
+    """`stade plan`: sizes, then each stage's peak memory by term."""
+    gb = 1e9
+    out.print(
+        f"[bold]Plan[/] {escape(plan['model'])} on {plan['device']} ({plan['dtype']}): {plan['parameters']:,} "
+        f"parameters in {plan['blocks']} blocks; {plan['nsamples']} x {plan['seqlen']} calibration tokens"
+    )
+    out.print(
+        f"statistics artifact [cyan]{plan['artifact_bytes'] / gb:.2f} GB[/], "
+        f"checkpoint [cyan]{plan['checkpoint_bytes'] / gb:.2f} GB[/] per pruned model"
+    )
+    on_cpu = plan["device"] == "cpu"
+    table = Table("stage", "peak host RAM" if on_cpu else "peak device memory", "host RAM", "disk", "time (estimate)")
+    for name, s in plan["stages"].items():
+        secs = s["seconds_estimate"]
+        table.add_row(
+            name,
+            f"{s['device_bytes'] / gb:.2f} GB",
+            "" if on_cpu else f"{s['host_bytes'] / gb:.2f} GB",
+            f"{s['disk_bytes'] / gb:.2f} GB" if s["disk_bytes"] else "",
+            "" if secs is None else f"{secs / 60:.1f} min" if secs >= 120 else f"{secs:.0f} s",
+        )
+    out.print(table)
+    for name, s in plan["stages"].items():
+        terms = ", ".join(f"{k} {v / gb:.2f}" for k, v in s["device_terms"].items())
+        out.print(f"[dim]{name}: {escape(terms)} (GB)[/]")
+    for note in plan["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}")

@@ -1,0 +1,580 @@
+"""`stade plan`: what a run will need (device memory, host RAM, disk, time) from the model's config alone.
+
+No weights are loaded: the shapes come from a meta-device model (accelerate's init_empty_weights), the
+layer groups (layers sharing one input, whose statistics are stored once) from one block run on the meta
+device with the same hooks calibration uses. Every memory term is what the code allocates:
+
+- calibrate (blocks.capture_inputs, calibrate.collect): the embeddings and head (loaded once); one block's
+  weights (weights.materialized); the hidden states of every window twice, the block's inputs and its
+  outputs (`outs` is filled while `inputs.hidden` is alive), plus the other call arguments (rotary tables)
+  of every batch; one batch's activations; the block's float32 Hessian accumulators plus one scaled copy
+  (Hessian.value); every layer group's float64 mean and m2 (kept until the artifact is written).
+- prune (streaming.stream_sweep): the embeddings and head; one block in the checkpoint's own dtype; one
+  layer group's float32 working copies (weights, scores, mask, new weights); for sparsegpt the group's
+  Hessian and its factor; for --sequential, as calibrate. The output shards are written as they go.
+- eval: the whole model on the device, one batch's activations and a chunk of float32 log-probabilities.
+
+The time figure is an estimate: one block's forward pass on a batch of the planned shape, timed on the
+current device with random weights, times the forward passes the run makes. Reading weights from disk
+and the pruning maths are not in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import StadeError
+from .layers import find_blocks, linear_layers
+
+GiB = 2**30
+LIBRARIES = int(0.70 * GiB)  # host RSS of the interpreter plus torch, transformers and stade (bench/scale.py)
+# Two terms measured rather than derived (bench/plan.py, in-process RSS): the tokenizer plus the model's
+# skeleton grow with the vocabulary (SmolLM2's 49k: 65 MB); sampling windows from a text source loads and
+# tokenizes documents, and the heap keeps what that took (sample-wiki: 90 MB). A token-id file costs its ids.
+TOKENIZER_PER_VOCAB = 1300
+TEXT_SOURCE = 90 * 10**6
+LOGITS_CHUNK = 256  # evaluate.LOGITS_CHUNK: positions whose float32 log-probabilities exist at once
+HEADER_ENTRY = 200  # bytes of safetensors header per tensor, at most (name, dtype, shape, offsets)
+MANIFEST_LAYER = 400  # bytes of manifest.json per linear layer, at most (name, shape, group, hash)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    nsamples: int = 128
+    seqlen: int | None = None  # None: min(context, 2048), as calibrate
+    hessian: bool = False
+    hessian_dtype: str = "float32"
+    methods: tuple[str, ...] = ("wanda",)
+    pattern: str = "unstructured"
+    sequential: bool = False
+    batch_size: int = 8
+    dtype: str | None = None  # None: the model's own on a GPU, float32 on the CPU (as load_model)
+    timed: bool = True
+    data: str = "sample-wiki"  # a text source, or a .safetensors file of token ids
+
+
+@dataclass
+class Shapes:
+    """What the plan needs to know about the model, from its config."""
+
+    n_blocks: int
+    hidden: int
+    vocab: int
+    context: int | None
+    params: int  # unique parameters (a tied head counted once), what a checkpoint holds
+    block_params: int  # the largest block's
+    outside_params: int  # embeddings, head, final norm (loaded once, kept)
+    input_embedding_params: int  # the token embeddings alone
+    groups: dict[str, list[tuple[int, int]]]  # group -> [(out, in)] of its layers, for block 0
+    arg_bytes_per_token: int  # rotary tables and other call arguments per token, in the model's dtype
+    intermediate: int
+    own_dtype: torch.dtype
+
+
+@dataclass
+class StagePlan:
+    device: dict[str, int] = field(default_factory=dict)  # term -> bytes
+    host: dict[str, int] = field(default_factory=dict)
+    disk: int = 0
+    seconds: float | None = None
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
+
+
+@dataclass
+class Plan:
+    model: str
+    device: str
+    dtype: str
+    nsamples: int
+    seqlen: int
+    shapes: Shapes
+    artifact_bytes: int
+    checkpoint_bytes: int
+    stages: dict[str, StagePlan]
+    notes: list[str]
+
+    def line(self, stage: str) -> str:
+        """The one-line plan a command prints at start."""
+        s = self.stages[stage]
+        where = "host RAM" if self.device == "cpu" else f"{self.device} memory"
+        parts = [f"plan ({stage}): peak {where} ~{_gb(s.device_bytes)}"]
+        if self.device != "cpu":
+            parts.append(f"host RAM ~{_gb(s.host_bytes)}")
+        if s.disk:
+            parts.append(f"disk {_gb(s.disk)}")
+        if s.seconds is not None:
+            parts.append(f"~{_duration(s.seconds)} (estimate)")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "parameters": self.shapes.params,
+            "blocks": self.shapes.n_blocks,
+            "artifact_bytes": self.artifact_bytes,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "stages": {
+                k: {
+                    "device_bytes": s.device_bytes,
+                    "host_bytes": s.host_bytes,
+                    "disk_bytes": s.disk,
+                    "seconds_estimate": None if s.seconds is None else round(s.seconds, 1),
+                    "device_terms": s.device,
+                    "host_terms": s.host,
+                }
+                for k, s in self.stages.items()
+            },
+            "notes": self.notes,
+        }
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+
+
+def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):  # rotary tables are real: small, and needed to run a block
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # a tied head is the embeddings' tensor: counted once, as a checkpoint holds it
+    return model
+
+
+class _Stop(Exception):
+    pass
+
+
+def _block_call(model: nn.Module, blocks: Any, tokens: int, batch: int, device: torch.device) -> tuple[tuple, dict]:
+    """What block 0 receives for `batch` windows of `tokens` tokens: the model runs from inputs_embeds (so the
+    embeddings need no weights) and stops at block 0."""
+    got: dict[str, Any] = {}
+
+    def catch(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        got["call"] = (args, kwargs)
+        raise _Stop
+
+    for mod in model.modules():  # the real buffers (rotary tables) to the device; parameters stay meta
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and not buf.is_meta:
+                mod._buffers[name] = buf.to(device)
+    # Small parameters outside the blocks (final norm, learned positions) get zeros: the forward reads them.
+    embeddings = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    inside = {id(p) for p in blocks.parameters()}
+    for mod in model.modules():
+        if id(mod) in embeddings:
+            continue
+        for name, p in list(mod._parameters.items()):
+            if p is not None and id(p) not in inside:
+                real = torch.zeros_like(p, device=device) if p.is_meta else p.detach().to(device)
+                mod._parameters[name] = nn.Parameter(real, requires_grad=False)
+    hidden_size = model.config.get_text_config().hidden_size
+    embeds = torch.zeros(batch, tokens, hidden_size, dtype=next(model.parameters()).dtype, device=device)
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad(), contextlib.suppress(_Stop):
+            model(inputs_embeds=embeds, use_cache=False)
+    finally:
+        handle.remove()
+    if "call" not in got:
+        raise StadeError("Could not run this model up to its first block to plan it.", "run it with --no-time")
+    return got["call"]
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(o) for o in obj.values())
+    return 0
+
+
+def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, nn.Module]:
+    """The model's shapes, and its layer groups from block 0 run on the meta device with calibration's hooks."""
+    from .blocks import _to
+    from .models import max_context
+    from .stats import BlockCollector
+
+    model = _empty_model(config, dtype)
+    model.eval()
+    _name, blocks = find_blocks(model)
+    seen: set[int] = set()
+    params = 0
+    for p in model.parameters():  # unique: a tied head is one tensor
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel()
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
+    probe = 16
+    args, kwargs = _block_call(model, blocks, probe, 1, torch.device("cpu"))
+    arg_bytes = (_tensor_bytes(args[1:]) + _tensor_bytes(kwargs)) // probe
+    meta = torch.device("meta")
+    args, kwargs = _to(args, meta), _to(kwargs, meta)
+    lin = linear_layers(blocks[0])
+    collector = BlockCollector(blocks[0], lin, meta, False)
+    try:
+        with torch.no_grad():
+            blocks[0](*args, **kwargs)
+    finally:
+        collector.remove()
+    groups: dict[str, list[tuple[int, int]]] = {}
+    for name, mod in lin.items():
+        w = mod.weight
+        out_in = (int(w.shape[0]), int(w.shape[1])) if type(mod).__name__ != "Conv1D" else (w.shape[1], w.shape[0])
+        groups.setdefault(collector.group_of.get(name, name), []).append(out_in)
+    text = model.config.get_text_config()
+    inter = max((i for members in groups.values() for _o, i in members), default=text.hidden_size)
+    inter = max(inter, max((o for members in groups.values() for o, _i in members), default=0))
+    shapes = Shapes(
+        n_blocks=len(blocks),
+        hidden=int(text.hidden_size),
+        vocab=int(text.vocab_size),
+        context=max_context(model),
+        params=params,
+        block_params=block_params,
+        outside_params=params - in_blocks,
+        input_embedding_params=sum(p.numel() for p in model.get_input_embeddings().parameters()),
+        groups=groups,
+        arg_bytes_per_token=arg_bytes,
+        intermediate=int(inter),
+        own_dtype=dtype,
+    )
+    return shapes, model
+
+
+# ----------------------------------------------------------------------------------------------- sizes
+
+
+def artifact_tensor_bytes(shapes: Shapes, config: PlanConfig, seqlen: int) -> int:
+    """The statistics artifact's tensors, exactly: float64 mean and m2 per layer group, one Hessian per group
+    (in --hessian-dtype), the int64 token ids."""
+    from .calibrate import HESSIAN_DTYPES
+
+    ins = [members[0][1] for members in shapes.groups.values()]
+    stats = shapes.n_blocks * sum(2 * 8 * n for n in ins)
+    hessians = shapes.n_blocks * sum(n * n for n in ins) * _size(HESSIAN_DTYPES[config.hessian_dtype])
+    return stats + (hessians if config.hessian else 0) + config.nsamples * seqlen * 8
+
+
+def artifact_bytes(shapes: Shapes, config: PlanConfig, seqlen: int) -> int:
+    """The artifact on disk: its tensors, plus a bound on the safetensors headers and the manifest (the
+    manifest lists every linear layer)."""
+    entries = shapes.n_blocks * len(shapes.groups) * (3 if config.hessian else 2) + 1
+    layers = shapes.n_blocks * sum(len(m) for m in shapes.groups.values())
+    return artifact_tensor_bytes(shapes, config, seqlen) + HEADER_ENTRY * entries + MANIFEST_LAYER * layers + 8192
+
+
+def checkpoint_bytes(shapes: Shapes, dtype: torch.dtype) -> int:
+    """The pruned checkpoint's weights: every unique parameter once, in the checkpoint's dtype."""
+    return shapes.params * _size(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _activations(shapes: Shapes, tokens: int, elem: int, stats: bool) -> int:
+    """One block's forward on `tokens` tokens: the MLP's widest point, or the attention's."""
+    # act(gate), up and their product live at once; the down projection's hook then centres a float32 copy
+    # of its input (Moments.update) while only the product is left.
+    wide = max(3 * elem, elem + 4 if stats else 0) * tokens * shapes.intermediate
+    attn = 4 * tokens * shapes.hidden * elem  # q, k, v, attention output
+    return max(wide, attn) + 2 * tokens * shapes.hidden * elem  # residual and normed input
+
+
+def _hessians(shapes: Shapes) -> int:
+    """Float32 accumulators of one block, plus the scaled copy Hessian.value makes of one at a time."""
+    ins = [members[0][1] for members in shapes.groups.values()]
+    return sum(4 * n * n for n in ins) + 4 * max(ins) ** 2
+
+
+def _group_work(shapes: Shapes, elem: int, hessian: bool) -> int:
+    """prune_block's working set for the widest layer group: float32 weights (a copy unless float32),
+    scores, new weights, mask; sparsegpt adds the float32 Hessian, its damped copy and its factor."""
+    worst = 0
+    for members in shapes.groups.values():
+        weights = sum(o * i for o, i in members)
+        n = members[0][1]
+        work = weights * ((4 if elem != 4 else 0) + 4 + 4 + 1) + (3 * 4 * n * n if hessian else 0)
+        worst = max(worst, work)
+    return worst
+
+
+def make_plan(
+    spec: str, config: PlanConfig, device: torch.device, cache_dir: str | None = None, where: str | None = None
+) -> Plan:
+    """The plan for calibrate, prune and eval of `spec` on `device`, from its config alone."""
+    from transformers import AutoConfig
+
+    from .calibrate import default_seqlen
+    from .methods import get_method
+    from .models import default_dtype, parse_dtype
+
+    path = config_path(spec)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+    except (OSError, ValueError) as exc:
+        raise StadeError(f"Could not read the config of {spec!r}: {str(exc).splitlines()[0]}") from exc
+    compute = parse_dtype(config.dtype) or default_dtype(path, device, cache_dir)
+    own = default_dtype(path, device, cache_dir, own_dtype=True)
+    shapes, model = read_shapes(hf_config, compute)
+    seqlen = config.seqlen or default_seqlen(model)
+    if shapes.context is not None and seqlen > shapes.context:
+        raise StadeError(f"--seqlen {seqlen} is above the model's context of {shapes.context} tokens.")
+    metrics = [get_method(m) for m in config.methods]
+    wants_h = any("hessian" in m.needs for m in metrics)
+    # prune computes in float32 on the CPU and in the checkpoint's own dtype on a GPU (load_model's default)
+    e, e_own = _size(compute), _size(default_dtype(path, device, cache_dir))
+    tokens = config.nsamples * seqlen
+    batch_tokens = min(config.batch_size, config.nsamples) * seqlen
+    n_batches = -(-config.nsamples // config.batch_size)
+    gpu = device.type == "cuda"
+    hidden_all = 2 * tokens * shapes.hidden * e + tokens * shapes.arg_bytes_per_token
+    hidden_on_device = gpu and _fits_on_device(hidden_all, device)
+    stats_kept = sum(2 * 8 * m[0][1] for m in shapes.groups.values()) * shapes.n_blocks
+
+    # Weights are read from the safetensors files by memory mapping: in the checkpoint's own dtype they are
+    # file pages, resident as they are touched (calibrate touches the token embeddings only: the head is past
+    # block 0); any other dtype is a converted copy of everything outside the blocks.
+    embeds = shapes.input_embedding_params * e if compute == own else shapes.outside_params * e
+    text = config.nsamples * seqlen * 8 if config.data.endswith(".safetensors") else TEXT_SOURCE
+    skeleton = TOKENIZER_PER_VOCAB * shapes.vocab
+    stats_kept = sum(2 * 8 * m[0][1] for m in shapes.groups.values()) * shapes.n_blocks
+
+    cal = StagePlan()
+    work = {
+        "block": shapes.block_params * e,
+        "activations": _activations(shapes, batch_tokens, e, True),
+        **({"hessians": _hessians(shapes)} if config.hessian else {}),
+    }
+    cal.host = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton, "calibration text": text}
+    cal.host |= {"embeddings": embeds, "statistics": stats_kept}
+    if gpu:
+        cal.device = {**work, **({"hidden states": hidden_all} if hidden_on_device else {})}
+        cal.host["block (read)"] = shapes.block_params * e
+        if not hidden_on_device:
+            cal.host["hidden states"] = hidden_all
+    else:
+        cal.host |= {**work, "hidden states": hidden_all}
+        cal.device = dict(cal.host)
+    cal.disk = artifact_bytes(shapes, config, seqlen)
+
+    pr = StagePlan()
+    work = {"block": shapes.block_params * e_own, "layer group work": _group_work(shapes, e_own, wants_h)}
+    if len(metrics) > 1:
+        work["dense copy of the block"] = shapes.block_params * e_own
+    if config.sequential and any(m.needs for m in metrics):
+        work["activations"] = _activations(shapes, batch_tokens, e_own, True)
+        work["hidden states"] = 2 * tokens * shapes.hidden * e_own + tokens * shapes.arg_bytes_per_token
+        if wants_h:
+            work["hessians"] = _hessians(shapes)
+    # Everything outside the blocks is read in full: it is written to every output.
+    pr.host = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton}
+    pr.host["embeddings and head"] = shapes.outside_params * e_own
+    if gpu:
+        pr.device = work
+        pr.host["block (read)"] = shapes.block_params * e_own
+    else:
+        pr.host |= work
+        pr.device = dict(pr.host)
+    ckpt = checkpoint_bytes(shapes, parse_dtype(config.dtype) or own)
+    pr.disk = len(metrics) * ckpt
+
+    ev = StagePlan()
+    chunk = min(config.batch_size, config.nsamples) * min(LOGITS_CHUNK, seqlen) * shapes.vocab * 4 * 2
+    work = {
+        "weights": shapes.params * e,
+        "activations": _activations(shapes, batch_tokens, e, False),
+        "log-probabilities chunk": chunk,
+    }
+    ev.host = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton, "evaluation text": TEXT_SOURCE}
+    if gpu:
+        ev.device = work
+    else:
+        ev.host |= work
+        ev.device = dict(ev.host)
+
+    notes = [
+        "memory: peak estimates from the shapes (see `stade plan --help`); the CUDA context comes on top"
+        if gpu
+        else "memory: peak host RSS estimates from the shapes, libraries included"
+    ]
+    if config.timed:
+        t = _time_block(model, blocks_of(model), seqlen, min(config.batch_size, config.nsamples), device, shapes)
+        if t is None:
+            notes.append("time: one block does not fit in the free memory here, so it was not timed")
+        else:
+            forwards = shapes.n_blocks * n_batches
+            cal.seconds = t * forwards * (2.0 if config.hessian else 1.3)  # hooks; Hessian matmuls
+            seq_forwards = 2 * forwards if config.sequential and any(m.needs for m in metrics) else 0
+            pr.seconds = t * seq_forwards * len(metrics) if seq_forwards else None
+            ev.seconds = t * forwards * 1.1
+            notes.append(
+                "time: an ESTIMATE, one block's forward timed on random weights here, times the forward passes "
+                "(disk reads and pruning maths not included)"
+            )
+    plan = Plan(
+        spec, str(device), str(compute).removeprefix("torch."), config.nsamples, seqlen, shapes, 0, 0, {}, notes
+    )
+    plan.artifact_bytes, plan.checkpoint_bytes = cal.disk, ckpt
+    plan.stages = {"calibrate": cal, "prune": pr, "eval": ev}
+    return plan
+
+
+def config_path(spec: str) -> str:
+    """A folder holding a config.json (weights or not: the plan reads none), a config.json file, or a model spec."""
+    from pathlib import Path
+
+    from .models import resolve_model
+
+    p = Path(spec).expanduser()
+    if p.is_file() and p.name.endswith(".json"):
+        return str(p.parent)
+    if (p / "config.json").is_file():
+        return str(p)
+    return resolve_model(spec)
+
+
+def blocks_of(model: nn.Module) -> Any:
+    return find_blocks(model)[1]
+
+
+def _fits_on_device(need: int, device: torch.device) -> bool:
+    """blocks._keep_on's rule: block inputs stay on the GPU when they take under 40% of its free memory."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return need < 0.4 * free
+
+
+def _time_block(
+    model: nn.Module, blocks: Any, seqlen: int, batch: int, device: torch.device, shapes: Shapes
+) -> float | None:
+    """Seconds for one block's forward on one batch, random weights, on `device` (the CPU times one window
+    and scales by the batch: the block is linear in the batch)."""
+    need = shapes.block_params * _size(shapes.own_dtype) * 2
+    if need > available_memory(device):
+        return None
+    timed_batch = batch if device.type == "cuda" else 1
+    args, kwargs = _block_call(model, blocks, seqlen, timed_batch, device)
+    block = blocks[0]
+    block.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+        hidden = torch.randn(args[0].shape, generator=gen, device=device).to(args[0].dtype)
+        best = float("inf")
+        for _ in range(2):  # the first run warms up kernels and allocators
+            _sync(device)
+            t0 = time.perf_counter()
+            block(hidden, *args[1:], **kwargs)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    block.to("meta")
+    return best * batch / timed_batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def available_memory(device: torch.device) -> int:
+    """Free CUDA memory on a GPU; the host's available RAM (MemAvailable) on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(plan: Plan, stage: str, device: torch.device, out: Any | None = None) -> None:
+    """Refuse, with the numbers, a run the device memory (host RAM on the CPU) or the disk cannot hold."""
+    from pathlib import Path
+
+    from .files import check_space
+
+    s = plan.stages[stage]
+    need = s.device_bytes - (LIBRARIES if device.type == "cpu" else 0)  # the libraries are loaded already
+    free = available_memory(device)
+    if need > free:
+        where = "host RAM available" if device.type == "cpu" else f"free memory on {device}"
+        raise StadeError(
+            f"{stage} needs about {_gb(need)} of {'RAM' if device.type == 'cpu' else 'device memory'}, "
+            f"but only {_gb(free)} of {where}.",
+            "lower --batch-size, --nsamples or --seqlen, or use --device auto to run where there is more memory",
+        )
+    if out is not None and s.disk:
+        check_space(Path(out), s.disk)
+
+
+def ids_shape(path: str) -> tuple[int, int] | None:
+    """(n, seqlen) of a .safetensors file of token ids, from its header alone; None if it has no 2-D ids."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            shape = f.get_slice(keys[0]).get_shape() if keys else []
+    except Exception:  # unreadable here: calibrate's own checks name the problem
+        return None
+    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
+
+
+def preflight(
+    stage: str, spec: str, config: PlanConfig, device: torch.device, out: Any | None, cache_dir: str | None
+) -> str:
+    """The one-line plan a command prints at start; refuses (StadeError) a run that cannot fit.
+
+    A model whose config cannot be planned (a .gguf file, an architecture the meta-device pass cannot run)
+    gets a line that says so, and the run goes on: the plan is advice, the run is what the user asked for.
+    """
+    if spec.endswith(".gguf"):
+        return f"plan ({stage}): not available for a .gguf file"
+    try:
+        plan = make_plan(spec, config, device, cache_dir)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"plan ({stage}): not available for this model ({first})"
+    check_fits(plan, stage, device, out)
+    return plan.line(stage)

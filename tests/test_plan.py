@@ -1,0 +1,174 @@
+"""`stade plan`: sizes from the config alone, checked against known parameter counts and against the files
+calibrate and prune really write; the commands print the plan and refuse runs that cannot fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from stade_cli import plan as plan_mod
+from stade_cli.cli import app
+from stade_cli.plan import PlanConfig, make_plan
+
+runner = CliRunner()
+CONFIGS = Path(__file__).parent / "data" / "configs"
+CPU = torch.device("cpu")
+CPU_OUT = ["--device", "cpu", "--out"]
+
+
+def tensor_bytes(folder: Path) -> int:
+    """Bytes of every tensor in a folder's safetensors files, read from the files themselves."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118 - a safe_open handle is not a dict
+                t = st.get_tensor(k)
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize(("name", "params"), [("llama-3.1-8B", 8_030_261_248), ("llama-3.1-70B", 70_553_706_496)])
+def test_llama_31_checkpoint_is_its_published_parameter_count_in_bfloat16(name: str, params: int) -> None:
+    res = runner.invoke(app, ["plan", str(CONFIGS / name), "--device", "cpu", "--no-time", "--hessian", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["parameters"] == params
+    assert doc["checkpoint_bytes"] == params * 2  # the config's own dtype, bfloat16
+    assert doc["stages"]["prune"]["disk_bytes"] == params * 2
+    # Hessians: 4 groups per block (qkv, o, gate/up, down), float32 on disk by default.
+    h, i, layers = (4096, 14336, 32) if name.endswith("8B") else (8192, 28672, 80)
+    hessians = layers * (3 * h * h + i * i) * 4
+    assert hessians < doc["artifact_bytes"] < hessians * 1.01
+
+
+def test_plan_prints_a_table_and_says_the_time_is_an_estimate(tiny_llama_dir: Path) -> None:
+    res = runner.invoke(app, ["plan", str(tiny_llama_dir), "--nsamples", "4", "--seqlen", "16", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for word in ("calibrate", "prune", "eval", "checkpoint", "ESTIMATE"):
+        assert word in res.output
+
+
+def test_groups_and_artifact_match_what_calibrate_writes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The meta-device pass finds the groups calibration finds, and the artifact's tensors are exactly planned."""
+    out = tmp_path / "stats"
+    ids = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))}, str(ids))
+    args = ["calibrate", str(tiny_model_dir), "--data", str(ids)]
+    res = runner.invoke(app, [*args, "--hessian", "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "plan (calibrate)" in res.output  # the one-line plan on stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    p = make_plan(str(tiny_model_dir), PlanConfig(4, 16, hessian=True, timed=False, data=str(ids)), CPU)
+    block0 = {
+        e["name"].split(".0.", 1)[1]: e["group"].split(".0.", 1)[1] for e in manifest["layers"] if e["block"] == 0
+    }
+    assert {g: len(m) for g, m in p.shapes.groups.items()} == {
+        g: list(block0.values()).count(g) for g in set(block0.values())
+    }
+    written = tensor_bytes(out)
+    assert plan_mod.artifact_tensor_bytes(p.shapes, PlanConfig(4, 16, hessian=True), 16) == written
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert written <= on_disk <= p.artifact_bytes
+
+
+def test_checkpoint_bytes_match_the_pruned_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    stats, out = tmp_path / "stats", tmp_path / "pruned"
+    ids = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))}, str(ids))
+    cal = ["calibrate", str(tiny_model_dir), "--data", str(ids), "--device", "cpu", "--out"]
+    assert runner.invoke(app, [*cal, str(stats)]).exit_code == 0
+    res = runner.invoke(
+        app,
+        [
+            "prune",
+            str(tiny_model_dir),
+            "--stats",
+            str(stats),
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.5",
+            *CPU_OUT,
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "plan (prune)" in res.output
+    p = make_plan(str(tiny_model_dir), PlanConfig(2, 16, timed=False), CPU)
+    assert p.checkpoint_bytes == tensor_bytes(out)
+
+
+def test_calibrate_refuses_early_when_memory_cannot_hold_the_run(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(plan_mod, "available_memory", lambda _device: 1000)
+    out = tmp_path / "stats"
+    res = runner.invoke(app, ["calibrate", str(tiny_llama_dir), "--nsamples", "2", "--seqlen", "16", "--out", str(out)])
+    assert res.exit_code == 1
+    assert "but only 0.00 GB" in res.output and "--batch-size" in res.output
+    assert not out.exists()
+
+
+def test_calibrate_refuses_early_when_the_disk_cannot_hold_the_artifact(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**9, 10**9, 10))
+    out = tmp_path / "stats"
+    args = ["calibrate", str(tiny_llama_dir), "--nsamples", "2", "--seqlen", "16", "--hessian", "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1
+    assert "GB are free there" in res.output
+    assert not out.exists()
+
+
+def test_eval_prints_the_plan(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_llama_dir),
+            "--ppl",
+            "sample-news",
+            "--tasks",
+            "none",
+            "--seqlen",
+            "16",
+            *CPU_OUT,
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "plan (eval)" in res.output
+
+
+def test_memory_terms_follow_the_shapes(tiny_llama_dir: Path) -> None:
+    """Doubling the calibration windows doubles exactly the hidden-state term (block inputs and outputs, kept
+    for every window), and nothing else; Hessians add one float32 in x in matrix per group plus one copy."""
+    a = make_plan(str(tiny_llama_dir), PlanConfig(4, 16, hessian=True, batch_size=4, timed=False), CPU)
+    b = make_plan(str(tiny_llama_dir), PlanConfig(8, 16, hessian=True, batch_size=4, timed=False), CPU)
+    ta, tb = a.stages["calibrate"].host, b.stages["calibrate"].host
+    hidden = 64
+    assert tb["hidden states"] - ta["hidden states"] == 4 * 16 * (2 * hidden * 4 + a.shapes.arg_bytes_per_token)
+    assert {k: v for k, v in ta.items() if k != "hidden states"} == {
+        k: v for k, v in tb.items() if k != "hidden states"
+    }
+    assert ta["hessians"] == 4 * (3 * 64 * 64 + 128 * 128) + 4 * 128 * 128
+
+
+def test_plan_of_a_config_file_without_weights(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["plan", str(CONFIGS / "synthetic" / "config.json"), "--device", "cpu", "--no-time", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["checkpoint_bytes"] == 2_600_673_280  # bench/results/scale.json: the synthetic model's float32 bytes
