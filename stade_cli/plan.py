@@ -4,15 +4,19 @@ No weights are loaded: the shapes come from a meta-device model (accelerate's in
 layer groups (layers sharing one input, whose statistics are stored once) from one block run on the meta
 device with the same hooks calibration uses. Every memory term is what the code allocates:
 
-- calibrate (blocks.capture_inputs, calibrate.collect): the embeddings and head (loaded once); one block's
-  weights (weights.materialized); the hidden states of every window twice, the block's inputs and its
-  outputs (`outs` is filled while `inputs.hidden` is alive), plus the other call arguments (rotary tables)
-  of every batch; one batch's activations; the block's float32 Hessian accumulators plus one scaled copy
-  (Hessian.value); every layer group's float64 mean and m2 (kept until the artifact is written).
-- prune (streaming.stream_sweep): the embeddings and head; one block in the checkpoint's own dtype; one
-  layer group's float32 working copies (weights, scores, mask, new weights); for sparsegpt the group's
-  Hessian and its factor; for --sequential, as calibrate. The output shards are written as they go.
+- calibrate (blocks.capture_inputs, calibrate.collect): one block's weights (weights.materialized); the
+  hidden states of every window twice, the block's inputs and its outputs (`outs` fills while
+  `inputs.hidden` is alive), plus the other call arguments (rotary tables) of every batch; one batch's
+  activations; the block's float32 Hessian accumulators plus one scaled copy (Hessian.value); every layer
+  group's float64 mean and m2 (kept until the artifact is written). Weights in the checkpoint's own dtype
+  are memory-mapped file pages, resident only where touched: calibrate touches the token embeddings, never
+  the head (it stops at block 0); another dtype is a converted copy of all of them.
+- prune (streaming.stream_sweep): everything outside the blocks (written to every output, so read whole);
+  one block in the checkpoint's own dtype; one layer group's float32 working copies (weights, scores,
+  mask, new weights); for sparsegpt the group's Hessian and its factor; for --sequential, as calibrate.
 - eval: the whole model on the device, one batch's activations and a chunk of float32 log-probabilities.
+- measured, not derived: the libraries, the tokenizer with the model's skeleton, and the heap that
+  sampling windows from a text source leaves behind (constants below, from bench/plan.py).
 
 The time figure is an estimate: one block's forward pass on a batch of the planned shape, timed on the
 current device with random weights, times the forward passes the run makes. Reading weights from disk
@@ -174,7 +178,7 @@ class _Stop(Exception):
     pass
 
 
-def _block_call(model: nn.Module, blocks: Any, tokens: int, batch: int, device: torch.device) -> tuple[tuple, dict]:
+def _block_call(model: Any, blocks: Any, tokens: int, batch: int, device: torch.device) -> tuple[tuple, dict]:
     """What block 0 receives for `batch` windows of `tokens` tokens: the model runs from inputs_embeds (so the
     embeddings need no weights) and stops at block 0."""
     got: dict[str, Any] = {}
@@ -226,7 +230,7 @@ def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, nn.Module]:
     from .models import max_context
     from .stats import BlockCollector
 
-    model = _empty_model(config, dtype)
+    model: Any = _empty_model(config, dtype)
     model.eval()
     _name, blocks = find_blocks(model)
     seen: set[int] = set()
@@ -251,8 +255,9 @@ def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, nn.Module]:
         collector.remove()
     groups: dict[str, list[tuple[int, int]]] = {}
     for name, mod in lin.items():
-        w = mod.weight
-        out_in = (int(w.shape[0]), int(w.shape[1])) if type(mod).__name__ != "Conv1D" else (w.shape[1], w.shape[0])
+        weight: Any = mod.weight
+        rows, cols = (int(n) for n in weight.shape)
+        out_in = (rows, cols) if type(mod).__name__ != "Conv1D" else (cols, rows)
         groups.setdefault(collector.group_of.get(name, name), []).append(out_in)
     text = model.config.get_text_config()
     inter = max((i for members in groups.values() for _o, i in members), default=text.hidden_size)
