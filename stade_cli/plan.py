@@ -245,7 +245,8 @@ def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, nn.Module]:
     args, kwargs = _block_call(model, blocks, probe, 1, torch.device("cpu"))
     arg_bytes = (_tensor_bytes(args[1:]) + _tensor_bytes(kwargs)) // probe
     meta = torch.device("meta")
-    args, kwargs = _to(args, meta), _to(kwargs, meta)
+    memo: dict[int, Any] = {}
+    args, kwargs = _to(args, meta, memo), _to(kwargs, meta, memo)
     lin = linear_layers(blocks[0])
     collector = BlockCollector(blocks[0], lin, meta, False)
     try:
