@@ -132,21 +132,10 @@ def test_calibrate_refuses_early_when_the_disk_cannot_hold_the_artifact(
 
 
 def test_eval_prints_the_plan(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    res = runner.invoke(
-        app,
-        [
-            "eval",
-            str(tiny_llama_dir),
-            "--ppl",
-            "sample-news",
-            "--tasks",
-            "none",
-            "--seqlen",
-            "16",
-            *CPU_OUT,
-            str(tmp_path / "r.json"),
-        ],
-    )
+    ids = tmp_path / "held-out.safetensors"
+    save_file({"input_ids": torch.randint(0, 256, (1, 33), generator=torch.Generator().manual_seed(0))}, str(ids))
+    args = ["eval", str(tiny_llama_dir), "--ppl", str(ids), "--tasks", "none", "--seqlen", "16"]
+    res = runner.invoke(app, [*args, *CPU_OUT, str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert "plan (eval)" in res.output
 
