@@ -224,7 +224,7 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, nn.Module]:
+def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, Any]:
     """The model's shapes, and its layer groups from block 0 run on the meta device with calibration's hooks."""
     from .blocks import _to
     from .models import max_context
