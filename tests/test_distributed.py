@@ -113,33 +113,16 @@ def test_merged_shards_equal_the_whole_run(runs: dict[str, Statistics], tmp_path
 def test_prune_refuses_a_shard_and_takes_the_merged_artifact(
     runs: dict[str, Statistics], tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
-    res = invoke(
-        "prune",
-        tiny_llama_dir,
-        "--stats",
-        runs["1/3"].path,
-        "--method",
-        "wanda",
-        "--sparsity",
-        "0.5",
-        "--out",
-        tmp_path / "p",
-    )
+    def prune(stats: Path):  # wanda 50% from `stats` into tmp_path/p
+        return invoke(
+            "prune", tiny_llama_dir, "--stats", stats, "-m", "wanda", "--sparsity", "0.5", "-o", tmp_path / "p"
+        )
+
+    res = prune(runs["1/3"].path)
     assert res.exit_code == 1 and "shard 1/3 of a calibration (windows 2-3 of 7)" in res.stderr, res.output
     assert "stade stats merge" in res.stderr and not (tmp_path / "p").exists()
     merged = merge_statistics([runs[k].path for k in ("0/3", "1/3", "2/3")], tmp_path / "merged")
-    res = invoke(
-        "prune",
-        tiny_llama_dir,
-        "--stats",
-        merged.path,
-        "--method",
-        "wanda",
-        "--sparsity",
-        "0.5",
-        "--out",
-        tmp_path / "p",
-    )
+    res = prune(merged.path)
     assert res.exit_code == 0, res.output
 
 
