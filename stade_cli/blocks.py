@@ -20,8 +20,8 @@ from .models import LoadedModel
 from .weights import materialized
 
 
-class _Stop(Exception):
-    """Raised by the last block's recorder: the rest of the forward (final norm, head) is not needed."""
+class StopForward(Exception):
+    """Raised by a hook that has what it needs (a recorder, a planner): the rest of the forward need not run."""
 
 
 class _Recorder(nn.Module):
@@ -40,7 +40,7 @@ class _Recorder(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self.calls.append((hidden_states, args, kwargs))
         if self.last:
-            raise _Stop
+            raise StopForward
         # A loop that takes `layer_outputs[0]` gets the hidden states back from a one-element tuple.
         return (hidden_states,) if self.as_tuple else hidden_states
 
@@ -104,7 +104,7 @@ def _record(model: nn.Module, recorders: list[_Recorder], batch: torch.Tensor) -
     seen = [len(r.calls) for r in recorders]
     try:
         model(input_ids=batch, use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
     except torch.cuda.OutOfMemoryError:
         raise

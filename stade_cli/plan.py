@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import StopForward
 from .errors import StadeError
 from .layers import find_blocks, linear_layers
 
@@ -174,10 +175,6 @@ def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-class _Stop(Exception):
-    pass
-
-
 def _block_call(model: Any, blocks: Any, tokens: int, batch: int, device: torch.device) -> tuple[tuple, dict]:
     """What block 0 receives for `batch` windows of `tokens` tokens: the model runs from inputs_embeds (so the
     embeddings need no weights) and stops at block 0."""
@@ -185,7 +182,7 @@ def _block_call(model: Any, blocks: Any, tokens: int, batch: int, device: torch.
 
     def catch(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         got["call"] = (args, kwargs)
-        raise _Stop
+        raise StopForward
 
     for mod in model.modules():  # the real buffers (rotary tables) to the device; parameters stay meta
         for name, buf in list(mod._buffers.items()):
@@ -205,7 +202,7 @@ def _block_call(model: Any, blocks: Any, tokens: int, batch: int, device: torch.
     embeds = torch.zeros(batch, tokens, hidden_size, dtype=next(model.parameters()).dtype, device=device)
     handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with torch.no_grad(), contextlib.suppress(_Stop):
+        with torch.no_grad(), contextlib.suppress(StopForward):
             model(inputs_embeds=embeds, use_cache=False)
     finally:
         handle.remove()
@@ -302,7 +299,7 @@ def artifact_bytes(shapes: Shapes, config: PlanConfig, seqlen: int) -> int:
     return artifact_tensor_bytes(shapes, config, seqlen) + HEADER_ENTRY * entries + MANIFEST_LAYER * layers + 8192
 
 
-def checkpoint_bytes(shapes: Shapes, dtype: torch.dtype) -> int:
+def planned_checkpoint_bytes(shapes: Shapes, dtype: torch.dtype) -> int:
     """The pruned checkpoint's weights: every unique parameter once, in the checkpoint's dtype."""
     return shapes.params * _size(dtype)
 
@@ -414,7 +411,7 @@ def make_plan(
     else:
         pr.host |= work
         pr.device = dict(pr.host)
-    ckpt = checkpoint_bytes(shapes, parse_dtype(config.dtype) or own)
+    ckpt = planned_checkpoint_bytes(shapes, parse_dtype(config.dtype) or own)
     pr.disk = len(metrics) * ckpt
 
     ev = StagePlan()
