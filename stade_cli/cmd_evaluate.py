@@ -89,7 +89,7 @@ def eval_(
     from .evaluate import EvalConfig, evaluate_model, prepare, results_paths, write_results
     from .files import check_apart, check_writable
     from .modelcard import add_results
-    from .models import load_model, resolve_device
+    from .models import load_model, resolve_device, resolve_model
     from .tables import render_results
 
     config = EvalConfig.from_strings(
@@ -111,6 +111,9 @@ def eval_(
     spread = wants_dispatch(device, max_memory)
     if max_memory is not None:
         parse_max_memory(max_memory)  # a bad budget fails before any model loads
+    for model in models:  # a local folder that is no model fails in a second, before any dataset loads
+        if Path(model).expanduser().is_dir():
+            resolve_model(model)
     ready = prepare(config, cache)  # every task and dataset loaded before the first model runs
     documents = []
     for model, path in zip(models, paths, strict=True):
