@@ -25,7 +25,6 @@ and the pruning maths are not in it.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import StopForward
 from .errors import StadeError
-from .layers import find_blocks, linear_layers
+from .layers import find_blocks
+from .planshapes import Shapes, block_call, read_shapes, size_of
 
 GiB = 2**30
 LIBRARIES = int(0.70 * GiB)  # host RSS of the interpreter plus torch, transformers and stade (bench/scale.py)
@@ -62,24 +61,6 @@ class PlanConfig:
     dtype: str | None = None  # None: the model's own on a GPU, float32 on the CPU (as load_model)
     timed: bool = True
     data: str = "sample-wiki"  # a text source, or a .safetensors file of token ids
-
-
-@dataclass
-class Shapes:
-    """What the plan needs to know about the model, from its config."""
-
-    n_blocks: int
-    hidden: int
-    vocab: int
-    context: int | None
-    params: int  # unique parameters (a tied head counted once), what a checkpoint holds
-    block_params: int  # the largest block's
-    outside_params: int  # embeddings, head, final norm (loaded once, kept)
-    input_embedding_params: int  # the token embeddings alone
-    groups: dict[str, list[tuple[int, int]]]  # group -> [(out, in)] of its layers, for block 0
-    arg_bytes_per_token: int  # rotary tables and other call arguments per token, in the model's dtype
-    intermediate: int
-    own_dtype: torch.dtype
 
 
 @dataclass
@@ -158,125 +139,6 @@ def _duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def _size(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
-
-
-# ----------------------------------------------------------------------------------------------- shapes
-
-
-def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):  # rotary tables are real: small, and needed to run a block
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # a tied head is the embeddings' tensor: counted once, as a checkpoint holds it
-    return model
-
-
-def _block_call(model: Any, blocks: Any, tokens: int, batch: int, device: torch.device) -> tuple[tuple, dict]:
-    """What block 0 receives for `batch` windows of `tokens` tokens: the model runs from inputs_embeds (so the
-    embeddings need no weights) and stops at block 0."""
-    got: dict[str, Any] = {}
-
-    def catch(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        got["call"] = (args, kwargs)
-        raise StopForward
-
-    for mod in model.modules():  # the real buffers (rotary tables) to the device; parameters stay meta
-        for name, buf in list(mod._buffers.items()):
-            if buf is not None and not buf.is_meta:
-                mod._buffers[name] = buf.to(device)
-    # Small parameters outside the blocks (final norm, learned positions) get zeros: the forward reads them.
-    embeddings = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    inside = {id(p) for p in blocks.parameters()}
-    for mod in model.modules():
-        if id(mod) in embeddings:
-            continue
-        for name, p in list(mod._parameters.items()):
-            if p is not None and id(p) not in inside:
-                real = torch.zeros_like(p, device=device) if p.is_meta else p.detach().to(device)
-                mod._parameters[name] = nn.Parameter(real, requires_grad=False)
-    hidden_size = model.config.get_text_config().hidden_size
-    embeds = torch.zeros(batch, tokens, hidden_size, dtype=next(model.parameters()).dtype, device=device)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad(), contextlib.suppress(StopForward):
-            model(inputs_embeds=embeds, use_cache=False)
-    finally:
-        handle.remove()
-    if "call" not in got:
-        raise StadeError("Could not run this model up to its first block to plan it.", "run it with --no-time")
-    return got["call"]
-
-
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(_tensor_bytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(o) for o in obj.values())
-    return 0
-
-
-def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, Any]:
-    """The model's shapes, and its layer groups from block 0 run on the meta device with calibration's hooks."""
-    from .blocks import _to
-    from .models import max_context
-    from .stats import BlockCollector
-
-    model: Any = _empty_model(config, dtype)
-    model.eval()
-    _name, blocks = find_blocks(model)
-    seen: set[int] = set()
-    params = 0
-    for p in model.parameters():  # unique: a tied head is one tensor
-        if id(p) not in seen:
-            seen.add(id(p))
-            params += p.numel()
-    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
-    probe = 16
-    args, kwargs = _block_call(model, blocks, probe, 1, torch.device("cpu"))
-    arg_bytes = (_tensor_bytes(args[1:]) + _tensor_bytes(kwargs)) // probe
-    meta = torch.device("meta")
-    memo: dict[int, Any] = {}
-    args, kwargs = _to(args, meta, memo), _to(kwargs, meta, memo)
-    lin = linear_layers(blocks[0])
-    collector = BlockCollector(blocks[0], lin, meta, False)
-    try:
-        with torch.no_grad():
-            blocks[0](*args, **kwargs)
-    finally:
-        collector.remove()
-    groups: dict[str, list[tuple[int, int]]] = {}
-    for name, mod in lin.items():
-        weight: Any = mod.weight
-        rows, cols = (int(n) for n in weight.shape)
-        out_in = (rows, cols) if type(mod).__name__ != "Conv1D" else (cols, rows)
-        groups.setdefault(collector.group_of.get(name, name), []).append(out_in)
-    text = model.config.get_text_config()
-    inter = max((i for members in groups.values() for _o, i in members), default=text.hidden_size)
-    inter = max(inter, max((o for members in groups.values() for o, _i in members), default=0))
-    shapes = Shapes(
-        n_blocks=len(blocks),
-        hidden=int(text.hidden_size),
-        vocab=int(text.vocab_size),
-        context=max_context(model),
-        params=params,
-        block_params=block_params,
-        outside_params=params - in_blocks,
-        input_embedding_params=sum(p.numel() for p in model.get_input_embeddings().parameters()),
-        groups=groups,
-        arg_bytes_per_token=arg_bytes,
-        intermediate=int(inter),
-        own_dtype=dtype,
-    )
-    return shapes, model
-
-
 # ----------------------------------------------------------------------------------------------- sizes
 
 
@@ -287,7 +149,7 @@ def artifact_tensor_bytes(shapes: Shapes, config: PlanConfig, seqlen: int) -> in
 
     ins = [members[0][1] for members in shapes.groups.values()]
     stats = shapes.n_blocks * sum(2 * 8 * n for n in ins)
-    hessians = shapes.n_blocks * sum(n * n for n in ins) * _size(HESSIAN_DTYPES[config.hessian_dtype])
+    hessians = shapes.n_blocks * sum(n * n for n in ins) * size_of(HESSIAN_DTYPES[config.hessian_dtype])
     return stats + (hessians if config.hessian else 0) + config.nsamples * seqlen * 8
 
 
@@ -301,7 +163,7 @@ def artifact_bytes(shapes: Shapes, config: PlanConfig, seqlen: int) -> int:
 
 def planned_checkpoint_bytes(shapes: Shapes, dtype: torch.dtype) -> int:
     """The pruned checkpoint's weights: every unique parameter once, in the checkpoint's dtype."""
-    return shapes.params * _size(dtype)
+    return shapes.params * size_of(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -358,7 +220,7 @@ def make_plan(
     metrics = [get_method(m) for m in config.methods]
     wants_h = any("hessian" in m.needs for m in metrics)
     # prune computes in float32 on the CPU and in the checkpoint's own dtype on a GPU (load_model's default)
-    e, e_own = _size(compute), _size(default_dtype(path, device, cache_dir))
+    e, e_own = size_of(compute), size_of(default_dtype(path, device, cache_dir))
     tokens = config.nsamples * seqlen
     batch_tokens = min(config.batch_size, config.nsamples) * seqlen
     n_batches = -(-config.nsamples // config.batch_size)
@@ -484,11 +346,11 @@ def _time_block(
 ) -> float | None:
     """Seconds for one block's forward on one batch, random weights, on `device` (the CPU times one window
     and scales by the batch: the block is linear in the batch)."""
-    need = shapes.block_params * _size(shapes.own_dtype) * 2
+    need = shapes.block_params * size_of(shapes.own_dtype) * 2
     if need > available_memory(device):
         return None
     timed_batch = batch if device.type == "cuda" else 1
-    args, kwargs = _block_call(model, blocks, seqlen, timed_batch, device)
+    args, kwargs = block_call(model, blocks, seqlen, timed_batch, device)
     block = blocks[0]
     block.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
