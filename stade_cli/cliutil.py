@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from enum import Enum
@@ -214,9 +215,21 @@ def plan_line(
 
 
 def print_json(data: object) -> None:
+    """Strict JSON on stdout: a non-finite number (a diverged perplexity) is written as the string "inf", "-inf"
+    or "nan", since `Infinity` and `NaN` are not JSON and break `jq` and other strict readers."""
     from .console import out
 
-    out.print_json(json.dumps(data))
+    out.print_json(json.dumps(_finite(data), allow_nan=False))
+
+
+def _finite(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def split_csv(value: str, option: str | None = None) -> list[str]:

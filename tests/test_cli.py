@@ -164,3 +164,18 @@ def test_bash_completion_answers(words: str, cword: int, expected: list[str]) ->
     res = invoke(env=env)
     assert res.exit_code == 0
     assert res.stdout.split() == expected
+
+
+def test_json_output_is_strict_json_for_non_finite_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    """A diverged perplexity is `inf`: `--json` must still print JSON that strict readers (jq) accept."""
+    import json
+
+    from stade_cli.cliutil import print_json
+
+    print_json({"ppl": float("inf"), "rows": [{"loss": float("nan"), "low": float("-inf"), "ok": 1.5}]})
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-JSON constant {name} on stdout")
+
+    doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert doc == {"ppl": "inf", "rows": [{"loss": "nan", "low": "-inf", "ok": 1.5}]}
