@@ -181,10 +181,10 @@ def perplexity(
             batch = windows[start : start + batch_size].to(device)  # (B, T)
             if chunked:
                 nlls.extend(chunked_nll(model, batch).tolist())
-                continue
-            logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
-            nlls.extend(window_nll(logits, batch).tolist())
-            del logits
+            else:
+                logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
+                nlls.extend(window_nll(logits, batch).tolist())
+                del logits
             rate = len(nlls) * seqlen / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=batch.shape[0], info=f"{rate:,.0f} tok/s")
     seconds = time.perf_counter() - t0

@@ -47,8 +47,13 @@ def test_perplexity_takes_the_chunked_route_and_keeps_its_figure(
     calls: list[tuple[int, ...]] = []
     real = ev.chunked_nll
     monkeypatch.setattr(ev, "chunked_nll", lambda m, w: calls.append(tuple(w.shape)) or real(m, w))
+    bars: list = []
+    real_progress = ev.progress
+    monkeypatch.setattr(ev, "progress", lambda: bars.append(real_progress()) or bars[-1])
     result = ev.perplexity(model, ids, 32, batch_size=4)
     assert calls == [(4, 32), (2, 32)]
+    (task,) = bars[0].tasks  # the chunked route advances the progress bar as the plain one does
+    assert (task.completed, task.total) == (6, 6)
     expected = math.exp(float(reference_nll(model, ids.reshape(6, 32)).mean()))
     assert result.ppl == pytest.approx(expected, rel=1e-6)
 
