@@ -22,9 +22,9 @@ from reproduce import REF, REFERENCE, ROOT  # the published figures, in one plac
 from stade_cli.blocks import iterate_blocks
 from stade_cli.console import out
 from stade_cli.data import load_token_file
-from stade_cli.evaluate import perplexity
 from stade_cli.layers import linear_layers
 from stade_cli.models import load_model
+from stade_cli.perplexity import perplexity
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ then in-memory prunes from one loaded model. Each row: held-out news perplexity 
 Each row's result is cached in bench/work/quality/rows/ (git-ignored), so that a run resumes where it stopped.
 
     python bench/quality.py                          # every row, then bench/results/quality.{json,md}
-    python bench/quality.py --rows 'admm*,sparsegpt*' # a subset (fnmatch patterns on the row keys)
+    python bench/quality.py --rows 'admm*,sparsegpt*' # a subset (fnmatch patterns on the row keys), in that order
     python bench/quality.py --list                   # the row keys
     python bench/quality.py --table                  # only render what the cache holds
 """
@@ -30,8 +30,8 @@ from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.checkpoint import Snapshot
 from stade_cli.console import err
 from stade_cli.data import builtin_documents, load_token_file
-from stade_cli.evaluate import perplexity
 from stade_cli.models import LoadedModel, load_model
+from stade_cli.perplexity import perplexity
 from stade_cli.prune import prune_model
 from stade_cli.pruneconfig import PruneConfig
 from stade_cli.stats import Statistics
@@ -162,7 +162,9 @@ def main() -> int:
         return 0
     cache = WORK / "rows"
     cache.mkdir(parents=True, exist_ok=True)
-    wanted = [r for r in all_rows if any(fnmatch.fnmatch(r.key, p.strip()) for p in args.rows.split(","))]
+    patterns = [p.strip() for p in args.rows.split(",")]
+    rank = {r.key: min((i for i, p in enumerate(patterns) if fnmatch.fnmatch(r.key, p)), default=-1) for r in all_rows}
+    wanted = sorted((r for r in all_rows if rank[r.key] >= 0), key=lambda r: rank[r.key])  # in --rows order
     todo = [r for r in wanted if not _complete(cache / f"{_slug(r.key)}.json")]
     if todo and not args.table:
         torch.set_num_threads(args.threads)

@@ -25,8 +25,8 @@ from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.checkpoint import Snapshot
 from stade_cli.console import err
 from stade_cli.data import load_token_file
-from stade_cli.evaluate import perplexity
 from stade_cli.models import load_model
+from stade_cli.perplexity import perplexity
 from stade_cli.prune import prune_model
 from stade_cli.pruneconfig import PruneConfig
 from stade_cli.stats import Statistics

@@ -32,10 +32,10 @@ from stade_cli.blocks import capture_inputs, iterate_blocks, run_block
 from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.console import out
 from stade_cli.data import load_token_file
-from stade_cli.evaluate import perplexity
 from stade_cli.layers import linear_layers
 from stade_cli.masks import parse_pattern
 from stade_cli.models import load_model
+from stade_cli.perplexity import perplexity
 from stade_cli.prune import prune_model
 from stade_cli.pruneconfig import PruneConfig
 

@@ -43,7 +43,7 @@ LIBRARIES = int(0.70 * GiB)  # host RSS of the interpreter plus torch, transform
 # tokenizes documents, and the heap keeps what that took (sample-wiki: 90 MB). A token-id file costs its ids.
 TOKENIZER_PER_VOCAB = 1300
 TEXT_SOURCE = 90 * 10**6
-LOGITS_CHUNK = 256  # evaluate.LOGITS_CHUNK: positions whose float32 log-probabilities exist at once
+LOGITS_CHUNK = 256  # perplexity.LOGITS_CHUNK: positions whose float32 log-probabilities exist at once
 HEADER_ENTRY = 200  # bytes of safetensors header per tensor, at most (name, dtype, shape, offsets)
 MANIFEST_LAYER = 400  # bytes of manifest.json per linear layer, at most (name, shape, group, hash)
 

@@ -499,7 +499,7 @@ def test_perplexity_overflow_is_inf(world: World) -> None:
     """8: a broken model's mean NLL above 709 overflows math.exp; the perplexity is inf, not a crash."""
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.evaluate import perplexity
+    from stade_cli.perplexity import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(world.model)
     with torch.no_grad():

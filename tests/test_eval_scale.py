@@ -22,7 +22,7 @@ def test_chunked_nll_equals_whole_logits(tmp_path: Path, family: str, chunk: int
     from conftest import save_tiny_model
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.evaluate import _chunks_agree, chunked_nll
+    from stade_cli.perplexity import _chunks_agree, chunked_nll
 
     path = save_tiny_model(family, tmp_path / family)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -40,7 +40,7 @@ def test_perplexity_takes_the_chunked_route_and_keeps_its_figure(
 
     from transformers import AutoModelForCausalLM
 
-    import stade_cli.evaluate as ev
+    import stade_cli.perplexity as ev
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (1, 32 * 6), generator=torch.Generator().manual_seed(1))

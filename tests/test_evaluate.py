@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from typer.testing import Result
 
 from stade_cli.errors import StadeError
-from stade_cli.evaluate import EvalConfig, cut_windows, load_results, perplexity, write_results
+from stade_cli.evaluate import EvalConfig, load_results, write_results
+from stade_cli.perplexity import cut_windows, perplexity
 
 from helpers import invoke, recorded_versions, said
 

@@ -58,7 +58,7 @@ def test_each_function_and_class_is_defined_once() -> None:
     assert {n: mods for n, mods in where.items() if len(mods) > 1} == {}
 
 
-@pytest.mark.parametrize("module", ["compare", "tables", "zeroshot", "evaluate"])
+@pytest.mark.parametrize("module", ["compare", "tables", "zeroshot", "evaluate", "perplexity"])
 def test_evaluation_numbers_are_results_not_metrics(module: str) -> None:
     """An evaluation number is a 'result' (and a pruning score a 'score', scores.py): 'metric' names neither."""
     names = set()

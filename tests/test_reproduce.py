@@ -16,8 +16,8 @@ WANDA_50 = 68.751  # the Wanda repository's figure with these exact ids (tests/d
 def test_sequential_wanda_reproduces_reference_figure(tmp_path: Path) -> None:
     from stade_cli.calibrate import CalibrationConfig, calibrate
     from stade_cli.data import load_token_file
-    from stade_cli.evaluate import perplexity
     from stade_cli.models import load_model
+    from stade_cli.perplexity import perplexity
     from stade_cli.prune import prune_model
     from stade_cli.pruneconfig import PruneConfig
 
