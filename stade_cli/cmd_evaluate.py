@@ -179,10 +179,10 @@ def compare(
     """
     from rich.markup import escape
 
-    from .compare import check_plot_path
     from .compare import compare as run
-    from .compare import plot as draw
     from .console import err
+    from .plot import check_plot_path
+    from .plot import plot as draw
     from .tables import render_comparison
 
     if as_json + markdown + as_csv > 1:

@@ -13,9 +13,10 @@ import pytest
 from typer.testing import Result
 
 from stade_cli import console
-from stade_cli.compare import Comparison, build, compare, load_sources, plot
+from stade_cli.compare import Comparison, build, compare, load_sources
 from stade_cli.errors import StadeError
 from stade_cli.evaluate import write_results
+from stade_cli.plot import plot
 
 import helpers
 from helpers import said
