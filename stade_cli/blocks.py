@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import StadeError
+from .heap import release_memory
 from .layers import find_blocks
 from .models import LoadedModel
 from .weights import materialized
@@ -201,25 +198,3 @@ def on_device(loaded: LoadedModel, prefix: str, block: nn.Module, device: torch.
             yield block.to(device)
     finally:
         release_memory()
-
-
-@cache
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # pragma: no cover - not glibc
-        return None
-
-
-def release_memory() -> None:
-    """Hand memory freed by the last block back to the OS.
-
-    glibc keeps freed activations in its heaps, fragmented, so without this the resident set grows
-    by part of a block's activations with every block (measured: +10-35 MB per SmolLM2 block, varying run to run).
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)

@@ -17,12 +17,14 @@ from .distributed import Group
 from .errors import StadeError
 from .experts import FALLBACK, MIN_EXPERT_TOKENS, LayerCollector, norm_feed_warnings, prunable_layers
 from .files import SafetensorsWriter, atomic_dir, check_writable
+from .heap import bound_heap
 from .layers import get_weight, in_features, layer_kind
 from .models import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
 from .resume import BlockLog
 from .shards import Part, windows_record
 from .stats import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, Statistics
 from .versions import library_versions
+from .weights import outside_on_disk
 
 HESSIAN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -200,6 +202,7 @@ def collect(
     rank 0 (the one with a `log`) commits them. Blocks that `log` already holds are skipped.
     """
     model = loaded.model
+    bound_heap()
     t0 = time.perf_counter()
     inputs = capture_inputs(model, input_ids, batch_size, device)
     done = log.done if log is not None else 0
@@ -211,7 +214,10 @@ def collect(
     warnings: list[str] = []
     n_blocks = len(list(iterate_blocks(model)))
     tokens = input_ids.numel()
-    with progress(disable=group is not None and not group.lead) as bar:
+    with (
+        outside_on_disk(model, loaded.files, loaded.dtype),
+        progress(disable=group is not None and not group.lead) as bar,
+    ):
         task = bar.add_task("calibrate", total=n_blocks, info="", completed=done)
         for i, prefix, block in iterate_blocks(model):
             if i < done:
@@ -256,6 +262,7 @@ def collect(
             if log is not None:
                 log.commit(i, tensors, block_layers, outs)
             del tensors, collector
+            st = None  # type: ignore[assignment]  # the last group's statistics hold its Hessian
             rate = tokens * (i + 1 - done) / n_blocks / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, info=f"{rate:,.0f} tok/s")
     return layers, warnings, time.perf_counter() - t0

@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 import typer
 
 from . import __version__
+from .heap import bound_heap
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -61,6 +62,7 @@ def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
         from .errors import StadeError, Terminated, first_line
 
         previous = _on_sigterm()
+        bound_heap()
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, TyperException):  # usage errors: click's own message and exit 2

@@ -21,7 +21,8 @@ import torch
 
 from .console import err
 from .errors import StadeError
-from .files import read_json
+from .files import PlannedSafetensors, read_json
+from .weights import read_tensors
 
 PROGRESS_FILE = "progress.json"
 PROGRESS_KIND = "stade-calibration-progress"
@@ -34,11 +35,18 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file that exists complete or not at all."""
-    from safetensors.torch import save_file
-
+    """A safetensors file that exists complete or not at all, written from the tensors' own memory
+    (safetensors' save_file first copies every tensor into one buffer: a block's Hessians twice over)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    out = PlannedSafetensors(tmp, {k: (v.dtype, list(v.shape)) for k, v in cpu.items()})
+    try:
+        for k, v in cpu.items():
+            out.write(k, v)
+    except BaseException:
+        out.abort()
+        raise
+    out.close()
     _fsync_replace(tmp, path)
 
 
@@ -93,9 +101,7 @@ class BlockLog:
         """The hidden states leaving the last committed block, per batch (None when starting from block 0)."""
         if self.hidden_file is None:
             return None
-        from safetensors.torch import load_file
-
-        saved = load_file(str(self.folder / self.hidden_file))
+        saved = read_tensors(self.folder / self.hidden_file)
         return [saved[f"hidden.{b}"].to(device) for b in range(len(saved))]
 
     def commit(
@@ -131,9 +137,9 @@ class BlockLog:
         self.commit_s += time.perf_counter() - t0
 
     def _read(self, block: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.folder / f"block-{block:05d}.safetensors"))
+        """Read, not mapped: the small statistics kept from each block would otherwise keep its whole mapping,
+        Hessian pages included, resident to the end (measured: every block's Hessians at once)."""
+        return read_tensors(self.folder / f"block-{block:05d}.safetensors")
 
     def finish(self, add_hessian: Any) -> dict[str, torch.Tensor]:
         """The statistics of every block, Hessians handed to `add_hessian(group, tensor)` in block order;

@@ -32,20 +32,29 @@ class SolverResult:
 
 @torch.no_grad()
 def hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFactor:
-    """Damp H, invert it through Cholesky and factor the inverse, raising lambda 10x on failure."""
-    h = hessian.detach().to(torch.float32).clone()
+    """Damp H, invert it through Cholesky and factor the inverse, raising lambda 10x on failure.
+
+    At most three n x n matrices live at once (H, then each step's input and output, the input dropped as
+    soon as it is used): a 14336-wide Hessian is 822 MB in float32, so every copy counts.
+    """
+    h = hessian.detach().to(torch.float32)  # not a copy where it is float32 already: never written to
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    diag_mean = torch.mean(torch.diag(h))
     idx = torch.arange(h.shape[0], device=h.device)
+    diag_mean = None
     for attempt in range(MAX_DAMPING_RETRIES + 1):
         damp = percdamp * (10**attempt)
         hd = h.clone()
+        hd[dead, dead] = 1
+        if diag_mean is None:
+            diag_mean = torch.mean(torch.diag(hd))
         hd[idx, idx] += damp * diag_mean
         lower, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if info.item() == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info.item() == 0 and torch.isfinite(upper).all():
                 return HessianFactor(upper, dead, damp, attempt)
     raise StadeError(

@@ -57,14 +57,20 @@ class Hessian:
     def __init__(self, dim: int, device: torch.device) -> None:
         self.count = 0
         self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.scaled = False
 
     def update(self, x: torch.Tensor) -> None:
+        assert not self.scaled, "a Hessian was updated after its value was taken"
         xb = x.reshape(-1, x.shape[-1]).float()
         self.sum.addmm_(xb.t(), xb)
         self.count += xb.shape[0]
 
     def value(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.count, 1))  # an expert no token reached: zeros, not NaN
+        """The sum scaled in place, once: a scaled copy would hold a block's largest Hessian twice."""
+        if not self.scaled:
+            self.sum.mul_(2.0 / max(self.count, 1))  # an expert no token reached: zeros, not NaN
+            self.scaled = True
+        return self.sum
 
 
 @dataclass(frozen=True)
@@ -249,17 +255,15 @@ class Statistics:
         return self._handles[fname]
 
     def _read_hessian(self, group: str) -> torch.Tensor:
-        """A copy of one group's Hessian. safetensors' tensors live in a mapping of the whole file, whose pages
-        stay resident while any tensor from it lives; the copy lets it go at once (a model's Hessians can
-        be far larger than the model)."""
-        from safetensors import safe_open
+        """One group's Hessian, read rather than mapped (weights.read_tensors): a model's Hessians can be far
+        larger than the model, and mapped pages would stay resident next to the copy."""
+        from .weights import read_tensors
 
         per_tensor = self.manifest.get("hessian_sha256")
         if per_tensor is None:
             self._check_hash(HESSIAN_FILE)  # an artifact from before per-tensor hashes: the whole file, once
         try:
-            with safe_open(str(self.path / HESSIAN_FILE), framework="pt") as f:
-                h = f.get_tensor(group).clone()
+            h = read_tensors(self.path / HESSIAN_FILE, [group])[group]
         except Exception as exc:
             hint = "re-run `stade calibrate --force`"
             raise StadeError(f"Cannot read {self.path / HESSIAN_FILE}: {exc}", hint) from None
@@ -283,6 +287,7 @@ class Statistics:
         group = entry["group"]
         key = (group, hessian, str(device))
         if self._recent is None or self._recent[0] != key:  # q/k/v (gate/up) come in a row: read their group once
+            self._recent = None  # the last group's Hessian goes before the next one is read
             f = self._open(STATS_FILE)
             h = None
             if hessian:

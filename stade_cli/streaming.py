@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .blocks import capture_inputs, iterate_blocks, release_memory
+from .blocks import capture_inputs, iterate_blocks
 from .checkpoint import REPORT_FILE, bias_plan, report_dict
 from .console import progress
 from .distributed import Group
 from .errors import StadeError
 from .experts import router_counts
 from .files import PlannedSafetensors, atomic_dir, check_space, write_json
+from .heap import bound_heap, release_memory
 from .modelcard import write_card
 from .models import LoadedModel, load_model
 from .prune import (
@@ -44,7 +45,7 @@ from .prune import (
 from .pruneconfig import PruneConfig, PruneReport
 from .reconstruct import get_reconstruction
 from .stats import LayerStats, Statistics
-from .weights import materialized
+from .weights import materialized, outside_on_disk
 
 TORCHRUN_NOTE = "under torchrun, each rank prunes in memory (the whole model in host RAM) and rank 0 writes"
 IN_MEMORY_NOTE = (
@@ -246,6 +247,7 @@ def stream_sweep(
     assert loaded.files is not None, "stream_sweep needs a model whose blocks are on disk (load_model(lazy=True))"
     out = Path(out)
     paths = check_outputs(out, configs, force)
+    bound_heap()
     model = loaded.model
     check_compatible(model, stats, configs, weights_in_memory=False)
     check_fingerprint(stats, loaded.fingerprint())  # from strided samples of the files: no block is read whole
@@ -280,7 +282,8 @@ def stream_sweep(
             for name in layouts[c].entries:
                 if name in outside:
                     writers[c].write(name, outside[name])
-        with progress() as bar:
+        del outside
+        with outside_on_disk(model, loaded.files, loaded.dtype), progress() as bar:
             label = configs[0].name if len(configs) == 1 else f"{len(configs)} checkpoints"
             task = bar.add_task(f"{label} (streaming)", total=len(blocks), info="")
             for i, prefix, block in blocks:

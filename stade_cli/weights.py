@@ -70,24 +70,17 @@ class WeightFiles:
         return None
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The named tensors in `dtype`.
-
-        Each call maps its files anew, and a mapping lives only as long as the tensors read from it:
-        a block's pages leave the resident set with the block, rather than accumulating in one mapping.
-        """
-        from safetensors import SafetensorError, safe_open
-
+        """The named tensors in `dtype`, read into fresh memory (read_tensors): a block's pages leave the
+        resident set with the block, rather than staying mapped."""
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.file_of[n], []).append(n)
         out = {}
         for file, keys in by_file.items():
             try:
-                with safe_open(str(file), framework="pt") as f:
-                    for k in keys:
-                        t = f.get_tensor(k)
-                        out[k] = t.to(dtype) if t.is_floating_point() else t
-            except SafetensorError as exc:  # found only now that the blocks are read one at a time
+                for k, t in read_tensors(file, keys).items():
+                    out[k] = t.to(dtype) if t.is_floating_point() else t
+            except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:  # found only now, block by block
                 raise StadeError(
                     f"Weights file {str(file)!r} is unreadable: {' '.join(str(exc).split())}.",
                     "a .safetensors file is truncated or corrupt: copy or download the model again",
@@ -131,8 +124,12 @@ _DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
     "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64,
     "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
@@ -145,6 +142,37 @@ def _header(file: Path) -> dict[str, tuple[int, dict]]:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return {k: (8 + n, v) for k, v in header.items()}
+
+
+def read_tensors(file: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file (all, in file order, when None), read with plain reads.
+
+    safetensors' own loaders map the whole file, and its tensors live in that mapping: every page touched
+    stays resident as long as any tensor from the file lives (a small tensor kept from a large file keeps
+    all it touched), and those pages count in the process's RSS next to any copy. A read leaves one copy.
+    Raises OSError, ValueError or KeyError for a file that is truncated or damaged, or lacks a name.
+    """
+    entries = _header(file)
+    out = {}
+    with open(file, "rb", buffering=0) as f:
+        for name in list(entries) if names is None else names:
+            base, entry = entries[name]
+            if entry["dtype"] not in _DTYPES:
+                raise ValueError(f"tensor {name} has dtype {entry['dtype']}, which stade does not read")
+            start, end = entry["data_offsets"]
+            t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            if view.nbytes != end - start:
+                raise ValueError(f"tensor {name}'s offsets do not match its shape")
+            f.seek(base + start)
+            done = 0
+            while done < view.nbytes:  # one read returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"the file ends inside tensor {name}")
+                done += n
+            out[name] = t
+    return out
 
 
 def _persistent(module: nn.Module) -> list[str]:
@@ -193,6 +221,32 @@ def _tied_names(model: PreTrainedModel) -> list[str]:
                 if mod is out:
                     tied.append(f"{name}.weight")
     return tied
+
+
+@contextlib.contextmanager
+def outside_on_disk(model: PreTrainedModel, files: WeightFiles | None, dtype: torch.dtype) -> Iterator[None]:
+    """Drop the weights outside the blocks (embeddings, final norm, head) for the `with`, and read them
+    again after it.
+
+    Once the block inputs are captured, calibrate and streaming prune need only the blocks; the embeddings
+    and an untied head (13% of Llama-3-8B, more for small models) would otherwise sit in RAM next to every
+    block. Does nothing for a model loaded whole (`files` None).
+    """
+    if files is None:
+        yield
+        return
+    blocks_name, _ = find_blocks(model)
+    tied = set(_tied_names(model))
+    names = [k for k in _persistent(model) if not k.startswith(blocks_name + ".")]
+    state = model.state_dict(keep_vars=True)
+    model.load_state_dict({k: torch.empty_like(state[k], device="meta") for k in names}, strict=False, assign=True)
+    del state
+    try:
+        yield
+    finally:
+        wanted = [k for k in names if k not in tied]
+        model.load_state_dict(files.read(wanted, dtype), strict=False, assign=True)
+        model.tie_weights()
 
 
 @contextlib.contextmanager
