@@ -33,31 +33,6 @@ CASES = {  # model -> calibration shape and the prune methods measured
 }
 
 
-# The child's own high-water mark, written at exit: ru_maxrss from wait4 would not do, since on Linux a child's
-# maxrss starts from its parent's resident set at fork (it survives exec), and this process has written a model.
-HWM = (
-    "import atexit, os; atexit.register(lambda: open(os.environ['STADE_HWM'], 'w').write("
-    "next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))));"
-)
-
-
-def run(args: list[str]) -> tuple[float, int]:
-    """One fresh process (`args` = ['-c', code, ...]): (wall seconds, its peak RSS in bytes, from VmHWM)."""
-    import os
-    import subprocess
-    import time
-
-    hwm = WORK / "hwm.txt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "STADE_HWM": str(hwm)}
-    t0 = time.perf_counter()
-    code = subprocess.call(
-        [sys.executable, "-c", HWM + args[1], *args[2:]], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
-    )
-    if code != 0:
-        raise SystemExit(f"failed: {' '.join(args[2:5])}")
-    return time.perf_counter() - t0, int(hwm.read_text()) * 1024
-
-
 def folder_bytes(folder: Path, suffix: str = "") -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffix))
 
@@ -69,7 +44,7 @@ def measure() -> dict:
     scale.WORK = WORK  # make_model writes its ids next to the model folder
     scale.make_model(synthetic)
     cpu = ["--device", "cpu"]
-    _wall, base = run(["-c", scale.IMPORTS])
+    _wall, base = scale.run(["-c", scale.IMPORTS])
     rows: dict = {"baseline_rss_bytes": base, "models": {}}
     for name, case in CASES.items():
         model = "smollm2-135m" if name == "smollm2-135m" else str(synthetic)
@@ -77,13 +52,13 @@ def measure() -> dict:
         data = ["--data", "sample-wiki"] if name == "smollm2-135m" else ["--data", str(WORK / "ids.safetensors")]
         shape = ["--nsamples", str(case["nsamples"]), "--seqlen", str(case["seqlen"])]
         cal = ["-c", scale.CLI, "calibrate", model, *data, *shape, "--hessian", *cpu, "--out", str(stats)]
-        wall, rss = run(cal)
+        wall, rss = scale.run(cal)
         row = {"calibrate": {"rss_above_baseline": rss - base, "disk": folder_bytes(stats), "wall_s": round(wall)}}
         print(f"{name} calibrate: {(rss - base) / 2**30:.3f} GiB above baseline", flush=True)
         for method in case["methods"]:
             out = WORK / f"{name}-{method}"
             args = ["-c", scale.CLI, "prune", model, "--stats", str(stats), "--method", method, "--sparsity", "0.5"]
-            wall, rss = run([*args, *cpu, "--out", str(out)])
+            wall, rss = scale.run([*args, *cpu, "--out", str(out)])
             row[f"prune {method}"] = {
                 "rss_above_baseline": rss - base,
                 "disk": folder_bytes(out, ".safetensors"),

@@ -2,9 +2,9 @@
 
 A random-weight Llama (hidden 2048, 12 blocks, vocab 8192) is written as sharded safetensors into
 bench/work/scale/ (git-ignored), one block at a time, so this script itself never holds the model. Each
-stage then runs as its own process, as a user runs it, and its peak RSS (the child's ru_maxrss) is taken
-above a baseline process that only imports the interpreter and libraries. Targets (issue 11): calibrate
-and streaming prune each <= 0.25x the model's bytes, eval with --max-memory at half the model <= 0.6x;
+stage then runs as its own process, as a user runs it, and its peak RSS (the child's own VmHWM, written at
+exit) is taken above a baseline process that only imports the interpreter and libraries. Targets (issue 11):
+calibrate and streaming prune each <= 0.25x the model's bytes, eval with --max-memory at half the model <= 0.6x;
 the in-memory prune is measured for contrast, and the streamed and in-memory checkpoints are compared
 byte for byte.
 
@@ -101,15 +101,25 @@ def make_model(folder: Path) -> int:
     return total
 
 
+# The child's own high-water mark, written at exit: ru_maxrss from wait4 would not do, since on Linux a child's
+# maxrss starts from its parent's resident set at fork (it survives exec), and this process has written a model.
+HWM = (
+    "import atexit, os; atexit.register(lambda: open(os.environ['STADE_HWM'], 'w').write("
+    "next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))));"
+)
+
+
 def run(args: list[str]) -> tuple[float, int]:
-    """One fresh process: (wall seconds, its own peak RSS in bytes)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    """One fresh process (`args` = ['-c', code, ...]): (wall seconds, its own peak RSS in bytes, from VmHWM)."""
+    hwm = WORK / "hwm.txt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "STADE_HWM": str(hwm)}
     t0 = time.perf_counter()
-    child = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-    _pid, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(args[:3])}")
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024
+    code = subprocess.call(
+        [sys.executable, "-c", HWM + args[1], *args[2:]], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
+    )
+    if code != 0:
+        raise SystemExit(f"failed: {' '.join(args[2:5])}")
+    return time.perf_counter() - t0, int(hwm.read_text()) * 1024
 
 
 def digest(folder: Path) -> dict[str, str]:
