@@ -71,24 +71,43 @@ def check_divisible(pattern: Pattern, layer: str, in_features: int) -> None:
         )
 
 
+ROW_CHUNK = 1 << 22  # entries of `scores` selected at once: kthvalue's temporaries are 12 bytes per entry
+
+
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """True at the `k` lowest entries of each row of `scores` (rows, cols), ties broken by lower column first.
 
     The same set as the first `k` of a stable ascending sort, found by selection (kthvalue) instead:
-    only the k-th value is located, so it costs O(cols) per row rather than a full sort.
+    only the k-th value is located, so it costs O(cols) per row rather than a full sort. Rows go in chunks:
+    kthvalue copies its input and indexes it in int64, three times the scores' own size for a whole layer.
     """
-    cols = scores.shape[1]
+    rows, cols = scores.shape
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= cols:
         return torch.ones_like(scores, dtype=torch.bool)
+    step = max(ROW_CHUNK // cols, 1)
+    if rows <= step:
+        return _lowest_k_rows(scores, k)
+    mask = torch.empty_like(scores, dtype=torch.bool)
+    for start in range(0, rows, step):
+        mask[start : start + step] = _lowest_k_rows(scores[start : start + step], k)
+    return mask
+
+
+def _lowest_k_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     kth = scores.kthvalue(k, dim=1, keepdim=True).values
     below = scores < kth
     at = scores == kth
     need = k - below.sum(1, keepdim=True)  # how many of the entries equal to the k-th value to take
-    if torch.equal(at.sum(1, keepdim=True), need):  # the usual case: no tie straddles the cut
-        return below | at
-    return below | (at & (at.cumsum(1) <= need))
+    # Rows where a tie straddles the cut take the first of the tied entries, by a cumsum over those rows alone:
+    # it is int64, 8 bytes per weight, and float32 or bfloat16 weights tie often enough to hit most layers.
+    split = (at.sum(1, keepdim=True) != need).squeeze(1).nonzero().squeeze(1)
+    tied = at[split]
+    fixed = below[split] | (tied & (tied.cumsum(1) <= need[split]))
+    mask = below.logical_or_(at)
+    mask[split] = fixed
+    return mask
 
 
 def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
