@@ -4,16 +4,16 @@ No weights are loaded: the shapes come from a meta-device model (accelerate's in
 layer groups (layers sharing one input, whose statistics are stored once) from one block run on the meta
 device with the same hooks calibration uses. Every memory term is what the code allocates:
 
-- calibrate (blocks.capture_inputs, calibrate.collect): one block's weights (weights.materialized); the
-  hidden states of every window twice, the block's inputs and its outputs (`outs` fills while
-  `inputs.hidden` is alive), plus the other call arguments (rotary tables) of every batch; one batch's
-  activations; the block's float32 Hessian accumulators plus one scaled copy (Hessian.value); every layer
-  group's float64 mean and m2 (kept until the artifact is written). Weights in the checkpoint's own dtype
-  are memory-mapped file pages, resident only where touched: calibrate touches the token embeddings, never
-  the head (it stops at block 0); another dtype is a converted copy of all of them.
-- prune (streaming.stream_sweep): everything outside the blocks (written to every output, so read whole);
-  one block in the checkpoint's own dtype; one layer group's float32 working copies (weights, scores,
-  mask, new weights); for sparsegpt the group's Hessian and its factor; for --sequential, as calibrate.
+- calibrate (blocks.capture_inputs, calibrate.collect): the weights outside the blocks while the block inputs
+  are captured; then, with those dropped (weights.outside_on_disk), one block's weights
+  (weights.materialized); the hidden states of every window twice, the block's inputs and its outputs
+  (`outs` fills while `inputs.hidden` is alive), plus the other call arguments (rotary tables) of every
+  batch; one batch's activations; the block's float32 Hessian accumulators (scaled in place); every layer
+  group's float64 mean and m2 (kept until the artifact is written). The peak is the larger phase.
+- prune (streaming.stream_sweep): everything outside the blocks (read whole, written to every output, then
+  dropped), or one block in the checkpoint's own dtype with one layer group's float32 working set (new
+  weights and masks of the group, the error estimate's temporaries for one layer); for sparsegpt the
+  group's Hessian and the factorisation's matrices; for --sequential, as calibrate.
 - eval: the whole model on the device, one batch's activations and a chunk of float32 log-probabilities.
 - measured, not derived: the libraries, the tokenizer with the model's skeleton, and the heap that
   sampling windows from a text source leaves behind (constants below, from bench/plan.py).
@@ -34,15 +34,25 @@ from torch import nn
 
 from .errors import StadeError
 from .layers import find_blocks
-from .planshapes import Shapes, block_call, read_shapes, size_of
+from .planshapes import (
+    Shapes,
+    activation_bytes,
+    block_call,
+    group_work_bytes,
+    hessian_bytes,
+    peak_phase,
+    read_shapes,
+    size_of,
+)
 
 GiB = 2**30
-LIBRARIES = int(0.70 * GiB)  # host RSS of the interpreter plus torch, transformers and stade (bench/scale.py)
-# Two terms measured rather than derived (bench/plan.py, in-process RSS): the tokenizer plus the model's
-# skeleton grow with the vocabulary (SmolLM2's 49k: 65 MB); sampling windows from a text source loads and
-# tokenizes documents, and the heap keeps what that took (sample-wiki: 90 MB). A token-id file costs its ids.
-TOKENIZER_PER_VOCAB = 1300
-TEXT_SOURCE = 90 * 10**6
+LIBRARIES = int(0.37 * GiB)  # peak RSS of the interpreter plus torch, transformers and stade (bench/plan.py baseline)
+# Two terms measured rather than derived (in-process RSS, SmolLM2, the heap trimmed): the tokenizer plus the
+# model's skeleton (and the plan's own, each command plans first) grow with the vocabulary, at their peak while
+# they load (SmolLM2's 49k: 85 MiB); sampling windows from a text source loads and tokenizes documents, and
+# the heap keeps some of it (sample-wiki: 13 MiB). A token-id file costs its ids.
+TOKENIZER_PER_VOCAB = 1800
+TEXT_SOURCE = 14 * 10**6
 LOGITS_CHUNK = 256  # perplexity.LOGITS_CHUNK: positions whose float32 log-probabilities exist at once
 HEADER_ENTRY = 200  # bytes of safetensors header per tensor, at most (name, dtype, shape, offsets)
 MANIFEST_LAYER = 400  # bytes of manifest.json per linear layer, at most (name, shape, group, hash)
@@ -166,36 +176,6 @@ def planned_checkpoint_bytes(shapes: Shapes, dtype: torch.dtype) -> int:
     return shapes.params * size_of(dtype)
 
 
-# ----------------------------------------------------------------------------------------------- memory
-
-
-def _activations(shapes: Shapes, tokens: int, elem: int, stats: bool) -> int:
-    """One block's forward on `tokens` tokens: the MLP's widest point, or the attention's."""
-    # act(gate), up and their product live at once; the down projection's hook then centres a float32 copy
-    # of its input (Moments.update) while only the product is left.
-    wide = max(3 * elem, elem + 4 if stats else 0) * tokens * shapes.intermediate
-    attn = 4 * tokens * shapes.hidden * elem  # q, k, v, attention output
-    return max(wide, attn) + 2 * tokens * shapes.hidden * elem  # residual and normed input
-
-
-def _hessians(shapes: Shapes) -> int:
-    """Float32 accumulators of one block, plus the scaled copy Hessian.value makes of one at a time."""
-    ins = [members[0][1] for members in shapes.groups.values()]
-    return sum(4 * n * n for n in ins) + 4 * max(ins) ** 2
-
-
-def _group_work(shapes: Shapes, elem: int, hessian: bool) -> int:
-    """prune_block's working set for the widest layer group: float32 weights (a copy unless float32),
-    scores, new weights, mask; sparsegpt adds the float32 Hessian, its damped copy and its factor."""
-    worst = 0
-    for members in shapes.groups.values():
-        weights = sum(o * i for o, i in members)
-        n = members[0][1]
-        work = weights * ((4 if elem != 4 else 0) + 4 + 4 + 1) + (3 * 4 * n * n if hessian else 0)
-        worst = max(worst, work)
-    return worst
-
-
 def make_plan(
     spec: str, config: PlanConfig, device: torch.device, cache_dir: str | None = None, where: str | None = None
 ) -> Plan:
@@ -229,49 +209,52 @@ def make_plan(
     hidden_on_device = gpu and _fits_on_device(hidden_all, device)
     stats_kept = sum(2 * 8 * m[0][1] for m in shapes.groups.values()) * shapes.n_blocks
 
-    # Weights are read from the safetensors files by memory mapping: in the checkpoint's own dtype they are
-    # file pages, resident as they are touched (calibrate touches the token embeddings only: the head is past
-    # block 0); any other dtype is a converted copy of everything outside the blocks.
-    embeds = shapes.input_embedding_params * e if compute == own else shapes.outside_params * e
+    # Weights are read whole from the safetensors files (weights.read_tensors), in the compute dtype; the
+    # weights outside the blocks are there while the block inputs are captured and dropped while the blocks
+    # run (weights.outside_on_disk): the peak is the larger of the two phases.
+    outside = {"embeddings and head": shapes.outside_params * e}
+    if compute != own:  # each is read (or written) in the checkpoint's dtype next to its converted copy
+        outside["the embeddings in the checkpoint's dtype"] = shapes.input_embedding_params * size_of(own)
     text = config.nsamples * seqlen * 8 if config.data.endswith(".safetensors") else TEXT_SOURCE
     skeleton = TOKENIZER_PER_VOCAB * shapes.vocab
-    stats_kept = sum(2 * 8 * m[0][1] for m in shapes.groups.values()) * shapes.n_blocks
+    common = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton}
 
     cal = StagePlan()
     work = {
         "block": shapes.block_params * e,
-        "activations": _activations(shapes, batch_tokens, e, True),
-        **({"hessians": _hessians(shapes)} if config.hessian else {}),
+        "activations": activation_bytes(shapes, batch_tokens, e, True),
+        **({"hessians": hessian_bytes(shapes)} if config.hessian else {}),
     }
-    cal.host = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton, "calibration text": text}
-    cal.host |= {"embeddings": embeds, "statistics": stats_kept}
+    kept = {"hidden states": hidden_all, "statistics": stats_kept}
     if gpu:
-        cal.device = {**work, **({"hidden states": hidden_all} if hidden_on_device else {})}
-        cal.host["block (read)"] = shapes.block_params * e
-        if not hidden_on_device:
-            cal.host["hidden states"] = hidden_all
+        cal.device = peak_phase(
+            {"embeddings and head": shapes.outside_params * e}, {**work, **(kept if hidden_on_device else {})}
+        )
+        blocks = {"block (read)": shapes.block_params * e, **({} if hidden_on_device else kept)}
+        cal.host = {**common, "calibration text": text, **peak_phase(outside, blocks)}
     else:
-        cal.host |= {**work, "hidden states": hidden_all}
+        cal.host = {**common, "calibration text": text, **peak_phase(outside, {**work, **kept})}
         cal.device = dict(cal.host)
     cal.disk = artifact_bytes(shapes, config, seqlen)
 
     pr = StagePlan()
-    work = {"block": shapes.block_params * e_own, "layer group work": _group_work(shapes, e_own, wants_h)}
+    work = {"block": shapes.block_params * e_own, "layer group work": group_work_bytes(shapes, e_own, wants_h)}
     if len(metrics) > 1:
         work["dense copy of the block"] = shapes.block_params * e_own
     if config.sequential and any(m.needs for m in metrics):
-        work["activations"] = _activations(shapes, batch_tokens, e_own, True)
+        work["activations"] = activation_bytes(shapes, batch_tokens, e_own, True)
         work["hidden states"] = 2 * tokens * shapes.hidden * e_own + tokens * shapes.arg_bytes_per_token
         if wants_h:
-            work["hessians"] = _hessians(shapes)
-    # Everything outside the blocks is read in full: it is written to every output.
-    pr.host = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton}
-    pr.host["embeddings and head"] = shapes.outside_params * e_own
+            work["hessians"] = hessian_bytes(shapes)
+    # Everything outside the blocks is read whole and written to every output before the first block.
+    head = {"embeddings and head": shapes.outside_params * e_own}
+    if e_own != size_of(own):
+        head["the embeddings in the checkpoint's dtype"] = shapes.input_embedding_params * size_of(own)
     if gpu:
         pr.device = work
-        pr.host["block (read)"] = shapes.block_params * e_own
+        pr.host = {**common, **peak_phase(head, {"block (read)": shapes.block_params * e_own})}
     else:
-        pr.host |= work
+        pr.host = {**common, **peak_phase(head, work)}
         pr.device = dict(pr.host)
     ckpt = planned_checkpoint_bytes(shapes, parse_dtype(config.dtype) or own)
     pr.disk = len(metrics) * ckpt
@@ -280,7 +263,7 @@ def make_plan(
     chunk = min(config.batch_size, config.nsamples) * min(LOGITS_CHUNK, seqlen) * shapes.vocab * 4 * 2
     work = {
         "weights": shapes.params * e,
-        "activations": _activations(shapes, batch_tokens, e, False),
+        "activations": activation_bytes(shapes, batch_tokens, e, False),
         "log-probabilities chunk": chunk,
     }
     ev.host = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton, "evaluation text": TEXT_SOURCE}

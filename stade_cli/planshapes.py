@@ -1,5 +1,6 @@
 """The shapes `stade plan` reasons about, read from the model's config alone: a meta-device model for the
-parameter counts, and block 0 run on the meta device with calibration's own hooks for the layer groups."""
+parameter counts, and block 0 run on the meta device with calibration's own hooks for the layer groups; and
+the memory terms derived from them, each what one piece of the code allocates."""
 
 from __future__ import annotations
 
@@ -147,3 +148,43 @@ def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, Any]:
         own_dtype=dtype,
     )
     return shapes, model
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def activation_bytes(shapes: Shapes, tokens: int, elem: int, stats: bool) -> int:
+    """One block's forward on `tokens` tokens: the MLP's widest point, or the attention's."""
+    # act(gate), up and their product live at once; the down projection's hook then centres a float32 copy
+    # of its input (Moments.update) while only the product is left.
+    wide = max(3 * elem, elem + 4 if stats else 0) * tokens * shapes.intermediate
+    attn = 4 * tokens * shapes.hidden * elem  # q, k, v, attention output
+    return max(wide, attn) + 2 * tokens * shapes.hidden * elem  # residual and normed input
+
+
+def hessian_bytes(shapes: Shapes) -> int:
+    """Float32 accumulators of one block (Hessian.value scales them in place)."""
+    return sum(4 * members[0][1] ** 2 for members in shapes.groups.values())
+
+
+def peak_phase(*phases: dict[str, int]) -> dict[str, int]:
+    """The terms of the phase that needs the most: what lives in one phase is gone in the next."""
+    return max(phases, key=lambda terms: sum(terms.values()))
+
+
+def group_work_bytes(shapes: Shapes, elem: int, hessian: bool) -> int:
+    """prune_block's working set for the widest layer group (prune.prune_block, prune.output_error): float32
+    copies of the weights (none where they are float32), the group's new weights and masks, and one layer's
+    change with its square; sparsegpt adds, at its factorisation (sparsegpt.hessian_factor), five float32
+    n x n matrices (H, the inverse, its factor, LAPACK's copies) and the group's stacked weights."""
+    worst = 0
+    for members in shapes.groups.values():
+        weights = sum(o * i for o, i in members)
+        widest = max(o * i for o, i in members)
+        n = members[0][1]
+        copy = 4 * weights if elem != 4 else 0
+        work = copy + (4 + 1) * weights + 2 * 4 * widest
+        if hessian:
+            work = max(work + 4 * n * n, copy + 4 * weights + 5 * 4 * n * n)
+        worst = max(worst, work)
+    return worst

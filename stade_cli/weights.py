@@ -161,7 +161,7 @@ def read_tensors(file: Path, names: list[str] | None = None) -> dict[str, torch.
                 raise ValueError(f"tensor {name} has dtype {entry['dtype']}, which stade does not read")
             start, end = entry["data_offsets"]
             t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            view = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
             if view.nbytes != end - start:
                 raise ValueError(f"tensor {name}'s offsets do not match its shape")
             f.seek(base + start)
