@@ -69,6 +69,8 @@ def rows() -> list[Row]:
             _row("wanda+admm", pat, "one", update="admm"),
             _row("wanda+admm", pat, "seq", update="admm"),
             _row("admm+block", pat, "seq", wiki=True, reconstruct="block"),
+            _row("sparsegpt+block", pat, "seq", wiki=True, reconstruct="block"),
+            _row("admm+block10", pat, "seq", reconstruct="block", reconstruct_steps=10),
             _row("wanda+admm+block", pat, "seq", update="admm", reconstruct="block"),
             _row("wanda+block", pat, "seq", reconstruct="block"),
         ]
