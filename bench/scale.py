@@ -51,7 +51,7 @@ CLI = "from stade_cli.cli import main; main()"
 IN_MEMORY = """
 import sys, torch
 from stade_cli.models import load_model
-from stade_cli.prune import prune_sweep
+from stade_cli.sweep import prune_sweep
 from stade_cli.pruneconfig import PruneConfig
 from stade_cli.stats import Statistics
 model, stats, out = sys.argv[1:4]

@@ -120,10 +120,10 @@ def prune(
     from .files import check_apart, check_writable
     from .masks import parse_pattern
     from .models import load_model, parse_dtype, resolve_device
-    from .prune import written_paths
     from .pruneconfig import PruneConfig
     from .stats import Statistics
     from .streaming import prune_checkpoints
+    from .sweep import written_paths
     from .tables import render_prune, render_sweep
 
     ratios: list[float | None] = [None]

@@ -30,21 +30,11 @@ from .files import PlannedSafetensors, atomic_dir, check_space, write_json
 from .heap import bound_heap, release_memory
 from .modelcard import write_card
 from .models import LoadedModel, load_model
-from .prune import (
-    SWEEP_SUMMARY,
-    allocate_blocks,
-    calibration_warnings,
-    check_compatible,
-    check_fingerprint,
-    check_outputs,
-    note_damping,
-    prune_step,
-    prune_sweep,
-    sweep_summary,
-)
+from .prune import allocate_blocks, calibration_warnings, check_compatible, check_fingerprint, note_damping, prune_step
 from .pruneconfig import PruneConfig, PruneReport
 from .reconstruct import get_reconstruction
 from .stats import LayerStats, Statistics
+from .sweep import SWEEP_SUMMARY, check_outputs, prune_sweep, sweep_summary
 from .weights import materialized, outside_on_disk
 
 TORCHRUN_NOTE = "under torchrun, each rank prunes in memory (the whole model in host RAM) and rank 0 writes"

@@ -37,9 +37,9 @@ from stade_cli.blocks import capture_inputs, run_block
 from stade_cli.calibrate import CalibrationConfig, calibrate
 from stade_cli.errors import StadeError
 from stade_cli.models import load_model
-from stade_cli.prune import prune_sweep
 from stade_cli.pruneconfig import PruneConfig
 from stade_cli.stats import Statistics
+from stade_cli.sweep import prune_sweep
 
 from helpers import assert_rel_close
 

@@ -219,7 +219,8 @@ def no_space(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
 def small_disk(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """100 kB free: less than the tiny checkpoint's ~0.5 MB. Pruning must not even start."""
     mp.setattr("stade_cli.files.shutil.disk_usage", lambda _p: SimpleNamespace(total=10**9, used=10**9, free=100_000))
-    mp.setattr("stade_cli.prune.prune_model", lambda *a, **k: pytest.fail("pruning started"))
+    for started in ("stade_cli.sweep.prune_model", "stade_cli.streaming.prune_step"):  # in memory, and streamed
+        mp.setattr(started, lambda *a, **k: pytest.fail("pruning started"))
 
 
 def markup_names(w: World, tmp: Path, mp: pytest.MonkeyPatch) -> None:

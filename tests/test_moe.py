@@ -138,9 +138,9 @@ def test_experts_pruned_routers_dense_checkpoint_reloads(
 
     from stade_cli.evaluate import measured_sparsity
     from stade_cli.models import load_model, resolve_device
-    from stade_cli.prune import prune_sweep
     from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Statistics
+    from stade_cli.sweep import prune_sweep
 
     _family, model_dir, stats_dir = moe
     loaded = load_model(str(model_dir), "float32", "cpu")
@@ -193,9 +193,9 @@ def test_sequential_and_sweep_restore_experts(moe: tuple[str, Path, Path], tmp_p
     """A sweep restores the dense experts between runs (same bytes as a run alone); sequential pruning
     calibrates experts too (block 0 sees dense inputs either way, so its experts equal one-shot's)."""
     from stade_cli.models import load_model, resolve_device
-    from stade_cli.prune import prune_sweep
     from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Statistics
+    from stade_cli.sweep import prune_sweep
 
     _family, model_dir, stats_dir = moe
     cpu = resolve_device("cpu")

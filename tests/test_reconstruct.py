@@ -143,9 +143,9 @@ def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, stats8: Path,
     from transformers import AutoModelForCausalLM
 
     from stade_cli.models import load_model, resolve_device
-    from stade_cli.prune import prune_sweep
     from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Statistics
+    from stade_cli.sweep import prune_sweep
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
     stats = Statistics.load(stats8)

@@ -64,10 +64,10 @@ def test_streaming_writes_the_in_memory_checkpoint(
     """A sweep (bias update, 2:4 sparsegpt, sequential wanda) streamed and in memory: the same files, byte for byte."""
     import stade_cli.checkpoint as checkpoint
     from stade_cli.models import load_model
-    from stade_cli.prune import prune_sweep
     from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Statistics
     from stade_cli.streaming import stream_sweep
+    from stade_cli.sweep import prune_sweep
 
     monkeypatch.setattr(checkpoint, "MAX_SHARD_SIZE", shard)
     model = save_model(family, tmp_path / "m", tied)
@@ -105,9 +105,9 @@ def test_streamed_checkpoint_gives_the_pruned_models_logits(tmp_path: Path) -> N
     from transformers import AutoModelForCausalLM
 
     from stade_cli.models import load_model
-    from stade_cli.prune import prune_sweep
     from stade_cli.pruneconfig import PruneConfig
     from stade_cli.stats import Statistics
+    from stade_cli.sweep import prune_sweep
 
     model = save_model("llama", tmp_path / "m")
     stats_dir = calibrate_cli(model, tmp_path / "stats")
