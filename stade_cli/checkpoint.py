@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .accumulators import LayerStats
 from .blocks import iterate_blocks
 from .errors import StadeError
 from .experts import FALLBACK, MIN_EXPERT_TOKENS, ExpertLayer, fused_experts, kind_counts, prunable_layers
@@ -19,7 +20,7 @@ from .files import atomic_dir, read_json, write_json
 from .layers import bias_param, linear_layers, weight_param
 from .modelcard import write_card
 from .models import LoadedModel
-from .stats import LayerStats, Statistics
+from .stats import Statistics
 from .versions import library_versions
 from .weights import WeightFiles
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from .accumulators import Moments
 from .errors import StadeError
-from .stats import Moments
 
 TIMEOUT_ENV = "STADE_DIST_TIMEOUT"  # seconds a collective waits for the other ranks
 DEFAULT_TIMEOUT_S = 1800

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .accumulators import BlockCollector, Hessian, LayerStats, Moments
 from .errors import StadeError
 from .layers import is_router, layer_kind, linear_layers, named_fed_by_norm
-from .stats import BlockCollector, Hessian, LayerStats, Moments
 
 MIN_EXPERT_TOKENS = 16
 FALLBACK = "magnitude"

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from .accumulators import Moments
 from .data import ids_sha256
 from .errors import StadeError
 from .files import SafetensorsWriter, atomic_dir, check_apart, check_writable
 from .shards import windows_of
-from .stats import HESSIAN_FILE, Moments, Statistics
+from .stats import HESSIAN_FILE, Statistics
 
 HINT = "merge only the shards of one `stade calibrate --shard I/N` run (same model, data, seed and seqlen)"
 

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .accumulators import LayerStats
 from .admm import AdmmSettings
 from .allocation import OwlSettings
 from .errors import StadeError
 from .scores import get_score, lookup
-from .stats import LayerStats
 from .updates import get_update
 
 Rule = Callable[[LayerStats], tuple[str | None, str]]  # (score or None: the update chooses the mask, update)

@@ -96,9 +96,9 @@ def _tensor_bytes(obj: Any) -> int:
 
 def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, Any]:
     """The model's shapes, and its layer groups from block 0 run on the meta device with calibration's hooks."""
+    from .accumulators import BlockCollector
     from .blocks import _to
     from .models import max_context
-    from .stats import BlockCollector
 
     model: Any = _empty_model(config, dtype)
     model.eval()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .accumulators import LayerStats
 from .allocation import get_allocation
 from .blocks import BlockInputs, capture_inputs, iterate_blocks, on_device, run_block
 from .console import progress
@@ -36,7 +37,7 @@ from .pruneconfig import LayerReport, PruneConfig, PruneReport
 from .reconstruct import get_reconstruction
 from .scores import get_score
 from .shards import windows_of
-from .stats import LayerStats, Statistics
+from .stats import Statistics
 from .updates import Pruned, UpdateJob, get_update
 
 # ----------------------------------------------------------------------------------------------- one layer

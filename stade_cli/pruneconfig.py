@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .accumulators import LayerStats
 from .admm import AdmmSettings
 from .allocation import OwlSettings, check_allocation, get_allocation
 from .errors import StadeError
@@ -16,7 +17,6 @@ from .masks import Pattern, parse_pattern, resolve_sparsity
 from .methods import Method, get_method, resolve_update, stages_record
 from .reconstruct import DEFAULT_STEPS, get_reconstruction
 from .scores import get_score
-from .stats import LayerStats
 from .updates import get_update
 
 

@@ -9,8 +9,8 @@ from typing import TypeVar
 
 import torch
 
+from .accumulators import LayerStats
 from .errors import StadeError
-from .stats import LayerStats
 
 T = TypeVar("T")
 ScoreFn = Callable[[torch.Tensor, LayerStats, torch.Generator], torch.Tensor]

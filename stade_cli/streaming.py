@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .accumulators import LayerStats
 from .blocks import capture_inputs, iterate_blocks
 from .checkpoint import REPORT_FILE, bias_plan, report_dict
 from .console import progress
@@ -33,7 +34,7 @@ from .models import LoadedModel, load_model
 from .prune import allocate_blocks, calibration_warnings, check_compatible, check_fingerprint, note_damping, prune_step
 from .pruneconfig import PruneConfig, PruneReport
 from .reconstruct import get_reconstruction
-from .stats import LayerStats, Statistics
+from .stats import Statistics
 from .sweep import SWEEP_SUMMARY, check_outputs, prune_sweep, sweep_summary
 from .weights import materialized, outside_on_disk
 

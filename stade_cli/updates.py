@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .accumulators import LayerStats
 from .admm import AdmmSettings, admm_prune
 from .masks import Pattern
 from .scores import lookup
 from .sparsegpt import sparsegpt_prune
-from .stats import LayerStats
 
 Pruned = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]
 

@@ -94,9 +94,9 @@ class _Block(nn.Module):
 
 
 def test_norm_feed_disagreement_with_names_warns() -> None:
+    from stade_cli.accumulators import BlockCollector
     from stade_cli.experts import norm_feed_warnings
     from stade_cli.layers import linear_layers
-    from stade_cli.stats import BlockCollector
 
     block = _Block()
     collector = BlockCollector(block, linear_layers(block), torch.device("cpu"), hessian=False)

@@ -119,9 +119,9 @@ def test_masks_match_method_definitions(
 
 def test_stade_bias_restores_mean_output_and_reduces_error() -> None:
     """On one layer with off-centre inputs, the compensated output has the dense mean and a smaller error."""
+    from stade_cli.accumulators import LayerStats, Moments
     from stade_cli.prune import prune_weight
     from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import LayerStats, Moments
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 96, generator=g) * torch.rand(96, generator=g) * 2 + torch.randn(96, generator=g) * 3
@@ -260,11 +260,11 @@ def test_same_command_twice_gives_identical_bytes(tiny_llama_dir: Path, llama_st
 
 def test_sparsegpt_beats_wanda_mask_on_reconstruction() -> None:
     """A layer with correlated inputs: the OBS update lowers ||WX - W'X|| below the same-sparsity wanda mask."""
+    from stade_cli.accumulators import Hessian, LayerStats, Moments
     from stade_cli.masks import Pattern
     from stade_cli.prune import prune_weight
     from stade_cli.pruneconfig import PruneConfig
     from stade_cli.sparsegpt import sparsegpt_prune
-    from stade_cli.stats import Hessian, LayerStats, Moments
 
     g = torch.Generator().manual_seed(1)
     mixing = torch.eye(128) + torch.randn(128, 128, generator=g) * 0.4
@@ -328,10 +328,10 @@ def test_sparsegpt_on_stacked_layers_equals_one_layer_at_a_time(pattern: str) ->
 
 
 def test_nan_scores_name_the_layer() -> None:
+    from stade_cli.accumulators import LayerStats
     from stade_cli.errors import StadeError
     from stade_cli.prune import prune_weight
     from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import LayerStats
 
     st = LayerStats(10, torch.tensor([0.0, float("nan"), 1.0, 2.0]), torch.ones(4), False)
     with pytest.raises(StadeError, match=r"model\.layers\.0\.mlp\.down_proj has NaN wanda scores"):
@@ -475,12 +475,12 @@ def test_smollm2_masks_match_definitions(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sparsegpt_beats_wanda_on_real_smollm2_layer() -> None:
     """Real inputs of a real layer (block 2's down_proj on real text): the OBS update wins, with no NaN."""
+    from stade_cli.accumulators import Hessian, LayerStats, Moments
     from stade_cli.data import calibration_windows
     from stade_cli.models import load_model
     from stade_cli.prune import prune_weight
     from stade_cli.pruneconfig import PruneConfig
     from stade_cli.sparsegpt import sparsegpt_prune
-    from stade_cli.stats import Hessian, LayerStats, Moments
 
     loaded = load_model("smollm2-135m")
     ids = calibration_windows("sample-wiki", loaded.tokenizer, 8, 256, 0).input_ids
