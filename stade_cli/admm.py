@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import StadeError
+from .errors import StadeError, at_least
 from .masks import Pattern
 
 
@@ -40,8 +40,7 @@ class AdmmSettings:
     damping: float = 0.01  # of mean(diag H), added before rescaling
 
     def check(self) -> None:
-        if self.iters < 1:
-            raise StadeError(f"--admm-iters {self.iters} must be at least 1.", "the paper uses 20")
+        at_least("--admm-iters", self.iters, 1, "the paper uses 20")
         if self.rho <= 0 or self.rho_growth < 1:
             raise StadeError(
                 f"ADMM's rho {self.rho:g} must be > 0 and its growth {self.rho_growth:g} >= 1.",

@@ -14,7 +14,7 @@ from .blocks import capture_inputs, iterate_blocks, on_device, run_block
 from .console import progress
 from .data import Documents, calibration_windows, check_token_ids, documents, ids_sha256, is_token_file, load_token_file
 from .distributed import Group
-from .errors import StadeError
+from .errors import StadeError, at_least
 from .experts import FALLBACK, MIN_EXPERT_TOKENS, LayerCollector, norm_feed_warnings, prunable_layers
 from .files import SafetensorsWriter, atomic_dir, check_writable
 from .heap import bound_heap
@@ -43,12 +43,9 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if self.shard is not None:
             Part.parse(self.shard)
-        if self.nsamples is not None and self.nsamples < 1:
-            raise StadeError(f"--nsamples must be at least 1, got {self.nsamples}.")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise StadeError(f"--seqlen must be at least 2, got {self.seqlen}.")
-        if self.batch_size < 1:
-            raise StadeError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        at_least("--nsamples", self.nsamples, 1)
+        at_least("--seqlen", self.seqlen, 2)
+        at_least("--batch-size", self.batch_size, 1)
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise StadeError(
                 f"--hessian-dtype {self.hessian_dtype!r} is not supported.", f"use one of {', '.join(HESSIAN_DTYPES)}"

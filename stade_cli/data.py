@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import StadeError, library_errors
+from .errors import StadeError, at_least, library_errors
 from .files import atomic_dir, sha256_file
 
 if TYPE_CHECKING:
@@ -274,10 +274,8 @@ def sample_windows(
     Where no document is long enough, the documents are joined and cut into windows instead
     (said in the notes). Python's `random` drives the draws so that hub data gives the published ids.
     """
-    if nsamples < 1:
-        raise StadeError(f"--nsamples must be at least 1, got {nsamples}.")
-    if seqlen < 2:
-        raise StadeError(f"--seqlen must be at least 2, got {seqlen}.")
+    at_least("--nsamples", nsamples, 1)
+    at_least("--seqlen", seqlen, 2)
     texts = [t for t in docs.texts if t.strip()]
     if not texts:
         raise StadeError(f"Data source {docs.name!r} holds no text.")

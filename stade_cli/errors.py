@@ -18,6 +18,12 @@ class StadeError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+def at_least(option: str, value: int | None, minimum: int, hint: str | None = None) -> None:
+    """Refuse `option` below `minimum` (None: not given, nothing to check), naming the value given."""
+    if value is not None and value < minimum:
+        raise StadeError(f"{option} must be at least {minimum}, got {value}.", hint)
+
+
 class Terminated(BaseException):
     """SIGTERM (from `timeout` or a job scheduler), raised like KeyboardInterrupt so that cleanups run."""
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .checkpoint import REPORT_FILE, REPORT_KIND
 from .dispatch import placement
-from .errors import StadeError
+from .errors import StadeError, at_least
 from .experts import ExpertLayer, prunable_layers
 from .files import check_writable, read_json, write_json
 from .fingerprint import fingerprint
@@ -22,7 +22,7 @@ from .models import LoadedModel, check_seqlen, config_summary, default_seqlen, v
 from .perplexity import perplexity
 from .versions import library_versions
 from .weights import WeightFiles
-from .zeroshot import LoadedTasks, load_tasks, parse_tasks, resolve_tasks, zero_shot
+from .zeroshot import LIMIT_HINT, LoadedTasks, load_tasks, parse_tasks, resolve_tasks, zero_shot
 
 RESULTS_KIND = "stade-results"
 RESULTS_SCHEMA = 1
@@ -40,14 +40,10 @@ class EvalConfig:
     max_windows: int | None = None  # None: every window, as published
 
     def __post_init__(self) -> None:
-        if self.seqlen is not None and self.seqlen < 2:
-            raise StadeError(f"--seqlen must be at least 2, got {self.seqlen}.")
-        if self.batch_size < 1:
-            raise StadeError(f"--batch-size must be at least 1, got {self.batch_size}.")
-        if self.limit is not None and self.limit < 1:
-            raise StadeError(f"--limit must be at least 1, got {self.limit}.", "it is the number of items per task")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise StadeError(f"--max-windows must be at least 1, got {self.max_windows}.")
+        at_least("--seqlen", self.seqlen, 2)
+        at_least("--batch-size", self.batch_size, 1)
+        at_least("--limit", self.limit, 1, LIMIT_HINT)
+        at_least("--max-windows", self.max_windows, 1)
         if not self.ppl and not self.tasks:
             raise StadeError("Nothing to evaluate: no --ppl datasets and no --tasks.", "give at least one of them")
 

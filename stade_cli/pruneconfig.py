@@ -12,7 +12,7 @@ from typing import Any
 from .accumulators import LayerStats
 from .admm import AdmmSettings
 from .allocation import OwlSettings, check_allocation, get_allocation
-from .errors import StadeError
+from .errors import at_least
 from .masks import Pattern, parse_pattern, resolve_sparsity
 from .methods import Method, get_method, resolve_update, stages_record
 from .reconstruct import DEFAULT_STEPS, get_reconstruction
@@ -41,8 +41,7 @@ class PruneConfig:
         method = get_method(self.method)
         object.__setattr__(self, "method", method.name)
         object.__setattr__(self, "reconstruct", get_reconstruction(self.reconstruct).name)
-        if self.reconstruct_steps < 1:
-            raise StadeError(f"--reconstruct-steps must be at least 1, not {self.reconstruct_steps}.", "pass e.g. 40")
+        at_least("--reconstruct-steps", self.reconstruct_steps, 1, "pass e.g. 40")
         pattern = parse_pattern(self.pattern)
         object.__setattr__(self, "pattern", str(pattern))
         object.__setattr__(self, "sparsity", resolve_sparsity(pattern, self.sparsity))

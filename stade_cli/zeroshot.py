@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .console import progress
-from .errors import StadeError, library_errors
+from .errors import StadeError, at_least, library_errors
 from .files import atomic_dir
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ CLOZE_VERSION = 1
 CLOZE_SEED = 0
 CLOZE_ITEMS = 400
 CLOZE_CHOICES = 4
+LIMIT_HINT = "it is the number of items per task"
 PUBLISHED_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TASK_PRESETS = {"paper": PUBLISHED_TASKS}  # --tasks paper: the seven zero-shot tasks the papers report
 REPORTED_RESULTS = ("acc", "acc_norm")  # of lm_eval's metrics, the results stade keeps
@@ -313,8 +314,7 @@ def zero_shot(
     loaded: LoadedModel, tasks: list[TaskSpec] | LoadedTasks, batch_size: int = 8, limit: int | None = None
 ) -> dict[str, Any]:
     """Run the tasks 0-shot on the in-memory model through lm_eval's HF wrapper; acc, acc_norm and means."""
-    if limit is not None and limit < 1:
-        raise StadeError(f"--limit must be at least 1, got {limit}.", "it is the number of items per task")
+    at_least("--limit", limit, 1, LIMIT_HINT)
     ready = tasks if isinstance(tasks, LoadedTasks) else load_tasks(tasks)
     tasks = ready.specs
     with quiet_lm_eval():
