@@ -34,14 +34,14 @@ def plan(
     """Estimate memory, disk and time of calibrate, prune and eval from MODEL's config alone (no weights read).
 
     MODEL may also be a folder or a config.json file with no weights. Memory figures are peaks derived from the
-    shapes; the time is an ESTIMATE scaled from one block's forward pass timed on this device.
+    shapes; the time is an ESTIMATE scaled from one block's forward pass timed on this device. --device cuda
+    plans a GPU run from a machine without one (a cluster's login node): memory and disk, not timed.
 
     Example: stade plan meta-llama/Llama-3.1-8B --nsamples 128 --seqlen 2048 --hessian --method sparsegpt
     --device cuda
     """
     from .masks import parse_pattern
-    from .models import resolve_device
-    from .plan import PlanConfig, make_plan
+    from .plan import PlanConfig, make_plan, plan_device
     from .tables import render_plan
 
     for p in split_csv(pattern, "--pattern"):
@@ -59,7 +59,7 @@ def plan(
         timed,
         data,
     )
-    result = make_plan(model, config, resolve_device(device), str(cache_dir) if cache_dir else None)
+    result = make_plan(model, config, plan_device(device), str(cache_dir) if cache_dir else None)
     if as_json:
         print_json(result.to_dict())
     else:

@@ -161,3 +161,21 @@ def test_plan_of_a_config_file_without_weights(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["checkpoint_bytes"] == 2_600_673_280  # bench/results/scale.json: the synthetic model's float32 bytes
+
+
+def test_a_gpu_run_is_planned_from_a_machine_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster's login node has no GPU: `plan --device cuda` still gives the GPU plan (not timed), while the
+    commands that would run on it still refuse `--device cuda` there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = str(CONFIGS / "llama-3.1-8B")
+    res = runner.invoke(app, ["plan", model, "--device", "cuda", "--nsamples", "128", "--seqlen", "2048", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["device"] == "cuda" and doc["dtype"] == "bfloat16"  # the config's own dtype, as on a GPU
+    hidden = 2 * 128 * 2048 * 4096 * 2  # every window's block inputs and outputs, hidden 4096, in bfloat16
+    cal = doc["stages"]["calibrate"]
+    assert "hidden states" not in cal["device_terms"] and cal["host_terms"]["hidden states"] >= hidden
+    assert all(s["seconds_estimate"] is None for s in doc["stages"].values())
+    assert any("not on this machine" in n for n in doc["notes"])
+    res = runner.invoke(app, ["calibrate", model, "--device", "cuda", "--out", "unused"])
+    assert res.exit_code == 1 and "no CUDA GPU" in res.output
