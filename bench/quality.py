@@ -235,11 +235,20 @@ def write_table(all_rows: list[Row], cache: Path) -> None:
             f"| dense | — | — | — | {dense['ppl_news']:.2f} | {dense['ppl_wiki']:.2f} "
             f"| {dense['cloze_acc']:.3f} | — | — |"
         )
+    notes: list[str] = []
     for key, r in done.items():
         label, pat, mode = key.split("|")
-        ref = done.get(f"sparsegpt|{pat}|{mode}")
+        ref, versus = done.get(f"sparsegpt|{pat}|{mode}"), ""
+        if ref is None and f"sparsegpt|{pat}|seq" in done:  # one-shot SparseGPT not measured: its sequential run
+            ref, versus = done[f"sparsegpt|{pat}|seq"], " (vs seq.)"
+        if "reference_cpu_s" in r:  # measured in another run: against SparseGPT's CPU time in that run
+            ref = {"prune_cpu_s": r["reference_cpu_s"], "prune_s": None}
         key_s = "prune_cpu_s" if ref and "prune_cpu_s" in r and "prune_cpu_s" in ref else "prune_s"
-        ratio = f"{r[key_s] / ref[key_s]:.2f}{'' if key_s == 'prune_cpu_s' else ' (wall)'}" if ref else ""
+        ratio = f"{r[key_s] / ref[key_s]:.2f}{'' if key_s == 'prune_cpu_s' else ' (wall)'}{versus}" if ref else ""
+        if r.get("note"):
+            where = f"{'50%' if pat == '50' else '2:4'}, {'sequential' if mode == 'seq' else 'one-shot'}"
+            notes.append(f"{'†' * (len(notes) + 1)} {label}, {where}: {r['note']}")
+            label += "†" * len(notes)
         st = r["stages"]
         stages = f"{'+'.join(st['score']) if st['score'] else '(by update)'} + {st['update']['name']}"
         if st["allocation"]["name"] != "uniform":
@@ -253,6 +262,7 @@ def write_table(all_rows: list[Row], cache: Path) -> None:
             f"| {'sequential' if mode == 'seq' else 'one-shot'} | {r['ppl_news']:.2f} | {wiki} | {acc} "
             f"| {ratio} | {r['prune_s']:.1f} |"
         )
+    lines += ["", *notes] if notes else []
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "quality.json").write_text(json.dumps({"dense": dense, "rows": list(done.values())}, indent=2) + "\n")
