@@ -41,7 +41,8 @@ def plan(
     --device cuda
     """
     from .masks import parse_pattern
-    from .plan import PlanConfig, make_plan, plan_device
+    from .models import resolve_device
+    from .plan import PlanConfig, make_plan
     from .tables import render_plan
 
     for p in split_csv(pattern, "--pattern"):
@@ -59,7 +60,7 @@ def plan(
         timed,
         data,
     )
-    result = make_plan(model, config, plan_device(device), str(cache_dir) if cache_dir else None)
+    result = make_plan(model, config, resolve_device(device, absent_ok=True), str(cache_dir) if cache_dir else None)
     if as_json:
         print_json(result.to_dict())
     else:

@@ -31,14 +31,17 @@ def stade_home() -> Path:
     return Path(os.environ.get("STADE_HOME", Path.home() / ".cache" / "stade")).expanduser()
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """Turn 'auto', 'cpu', 'cuda' or 'cuda:N' into a device, refusing CUDA where there is none."""
+def resolve_device(device: str = "auto", absent_ok: bool = False) -> torch.device:
+    """Turn 'auto', 'cpu', 'cuda' or 'cuda:N' into a device, refusing CUDA where there is none (`absent_ok`:
+    accepting it, for `stade plan` on a machine without the GPU it plans for, such as a login node)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise StadeError(f"Unknown device {device!r}.", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and absent_ok and not torch.cuda.is_available():
+        return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise StadeError(

@@ -321,21 +321,6 @@ def blocks_of(model: nn.Module) -> Any:
     return find_blocks(model)[1]
 
 
-def plan_device(device: str) -> torch.device:
-    """The device to plan for: as every command resolves it, except that `cuda` may be planned from a machine
-    without a GPU (a cluster's login node); such a plan is not timed and assumes the block inputs in host RAM."""
-    from .models import resolve_device
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise StadeError(f"Unknown device {device!r}.", "use auto, cpu, cuda or cuda:N") from None
-        if dev.type == "cuda":
-            return dev
-    return resolve_device(device)
-
-
 def _fits_on_device(need: int, device: torch.device) -> bool:
     """blocks._keep_on's rule: block inputs stay on the GPU when they take under 40% of its free memory
     (a GPU that is not here: assumed not, so the plan counts them in host RAM)."""
