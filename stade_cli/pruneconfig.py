@@ -111,6 +111,8 @@ class PruneConfig:
     def stages_dict(self) -> dict[str, Any]:
         """The stages and their parameters, as stade.json records them."""
         record = stages_record(self.preset, self.updates[0], self.allocation, self.reconstruct, self.admm, self.owl)
+        if record["update"]["name"] == "bias" and not self.bias_update:  # --no-bias-update: as stages() applies it
+            record["update"] = {"name": "none"}
         if self.reconstruct != "none":
             record["reconstruct"]["steps"] = self.reconstruct_steps
         return record

@@ -115,6 +115,7 @@ def test_masks_match_method_definitions(
         report = json.loads((folder / "stade.json").read_text())
         assert report["method"] == method and abs(report["achieved_sparsity"] - (n / m if m else sparsity)) < 0.02
         assert report["versions"] == recorded_versions()
+        assert report["stages"]["update"]["name"] != "bias"  # --no-bias-update is what the checkpoint records
 
 
 def test_stade_bias_restores_mean_output_and_reduces_error() -> None:
