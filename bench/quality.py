@@ -48,7 +48,7 @@ WORK = ROOT / "bench" / "work" / "quality"
 RESULTS = ROOT / "bench" / "results"
 CLOZE_LIMIT = 150
 WIKI_WINDOWS = 60
-PATTERNS = {"50": ("unstructured", 0.5), "24": ("2:4", None)}
+PATTERNS = {"50": ("unstructured", 0.5), "24": ("2:4", None), "70": ("unstructured", 0.7)}
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ def rows() -> list[Row]:
         ]
     out += [_row("admm+owl", "50", "seq", allocation="owl"), _row("wanda+admm+owl", "50", "one", update="admm",
             allocation="owl"), _row("wanda+owl", "50", "one", allocation="owl")]  # fmt: skip
+    out += [_row("sparsegpt", "70", "one"), _row("wanda", "70", "one")]  # 70%: where OWL is meant to help
+    out += [_row("wanda+owl", "70", "one", allocation="owl")]
     for pat in ("50", "24"):
         for mode in ("one", "seq"):
             for label in ("magnitude", "wanda", "stade", "stadew", "stade_plus", "random", "sparsegpt"):
@@ -266,7 +268,7 @@ def write_table(all_rows: list[Row], cache: Path) -> None:
             f"| dense | — | — | — | {dense['ppl_news']:.2f} | {dense['ppl_wiki']:.2f} "
             f"| {dense['cloze_acc']:.3f} | — | — |"
         )
-    notes: list[str] = []
+    marks: dict[str, str] = {}
     for key, r in done.items():
         label, pat, mode = key.split("|")
         ref, versus = done.get(f"sparsegpt|{pat}|{mode}"), ""
@@ -276,10 +278,9 @@ def write_table(all_rows: list[Row], cache: Path) -> None:
             ref = {"prune_cpu_s": r["reference_cpu_s"], "prune_s": None}
         key_s = "prune_cpu_s" if ref and "prune_cpu_s" in r and "prune_cpu_s" in ref else "prune_s"
         ratio = f"{r[key_s] / ref[key_s]:.2f}{'' if key_s == 'prune_cpu_s' else ' (wall)'}{versus}" if ref else ""
-        if r.get("note"):
-            where = f"{'50%' if pat == '50' else '2:4'}, {'sequential' if mode == 'seq' else 'one-shot'}"
-            notes.append(f"{'†' * (len(notes) + 1)} {label}, {where}: {r['note']}")
-            label += "†" * len(notes)
+        if r.get("note"):  # one footnote per distinct note
+            marks.setdefault(r["note"], "†" * (len(marks) + 1))
+            label += marks[r["note"]]
         st = r["stages"]
         stages = f"{'+'.join(st['score']) if st['score'] else '(by update)'} + {st['update']['name']}"
         if st["allocation"]["name"] != "uniform":
@@ -290,10 +291,11 @@ def write_table(all_rows: list[Row], cache: Path) -> None:
         acc = f"{r['cloze_acc']:.3f}" if "cloze_acc" in r else "(pending)"
         ppl = f"{r['ppl_news']:.2f}{'*' if 'ppl_news_from' in r else ''}"
         lines.append(
-            f"| {label} | {stages} | {'50%' if pat == '50' else '2:4'} "
+            f"| {label} | {stages} | {'2:4' if pat == '24' else pat + '%'} "
             f"| {'sequential' if mode == 'seq' else 'one-shot'} | {ppl} | {wiki} | {acc} "
             f"| {ratio} | {r['prune_s']:.1f} |"
         )
+    notes = [f"{mark} {note}" for note, mark in marks.items()]
     if any("ppl_news_from" in r for r in done.values()):
         notes.append(
             "\\* perplexity from bench/results/reproduce.json, which ran the same configuration: the stages prune "
