@@ -289,7 +289,8 @@ def write_table(all_rows: list[Row], cache: Path) -> None:
             stages += f", reconstruct {st['reconstruct']['name']}"
         wiki = f"{r['ppl_wiki']:.2f}" if "ppl_wiki" in r else ""
         acc = f"{r['cloze_acc']:.3f}" if "cloze_acc" in r else "(pending)"
-        ppl = f"{r['ppl_news']:.2f}{'*' if 'ppl_news_from' in r else ''}"
+        ppl = f"{r['ppl_news']:.2f}" if r["ppl_news"] < 1e4 else f"{r['ppl_news']:.3g}"
+        ppl += "*" if "ppl_news_from" in r else ""
         lines.append(
             f"| {label} | {stages} | {'2:4' if pat == '24' else pat + '%'} "
             f"| {'sequential' if mode == 'seq' else 'one-shot'} | {ppl} | {wiki} | {acc} "
