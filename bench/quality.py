@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -126,17 +127,24 @@ def cloze(loaded: LoadedModel) -> float:
     return float(res["tasks"]["stade_cloze"]["acc"])
 
 
-def reproduced(row: Row) -> float | None:
-    """The news perplexity bench/reproduce.py measured for this row's exact configuration, if it ran it."""
+@cache
+def _reproduced() -> dict[str, float]:
+    """reproduce.json's news perplexities, keyed as `_config_key` keys the configurations reproduce.py ran."""
     doc = RESULTS / "reproduce.json"
     if not doc.exists():
-        return None
+        return {}
     figures = {(r["method"], r["pattern"], r["mode"]): r["ours"] for r in json.loads(doc.read_text())["rows"]}
-    want = (row.config.name, row.config.sequential, row.config.stages_dict())
-    for label, cfg in reproduce.runs(quick=False):
-        if (cfg.name, cfg.sequential, cfg.stages_dict()) == want:
-            return figures.get((cfg.method, cfg.pattern, label))
-    return None
+    runs = reproduce.runs(quick=False)
+    return {_config_key(c): figures[(c.method, c.pattern, m)] for m, c in runs if (c.method, c.pattern, m) in figures}
+
+
+def _config_key(config: PruneConfig) -> str:
+    return json.dumps([config.name, config.sequential, config.stages_dict()], sort_keys=True)
+
+
+def reproduced(row: Row) -> float | None:
+    """The news perplexity bench/reproduce.py measured for this row's exact configuration, if it ran it."""
+    return _reproduced().get(_config_key(row.config))
 
 
 def measure(

@@ -40,10 +40,10 @@ def resolve_device(device: str = "auto", absent_ok: bool = False) -> torch.devic
         dev = torch.device(device)
     except RuntimeError:
         raise StadeError(f"Unknown device {device!r}.", "use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and absent_ok and not torch.cuda.is_available():
-        return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
+            if absent_ok:
+                return dev
             raise StadeError(
                 f"Device {device!r} was asked for, but this machine has no CUDA GPU.",
                 "use --device cpu or --device auto",

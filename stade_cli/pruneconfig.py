@@ -58,16 +58,16 @@ class PruneConfig:
     def stages(self, st: LayerStats) -> tuple[str | None, str]:
         """(score or None where the update chooses the mask, update) for one layer."""
         score, update = self.preset.stages(st)
-        if self.update is not None:
-            update = self.update
-        if update == "bias" and not self.bias_update:
-            update = "none"
-        return score, update
+        return score, self._applied(self.update or update)
 
     @property
     def updates(self) -> tuple[str, ...]:
         """Every update this run may apply."""
-        return (self.update,) if self.update is not None else (self.preset.update,)
+        return (self._applied(self.update or self.preset.update),)
+
+    def _applied(self, update: str) -> str:
+        """The update as run: STADE's bias compensation is no update under --no-bias-update."""
+        return "none" if update == "bias" and not self.bias_update else update
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -111,8 +111,6 @@ class PruneConfig:
     def stages_dict(self) -> dict[str, Any]:
         """The stages and their parameters, as stade.json records them."""
         record = stages_record(self.preset, self.updates[0], self.allocation, self.reconstruct, self.admm, self.owl)
-        if record["update"]["name"] == "bias" and not self.bias_update:  # --no-bias-update: as stages() applies it
-            record["update"] = {"name": "none"}
         if self.reconstruct != "none":
             record["reconstruct"]["steps"] = self.reconstruct_steps
         return record
