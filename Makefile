@@ -44,7 +44,7 @@ lint: install
 	$(VENV)/bin/mypy stade_cli
 
 completions: install
-	$(PY) -m stade_cli.completions completions
+	$(PY) -m stade_cli.cli.completions completions
 
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash scripts/demo.sh

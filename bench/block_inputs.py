@@ -30,8 +30,8 @@ from test_architectures import (  # noqa: E402
 )
 
 import stade_cli  # noqa: E402
-from stade_cli.calibrate import CalibrationConfig, calibrate  # noqa: E402
-from stade_cli.models import load_model  # noqa: E402
+from stade_cli.driver.calibrate import CalibrationConfig, calibrate  # noqa: E402
+from stade_cli.models.loading import load_model  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

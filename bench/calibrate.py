@@ -1,6 +1,6 @@
 """Benchmark the calibrate stage on SmolLM2-135M with the 32 x 512 reference calibration ids.
 
-In one process: `stade_cli.calibrate.calibrate` without and with Hessians on the model loaded as
+In one process: `stade_cli.driver.calibrate.calibrate` without and with Hessians on the model loaded as
 `stade calibrate` loads it (blocks read from disk one at a time), then one plain batched dense
 forward over the same tokens on the whole model (the floor). Reports the ratio calibrate / forward
 (target <= 1.3), tokens/s, and peak RSS against the model's float32 size (target <= 2x).
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from stade_cli.models import LoadedModel
+    from stade_cli.models.loading import LoadedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = ROOT / "tests" / "data" / "reference-smollm2" / "calibration_ids.safetensors"
@@ -55,7 +55,7 @@ def dense_forward(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) ->
 
 def time_calibrate(loaded: LoadedModel, hessian: bool, batch_size: int, workdir: Path) -> tuple[float, float]:
     """Wall seconds of the whole library call (data, collection, writing) and of the collection alone."""
-    from stade_cli.calibrate import CalibrationConfig, calibrate
+    from stade_cli.driver.calibrate import CalibrationConfig, calibrate
 
     config = CalibrationConfig(data=str(IDS), nsamples=None, seqlen=None, hessian=hessian, batch_size=batch_size)
     out = workdir / f"stats-{'h' if hessian else 'm'}"
@@ -68,7 +68,7 @@ def time_calibrate(loaded: LoadedModel, hessian: bool, batch_size: int, workdir:
 def run(batch_size: int, repeats: int) -> dict:
     from safetensors.torch import load_file
 
-    from stade_cli.models import load_model
+    from stade_cli.models.loading import load_model
 
     ids = load_file(str(IDS))["input_ids"]
     # As `stade calibrate` loads it: blocks left on disk and read one at a time.

@@ -59,7 +59,7 @@ def max_rel_diff(a: object, b: object) -> dict[str, float]:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from stade_cli.stats import Statistics
+    from stade_cli.stats.artifact import Statistics
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)

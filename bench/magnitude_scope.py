@@ -19,12 +19,12 @@ import sys
 import torch
 from reproduce import REF, REFERENCE, ROOT  # the published figures, in one place
 
-from stade_cli.blocks import iterate_blocks
-from stade_cli.console import out
-from stade_cli.data import load_token_file
-from stade_cli.layers import linear_layers
-from stade_cli.models import load_model
-from stade_cli.perplexity import perplexity
+from stade_cli.base.console import out
+from stade_cli.data.sources import load_token_file
+from stade_cli.evaluation.perplexity import perplexity
+from stade_cli.models.blocks import iterate_blocks
+from stade_cli.models.layers import linear_layers
+from stade_cli.models.loading import load_model
 
 
 @torch.no_grad()

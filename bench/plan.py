@@ -73,7 +73,7 @@ def measure() -> dict:
 
 
 def compare(measured: dict) -> dict:
-    from stade_cli.plan import LIBRARIES, PlanConfig, make_plan
+    from stade_cli.planning.plan import LIBRARIES, PlanConfig, make_plan
 
     table = []
     for name, case in CASES.items():

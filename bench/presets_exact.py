@@ -1,13 +1,19 @@
-"""The `--method` presets are bit for bit what they were before pruning became composable stages (issue 13).
+"""Numbers do not move by accident: every checkpoint and the statistics are what an earlier commit wrote.
 
-Runs the same `calibrate --hessian` and prune sweeps (every preset, 50% and 2:4, one-shot and sequential) on
-SmolLM2 with the reference calibration ids, through the CLI of this checkout and of an earlier commit (a
-temporary `git worktree`), and compares every tensor of every pruned checkpoint with `torch.equal`. Equal
-weights give equal perplexities, so the presets' figures in bench/results/reproduce.md still hold.
+Runs the same `calibrate --hessian` and prune runs on SmolLM2 with the reference calibration ids, through the
+CLI of this checkout and of an earlier commit (a temporary `git worktree`), and compares every tensor of every
+pruned checkpoint with `torch.equal` (by sha256 of its bytes, dtype and shape). The runs: every preset at 50% and
+2:4, one-shot and sequential; and the stage combinations `admm`, `admm --reconstruct block`, `wanda --update admm`
+(50% and 2:4) and `wanda --allocation owl` (50%: OWL refuses N:M), one-shot and sequential. Equal weights give equal
+perplexities, so the figures in bench/results/ still hold. The statistics artifacts are compared too: every tensor
+of their safetensors files, and the manifest apart from what differs by construction (paths, timings, versions,
+the schema's own fields).
 
-    HF_HUB_OFFLINE=1 python bench/presets_exact.py [--ref 7ea45e7] [--threads 1]
+    HF_HUB_OFFLINE=1 python bench/presets_exact.py [--ref ac83709] [--threads 1] [--only ref|now]
 
-Writes bench/results/presets-exact.json. Checkpoints are digested then deleted (about 8 GB per sweep).
+Each side's digests are cached in bench/work/presets/<side>-<commit>.json (the reference side once per commit;
+`--only ref` fills that cache alone). Writes bench/results/presets-exact.json. Checkpoints are digested then
+deleted.
 """
 
 from __future__ import annotations
@@ -27,10 +33,21 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "presets"
 RESULTS = ROOT / "bench" / "results" / "presets-exact.json"
-REF_COMMIT = "7ea45e7"  # the last commit of main before the stages (0ee0ccd)
+REF_COMMIT = "ac83709"  # the last commit before the layers (issue 18)
 IDS = ROOT / "tests" / "data" / "reference-smollm2" / "calibration_ids.safetensors"
 PRESETS = "magnitude,wanda,stade,stadew,stade_plus,random,sparsegpt"
-CLI = "from stade_cli.cli import main; main()"
+CLI = "from stade_cli.cli import main; main()"  # the same entry point in every layout
+BOTH = "unstructured,2:4"
+# (label, prune arguments, patterns); each runs one-shot and sequential
+RUNS: list[tuple[str, list[str], str]] = [
+    ("presets", ["--method", PRESETS], BOTH),
+    ("admm", ["--method", "admm"], BOTH),
+    ("admm-block", ["--method", "admm", "--reconstruct", "block"], BOTH),
+    ("wanda-admm", ["--method", "wanda", "--update", "admm"], BOTH),
+    ("wanda-owl", ["--method", "wanda", "--allocation", "owl"], "unstructured"),
+]
+# manifest entries that differ between two runs by construction (and the schema version itself)
+VOLATILE = {"timings", "versions", "path", "files", "schema"}
 
 
 def stade(checkout: Path, threads: int, *args: str) -> None:
@@ -40,7 +57,7 @@ def stade(checkout: Path, threads: int, *args: str) -> None:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    """sha256 of each tensor's bytes (with dtype and shape), over the checkpoint's safetensors files."""
+    """sha256 of each tensor's bytes (with dtype and shape), over the folder's safetensors files."""
     out = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
@@ -48,53 +65,104 @@ def digests(folder: Path) -> dict[str, str]:
                 t = f.get_tensor(name)
                 h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
                 h.update(t.contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
-                out[name] = h.hexdigest()
+                out[f"{path.name}:{name}" if path.name != "model.safetensors" else name] = h.hexdigest()
     return out
 
 
-def run_version(checkout: Path, tag: str, threads: int) -> dict[str, dict[str, str]]:
-    """{sweep folder name + mode: tensor digests} for one checkout."""
+def stable(obj: object) -> object:
+    """A manifest without what differs by construction, for comparison."""
+    if isinstance(obj, dict):
+        return {k: stable(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [stable(v) for v in obj]
+    return obj
+
+
+def run_version(checkout: Path, tag: str, threads: int) -> dict[str, dict]:
+    """{checkpoint name + mode: tensor digests} and the statistics' digests and manifest, for one checkout."""
     work = WORK / tag
     shutil.rmtree(work, ignore_errors=True)
     stats = work / "stats"
     stade(checkout, threads, "calibrate", "smollm2-135m", "--data", str(IDS), "--hessian", "--device", "cpu",
           "--out", str(stats))  # fmt: skip
-    result: dict[str, dict[str, str]] = {}
-    for mode in ("one-shot", "sequential"):
-        out = work / mode
-        args = ["prune", "smollm2-135m", "--stats", str(stats), "--method", PRESETS, "--sparsity", "0.5"]
-        args += ["--pattern", "unstructured,2:4", "--device", "cpu", "--out", str(out)]
-        stade(checkout, threads, *args, *(["--sequential"] if mode == "sequential" else []))
-        for sub in sorted(p for p in out.iterdir() if p.is_dir()):
-            result[f"{sub.name} {mode}"] = digests(sub)
-            print(f"{tag}: {sub.name} {mode}", flush=True)
-        shutil.rmtree(out)
+    manifest = json.loads((stats / "manifest.json").read_text())
+    result: dict[str, dict] = {"statistics": {"tensors": digests(stats), "manifest": stable(manifest)}}
+    for label, args, patterns in RUNS:
+        for mode in ("one-shot", "sequential"):
+            out = work / f"{label}-{mode}"
+            cmd = ["prune", "smollm2-135m", "--stats", str(stats), *args, "--sparsity", "0.5", "--pattern", patterns]
+            cmd += ["--device", "cpu", "--out", str(out), *(["--sequential"] if mode == "sequential" else [])]
+            stade(checkout, threads, *cmd)
+            subs = sorted(p for p in out.iterdir() if p.is_dir()) or [out]
+            for sub in subs:
+                result[f"{label}: {sub.name} {mode}"] = {"tensors": digests(sub)}
+                print(f"{tag}: {label}: {sub.name} {mode}", flush=True)
+            shutil.rmtree(out)
     return result
+
+
+def side(checkout: Path, tag: str, commit: str, threads: int, cache: bool) -> dict[str, dict]:
+    path = WORK / f"{tag}-{commit}-t{threads}.json"
+    if cache and path.exists():
+        return json.loads(path.read_text())
+    result = run_version(checkout, tag, threads)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def compare_manifests(ref: dict, now: dict) -> dict[str, list[str]]:
+    """Fields that differ, and fields only the newer manifest has (a newer schema's own: allowed)."""
+    differ = sorted(k for k in set(ref) | set(now) if k in ref and ref.get(k) != now.get(k))
+    return {"differing": differ, "new_fields": sorted(set(now) - set(ref))}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", default=REF_COMMIT, help="the earlier commit to compare with")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (same for both: sums depend on them)")
+    ap.add_argument("--only", choices=("ref", "now"), help="run one side only (fills its cache)")
     opts = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    ref_tree = WORK / "ref-checkout"
-    if ref_tree.exists():
-        subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, check=True)
-    subprocess.run(["git", "worktree", "add", "--detach", str(ref_tree), opts.ref], cwd=ROOT, check=True)
-    try:
-        ref = run_version(ref_tree, "ref", opts.threads)
-        now = run_version(ROOT, "now", opts.threads)
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, check=False)
+    git = ["git", "rev-parse", "--short"]
+    ref_id = subprocess.run([*git, opts.ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    now_id = subprocess.run([*git, "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    ref: dict[str, dict] = {}
+    if opts.only != "now":
+        ref_tree = WORK / "ref-checkout"
+        cached = (WORK / f"ref-{ref_id}-t{opts.threads}.json").exists()
+        if not cached:
+            if ref_tree.exists():
+                subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, check=True)
+            subprocess.run(["git", "worktree", "add", "--detach", str(ref_tree), opts.ref], cwd=ROOT, check=True)
+        try:
+            ref = side(ref_tree, "ref", ref_id, opts.threads, cache=True)
+        finally:
+            if not cached:
+                subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, check=False)
+    if opts.only == "ref":
+        return 0
+    now = side(ROOT, "now", now_id, opts.threads, cache=False)
+    if opts.only == "now":
+        return 0
     rows = []
     for key in sorted(set(ref) | set(now)):
-        a, b = ref.get(key, {}), now.get(key, {})
+        a, b = ref.get(key, {}).get("tensors", {}), now.get(key, {}).get("tensors", {})
         same = bool(a) and a == b
         differ = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
-        rows.append({"checkpoint": key, "tensors": len(b), "identical": same, "differing": differ[:5]})
-        print(f"{key:45s} {len(b):4d} tensors  {'identical' if same else 'DIFFERENT: ' + ', '.join(differ[:3])}")
-    doc = {"ref": opts.ref, "threads": opts.threads, "all_identical": all(r["identical"] for r in rows), "rows": rows}
+        row = {"checkpoint": key, "tensors": len(b), "identical": same, "differing": differ[:5]}
+        if key == "statistics":
+            row["manifest"] = compare_manifests(ref[key]["manifest"], now[key]["manifest"])
+            row["identical"] = same and not row["manifest"]["differing"]
+        rows.append(row)
+        print(f"{key:60s} {len(b):4d} tensors  {'identical' if row['identical'] else 'DIFFERENT: ' + str(differ[:3])}")
+    doc = {
+        "ref": opts.ref,
+        "now": now_id,
+        "threads": opts.threads,
+        "checkpoints": len(rows) - 1,
+        "all_identical": all(r["identical"] for r in rows),
+        "rows": rows,
+    }
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     return 0 if doc["all_identical"] else 1
 

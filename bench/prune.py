@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from stade_cli.console import out
+from stade_cli.base.console import out
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "prune"

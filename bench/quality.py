@@ -33,15 +33,15 @@ from typing import Any
 import reproduce  # bench/reproduce.py: the configurations behind reproduce.json
 import torch
 
-from stade_cli.calibrate import CalibrationConfig, calibrate
-from stade_cli.checkpoint import Snapshot
-from stade_cli.console import err
-from stade_cli.data import builtin_documents, load_token_file
-from stade_cli.models import LoadedModel, load_model
-from stade_cli.perplexity import perplexity
-from stade_cli.prune import prune_model
-from stade_cli.pruneconfig import PruneConfig
-from stade_cli.stats import Statistics
+from stade_cli.base.console import err
+from stade_cli.data.sources import builtin_documents, load_token_file
+from stade_cli.driver.calibrate import CalibrationConfig, calibrate
+from stade_cli.driver.checkpoint import Snapshot
+from stade_cli.driver.prune import prune_model
+from stade_cli.evaluation.perplexity import perplexity
+from stade_cli.models.loading import LoadedModel, load_model
+from stade_cli.stages.config import PruneConfig
+from stade_cli.stats.artifact import Statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "tests" / "data" / "reference-smollm2"
@@ -121,7 +121,7 @@ def heldout_wiki(loaded: LoadedModel, calibration: torch.Tensor) -> torch.Tensor
 
 
 def cloze(loaded: LoadedModel) -> float:
-    from stade_cli.zeroshot import resolve_tasks, zero_shot
+    from stade_cli.evaluation.zeroshot import resolve_tasks, zero_shot
 
     res = zero_shot(loaded, resolve_tasks(("stade_cloze",)), batch_size=8, limit=CLOZE_LIMIT)
     return float(res["tasks"]["stade_cloze"]["acc"])

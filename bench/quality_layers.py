@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from stade_cli.layers import get_weight, linear_layers
-from stade_cli.models import load_model
-from stade_cli.prune import output_error, prune_group
-from stade_cli.pruneconfig import PruneConfig
-from stade_cli.stats import Statistics
+from stade_cli.driver.prune import output_error, prune_group
+from stade_cli.models.layers import get_weight, linear_layers
+from stade_cli.models.loading import load_model
+from stade_cli.stages.config import PruneConfig
+from stade_cli.stats.artifact import Statistics
 
 torch.set_num_threads(1)
 stats = Statistics.load(Path(__file__).resolve().parent / "work" / "quality" / "stats")

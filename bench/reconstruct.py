@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from stade_cli.calibrate import CalibrationConfig, calibrate
-from stade_cli.checkpoint import Snapshot
-from stade_cli.console import err
-from stade_cli.data import load_token_file
-from stade_cli.models import load_model
-from stade_cli.perplexity import perplexity
-from stade_cli.prune import prune_model
-from stade_cli.pruneconfig import PruneConfig
-from stade_cli.stats import Statistics
+from stade_cli.base.console import err
+from stade_cli.data.sources import load_token_file
+from stade_cli.driver.calibrate import CalibrationConfig, calibrate
+from stade_cli.driver.checkpoint import Snapshot
+from stade_cli.driver.prune import prune_model
+from stade_cli.evaluation.perplexity import perplexity
+from stade_cli.models.loading import load_model
+from stade_cli.stages.config import PruneConfig
+from stade_cli.stats.artifact import Statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "tests" / "data" / "reference-smollm2"

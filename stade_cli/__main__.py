@@ -1,5 +1,5 @@
 """`python -m stade_cli ...`, which is what `torchrun -m stade_cli ...` runs on every rank."""
 
-from .cli import main
+from stade_cli.cli import main
 
 main()

@@ -33,13 +33,13 @@ from conftest import (
 from safetensors.torch import save_file
 from torch import nn
 
-from stade_cli.blocks import capture_inputs, run_block
-from stade_cli.calibrate import CalibrationConfig, calibrate
-from stade_cli.errors import StadeError
-from stade_cli.models import load_model
-from stade_cli.pruneconfig import PruneConfig
-from stade_cli.stats import Statistics
-from stade_cli.sweep import prune_sweep
+from stade_cli.base.errors import StadeError
+from stade_cli.driver.calibrate import CalibrationConfig, calibrate
+from stade_cli.driver.sweep import prune_sweep
+from stade_cli.models.blocks import capture_inputs, run_block
+from stade_cli.models.loading import load_model
+from stade_cli.stages.config import PruneConfig
+from stade_cli.stats.artifact import Statistics
 
 from helpers import assert_rel_close
 

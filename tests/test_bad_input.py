@@ -218,8 +218,8 @@ def no_space(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
 
 def small_disk(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """100 kB free: less than the tiny checkpoint's ~0.5 MB. Pruning must not even start."""
-    mp.setattr("stade_cli.files.shutil.disk_usage", lambda _p: SimpleNamespace(total=10**9, used=10**9, free=100_000))
-    for started in ("stade_cli.sweep.prune_model", "stade_cli.streaming.prune_step"):  # in memory, and streamed
+    mp.setattr("stade_cli.base.files.shutil.disk_usage", lambda _p: SimpleNamespace(total=10**9, used=10**9, free=100_000))
+    for started in ("stade_cli.driver.sweep.prune_model", "stade_cli.driver.streaming.prune_step"):  # in memory, and streamed
         mp.setattr(started, lambda *a, **k: pytest.fail("pruning started"))
 
 
@@ -289,7 +289,7 @@ SWEEP = "prune {model} --stats {stats} --method wanda,magnitude --sparsity 0.5 -
 CALIBRATE = "calibrate {model} --data {text} --nsamples 2 --seqlen 16 --device cpu"
 BIG = torch.tensor([[1, 2, 300, 4]] * 2)  # 300: the tiny models have 260 ids
 NEGATIVE = torch.tensor([[1, 2, -3, 4]] * 2)
-PPL = "stade_cli.evaluate.perplexity"
+PPL = "stade_cli.evaluation.evaluate.perplexity"
 BUG = ZeroDivisionError("boom")
 CPU_OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 80000000000 bytes.")
 OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -406,7 +406,7 @@ CASES = [
          1, ("'{tmp}/sweep/summary.json' already exists",), file_at("sweep/summary.json", b"{}"), UP),
     # 9. smaller
     Case("9 SIGTERM mid-run", CALIBRATE + " --out {tmp}/s",
-         143, ("Terminated (SIGTERM). No partial output was left behind.",), sigterm_in("stade_cli.calibrate.collect")),
+         143, ("Terminated (SIGTERM). No partial output was left behind.",), sigterm_in("stade_cli.driver.calibrate.collect")),
     Case("9 no tokenizer: the message whole", "eval {tmp}/m " + ONE,
          1, ("has no usable tokenizer", "from one of: (1) a `tokenizers` library serialization file"),
          model_copy(drop_tokenizer)),
@@ -433,7 +433,7 @@ def test_bad_input(case: Case, world: World, tmp_path: Path, monkeypatch: pytest
     if case.setup:
         case.setup(world, tmp_path, monkeypatch)
     if case.upfront:
-        monkeypatch.setattr("stade_cli.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+        monkeypatch.setattr("stade_cli.models.loading.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     fill = {"model": world.model, "qwen": world.qwen, "text": world.text, "stats": world.stats}
     fill |= {"results": world.results, "ro": world.ro, "tmp": tmp_path}
     before = _tree(world.root, tmp_path)
@@ -500,7 +500,7 @@ def test_perplexity_overflow_is_inf(world: World) -> None:
     """8: a broken model's mean NLL above 709 overflows math.exp; the perplexity is inf, not a crash."""
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.perplexity import perplexity
+    from stade_cli.evaluation.perplexity import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(world.model)
     with torch.no_grad():
@@ -516,7 +516,7 @@ def test_perplexity_overflow_is_inf(world: World) -> None:
 
 
 def test_debug_shows_the_traceback(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stade_cli.evaluate.perplexity", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("stade_cli.evaluation.evaluate.perplexity", lambda *a, **k: 1 / 0)
     args = [*shlex.split(EVAL.format(model=world.model, text=world.text)), "--out", str(tmp_path / "r.json")]
     res = stade(args, env={"STADE_DEBUG": "1"})
     assert isinstance(res.exception, ZeroDivisionError)

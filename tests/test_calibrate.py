@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from stade_cli.blocks import iterate_blocks
-from stade_cli.calibrate import CalibrationConfig, calibrate
-from stade_cli.errors import StadeError
-from stade_cli.fingerprint import fingerprint
-from stade_cli.models import load_model
-from stade_cli.stats import Statistics
+from stade_cli.base.errors import StadeError
+from stade_cli.driver.calibrate import CalibrationConfig, calibrate
+from stade_cli.models.blocks import iterate_blocks
+from stade_cli.models.fingerprint import fingerprint
+from stade_cli.models.loading import load_model
+from stade_cli.stats.artifact import Statistics
 
 from helpers import assert_rel_close, invoke, recorded_versions
 
@@ -194,7 +194,7 @@ def test_streamed_safetensors_file_reads_back(tmp_path: Path) -> None:
     """Hessians are written one at a time by our own writer: safetensors must read every tensor back exactly."""
     from safetensors.torch import load_file
 
-    from stade_cli.files import SafetensorsWriter
+    from stade_cli.base.files import SafetensorsWriter
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -423,7 +423,7 @@ def test_token_id_file_is_taken_as_it_is(tiny_llama_dir: Path, tmp_path: Path) -
 def test_interrupt_during_calibration_leaves_nothing(
     tiny_llama_dir: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stade_cli.calibrate as cal
+    import stade_cli.driver.calibrate as cal
 
     real, calls = cal.run_block, []
 
@@ -445,7 +445,7 @@ def test_interrupt_during_calibration_leaves_nothing(
 def test_interrupt_while_writing_leaves_nothing_complete(
     tiny_llama_dir: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type
 ) -> None:
-    import stade_cli.stats as stats_mod
+    import stade_cli.stats.artifact as stats_mod
 
     def fail(*_args, **_kwargs):
         raise error("stop")
@@ -461,7 +461,7 @@ def test_interrupt_while_writing_leaves_nothing_complete(
 def test_interrupted_force_keeps_the_old_artifact(
     tiny_llama_dir: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stade_cli.stats as stats_mod
+    import stade_cli.stats.artifact as stats_mod
 
     out = tmp_path / "stats"
     old = run_calibrate(tiny_llama_dir, out, data=str(text_file), nsamples=2, seqlen=16, seed=0)

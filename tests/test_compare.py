@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from typer.testing import Result
 
-from stade_cli import console
-from stade_cli.compare import Comparison, build, compare, load_sources
-from stade_cli.errors import StadeError
-from stade_cli.evaluate import write_results
-from stade_cli.plot import plot
+from stade_cli.base import console
+from stade_cli.base.errors import StadeError
+from stade_cli.evaluation.compare import Comparison, build, compare, load_sources
+from stade_cli.evaluation.evaluate import write_results
+from stade_cli.evaluation.plot import plot
 
 import helpers
 from helpers import said

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import tiny_tokenizer
 
-from stade_cli.data import (
+from stade_cli.base.errors import StadeError
+from stade_cli.data.sources import (
     Documents,
     calibration_windows,
     documents,
@@ -19,7 +20,6 @@ from stade_cli.data import (
     local_documents,
     sample_windows,
 )
-from stade_cli.errors import StadeError
 
 LONG = "A long enough document about pruning language models, with some words in it. " * 8
 
@@ -33,7 +33,7 @@ def tok():
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from stade_cli.models import resolve_model
+    from stade_cli.models.loading import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
 
@@ -141,8 +141,8 @@ def test_eval_token_file_must_be_one_row(tmp_path: Path) -> None:
     """`eval --ppl FILE.safetensors` takes one pre-tokenized text [1, N]; windows [n, seqlen] are refused."""
     from safetensors.torch import save_file
 
-    from stade_cli.data import eval_ids
-    from stade_cli.errors import StadeError
+    from stade_cli.base.errors import StadeError
+    from stade_cli.data.sources import eval_ids
 
     good, bad = tmp_path / "text.safetensors", tmp_path / "windows.safetensors"
     save_file({"input_ids": torch.arange(100, dtype=torch.int64)[None]}, str(good))

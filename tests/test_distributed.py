@@ -15,10 +15,10 @@ import torch
 from conftest import save_tiny_model
 from test_calibrate import TEXT, check_against_dense
 
-from stade_cli.calibrate import CalibrationConfig, calibrate
-from stade_cli.merge import merge_statistics
-from stade_cli.models import load_model
-from stade_cli.stats import Statistics
+from stade_cli.driver.calibrate import CalibrationConfig, calibrate
+from stade_cli.models.loading import load_model
+from stade_cli.stats.artifact import Statistics
+from stade_cli.stats.merge import merge_statistics
 
 from helpers import invoke
 
@@ -195,7 +195,7 @@ def test_shard_argument_is_checked(tiny_llama_dir: Path, text: Path, tmp_path: P
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    import stade_cli.calibrate as cal
+    import stade_cli.driver.calibrate as cal
     from stade_cli.cli import main
 
     real_commit, real_run = cal.BlockLog.commit, cal.run_block
@@ -351,9 +351,9 @@ def test_torchrun_sequential_prune_equals_one_process(tiny_llama_dir: Path, text
 FAILING_RANK = textwrap.dedent(
     """
     import os, sys, time
-    import stade_cli.calibrate as cal
+    import stade_cli.driver.calibrate as cal
     from stade_cli.cli import main
-    from stade_cli.errors import StadeError
+    from stade_cli.base.errors import StadeError
 
     real = cal.run_block
 

@@ -22,7 +22,7 @@ def test_chunked_nll_equals_whole_logits(tmp_path: Path, family: str, chunk: int
     from conftest import save_tiny_model
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.perplexity import _chunks_agree, chunked_nll
+    from stade_cli.evaluation.perplexity import _chunks_agree, chunked_nll
 
     path = save_tiny_model(family, tmp_path / family)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -40,7 +40,7 @@ def test_perplexity_takes_the_chunked_route_and_keeps_its_figure(
 
     from transformers import AutoModelForCausalLM
 
-    import stade_cli.perplexity as ev
+    import stade_cli.evaluation.perplexity as ev
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (1, 32 * 6), generator=torch.Generator().manual_seed(1))
@@ -63,7 +63,7 @@ def test_device_out_of_memory_is_one_line_with_a_hint(
 ) -> None:
     from typer.testing import CliRunner
 
-    import stade_cli.evaluate as ev
+    import stade_cli.evaluation.evaluate as ev
     from stade_cli.cli import app
 
     def oom(*_a: object, **_k: object) -> None:

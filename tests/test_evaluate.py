@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import Result
 
-from stade_cli.errors import StadeError
-from stade_cli.evaluate import EvalConfig, load_results, write_results
-from stade_cli.perplexity import cut_windows, perplexity
+from stade_cli.base.errors import StadeError
+from stade_cli.evaluation.evaluate import EvalConfig, load_results, write_results
+from stade_cli.evaluation.perplexity import cut_windows, perplexity
 
 from helpers import invoke, recorded_versions, said
 
@@ -78,12 +78,12 @@ def test_batching_does_not_change_the_figure(tiny_llama_dir: Path) -> None:
 
 
 def test_c4_keeps_the_first_256_windows(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stade_cli.data
-    from stade_cli.evaluate import dataset_perplexity
-    from stade_cli.models import load_model
+    import stade_cli.data.sources
+    from stade_cli.evaluation.evaluate import dataset_perplexity
+    from stade_cli.models.loading import load_model
 
     ids = torch.randint(0, 256, (1, 300 * 4 + 3), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(stade_cli.data, "eval_ids", lambda source, tok, cache_dir=None: (ids, "x"))
+    monkeypatch.setattr(stade_cli.data.sources, "eval_ids", lambda source, tok, cache_dir=None: (ids, "x"))
     loaded = load_model(str(tiny_llama_dir))
     c4 = dataset_perplexity(loaded, "c4", 4, 64, torch.device("cpu"))
     other = dataset_perplexity(loaded, "other.txt", 4, 64, torch.device("cpu"))
@@ -247,8 +247,8 @@ def test_smollm2_perplexity_matches_plain_loop(tmp_path: Path) -> None:
     """The real model, on the start of the built-in news text, at batch 1 and 8 (acceptance 1)."""
     from safetensors.torch import save_file
 
-    from stade_cli.data import eval_ids
-    from stade_cli.models import load_model
+    from stade_cli.data.sources import eval_ids
+    from stade_cli.models.loading import load_model
 
     loaded = load_model("smollm2-135m")
     ids, _ = eval_ids("sample-news", loaded.tokenizer)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-import stade_cli.evaluate
-import stade_cli.models
+import stade_cli.evaluation.evaluate
+import stade_cli.models.loading
 from stade_cli.cli import app
 
 TASK_YAML = """\
@@ -57,7 +57,7 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         loads.append(spec)
         raise AssertionError(f"{spec} was loaded before the inputs were checked")
 
-    monkeypatch.setattr(stade_cli.models, "load_model", refuse)
+    monkeypatch.setattr(stade_cli.models.loading, "load_model", refuse)
     return loads
 
 
@@ -89,7 +89,7 @@ def test_a_task_that_cannot_load_fails_before_any_perplexity(
     yaml.parent.mkdir()
     yaml.write_text(TASK_YAML.format(data=json.dumps(str(tmp_path / "missing.jsonl"))))
     computed: list[str] = []
-    monkeypatch.setattr(stade_cli.evaluate, "perplexity", lambda *a, **k: computed.append("ppl"))
+    monkeypatch.setattr(stade_cli.evaluation.evaluate, "perplexity", lambda *a, **k: computed.append("ppl"))
     out = tmp_path / "r.json"
     res = invoke("eval", str(tiny_llama_dir), "--ppl", str(text_file), "--tasks", str(yaml), "--out", str(out))
     assert res.exit_code == 1, res.output
@@ -110,8 +110,8 @@ def test_paper_tasks_offline_fail_in_one_line_before_the_model_loads(
 @pytest.mark.slow
 def test_loaded_tasks_serve_several_models(tiny_llama_dir: Path) -> None:
     """Tasks loaded once give each later run the same figures as tasks loaded afresh."""
-    from stade_cli.models import load_model
-    from stade_cli.zeroshot import BUILTIN_TASK, load_tasks, resolve_tasks, zero_shot
+    from stade_cli.evaluation.zeroshot import BUILTIN_TASK, load_tasks, resolve_tasks, zero_shot
+    from stade_cli.models.loading import load_model
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
     specs = resolve_tasks((BUILTIN_TASK,))

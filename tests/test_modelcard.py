@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from stade_cli.base.modelcard import RESULTS_END, RESULTS_START, render
 from stade_cli.cli import app
-from stade_cli.modelcard import RESULTS_END, RESULTS_START, render
 
 
 def invoke(*args: object):

@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stade_cli.errors import StadeError
-from stade_cli.fingerprint import fingerprint
-from stade_cli.layers import find_blocks, in_features, linear_layers
-from stade_cli.models import (
-    load_model,
-    max_context,
-    parse_dtype,
-    resolve_device,
-    resolve_model,
-)
+from stade_cli.base.errors import StadeError
+from stade_cli.models.fingerprint import fingerprint
+from stade_cli.models.layers import find_blocks, in_features, linear_layers
+from stade_cli.models.loading import load_model, max_context, parse_dtype, resolve_device, resolve_model
 
 BLOCK_LAYERS = {
     "llama": {
@@ -122,7 +116,7 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_builtin_model() -> None:
-    from stade_cli.fingerprint import full_fingerprint
+    from stade_cli.models.fingerprint import full_fingerprint
 
     loaded = load_model("smollm2-135m")
     assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.dtype == torch.float32

@@ -136,11 +136,11 @@ def test_experts_pruned_routers_dense_checkpoint_reloads(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.evaluate import measured_sparsity
-    from stade_cli.models import load_model, resolve_device
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import Statistics
-    from stade_cli.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.evaluation.evaluate import measured_sparsity
+    from stade_cli.models.loading import load_model, resolve_device
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.artifact import Statistics
 
     _family, model_dir, stats_dir = moe
     loaded = load_model(str(model_dir), "float32", "cpu")
@@ -192,10 +192,10 @@ def test_experts_pruned_routers_dense_checkpoint_reloads(
 def test_sequential_and_sweep_restore_experts(moe: tuple[str, Path, Path], tmp_path: Path) -> None:
     """A sweep restores the dense experts between runs (same bytes as a run alone); sequential pruning
     calibrates experts too (block 0 sees dense inputs either way, so its experts equal one-shot's)."""
-    from stade_cli.models import load_model, resolve_device
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import Statistics
-    from stade_cli.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.models.loading import load_model, resolve_device
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.artifact import Statistics
 
     _family, model_dir, stats_dir = moe
     cpu = resolve_device("cpu")
@@ -227,8 +227,8 @@ def test_bias_update_on_experts_is_refused(moe: tuple[str, Path, Path], tmp_path
 def test_unknown_fused_layout_is_refused() -> None:
     from torch import nn
 
-    from stade_cli.errors import StadeError
-    from stade_cli.experts import prunable_layers
+    from stade_cli.base.errors import StadeError
+    from stade_cli.models.experts import prunable_layers
 
     block = nn.Module()
     block.experts = nn.Module()
@@ -244,7 +244,7 @@ def test_lazy_calibration_of_fused_checkpoint_equals_eager(moe: tuple[str, Path,
 
     from safetensors.torch import save_file
 
-    from stade_cli.models import load_model
+    from stade_cli.models.loading import load_model
 
     _family, model_dir, stats_dir = moe
     fused = tmp_path / "fused"
@@ -265,8 +265,8 @@ def test_lazy_calibration_of_fused_checkpoint_equals_eager(moe: tuple[str, Path,
         assert lazy.keys() == eager.keys()
         assert all(torch.allclose(lazy[k], eager[k], rtol=1e-6, atol=1e-9) for k in eager), fname
     # A sweep's Snapshot reads such experts back from these files rather than keeping a copy in memory.
-    from stade_cli.checkpoint import Snapshot
-    from stade_cli.weights import WeightFiles
+    from stade_cli.driver.checkpoint import Snapshot
+    from stade_cli.models.weights import WeightFiles
 
     model = load_model(str(fused), "float32", "cpu").model
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -283,8 +283,8 @@ def test_shared_expert_gate_is_a_router_and_the_shared_expert_an_mlp() -> None:
     stay dense; the shared expert, which sees every token, is pruned like an MLP."""
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
-    from stade_cli.experts import prunable_layers, routers
-    from stade_cli.layers import layer_kind
+    from stade_cli.models.experts import prunable_layers, routers
+    from stade_cli.models.layers import layer_kind
 
     config = Qwen2MoeConfig(
         vocab_size=260,

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from stade_cli import plan as plan_mod
 from stade_cli.cli import app
-from stade_cli.plan import PlanConfig, make_plan
+from stade_cli.planning import plan as plan_mod
+from stade_cli.planning.plan import PlanConfig, make_plan
 
 runner = CliRunner()
 CONFIGS = Path(__file__).parent / "data" / "configs"

@@ -120,9 +120,9 @@ def test_masks_match_method_definitions(
 
 def test_stade_bias_restores_mean_output_and_reduces_error() -> None:
     """On one layer with off-centre inputs, the compensated output has the dense mean and a smaller error."""
-    from stade_cli.accumulators import LayerStats, Moments
-    from stade_cli.prune import prune_weight
-    from stade_cli.pruneconfig import PruneConfig
+    from stade_cli.driver.prune import prune_weight
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.accumulators import LayerStats, Moments
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 96, generator=g) * torch.rand(96, generator=g) * 2 + torch.randn(96, generator=g) * 3
@@ -148,10 +148,10 @@ def test_checkpoint_reloads_with_same_logits(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.models import load_model, resolve_device
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import Statistics
-    from stade_cli.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.models.loading import load_model, resolve_device
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.artifact import Statistics
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
     stats = Statistics.load(llama_stats)
@@ -261,11 +261,11 @@ def test_same_command_twice_gives_identical_bytes(tiny_llama_dir: Path, llama_st
 
 def test_sparsegpt_beats_wanda_mask_on_reconstruction() -> None:
     """A layer with correlated inputs: the OBS update lowers ||WX - W'X|| below the same-sparsity wanda mask."""
-    from stade_cli.accumulators import Hessian, LayerStats, Moments
-    from stade_cli.masks import Pattern
-    from stade_cli.prune import prune_weight
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.sparsegpt import sparsegpt_prune
+    from stade_cli.driver.prune import prune_weight
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stages.masks import Pattern
+    from stade_cli.stages.sparsegpt import sparsegpt_prune
+    from stade_cli.stats.accumulators import Hessian, LayerStats, Moments
 
     g = torch.Generator().manual_seed(1)
     mixing = torch.eye(128) + torch.randn(128, 128, generator=g) * 0.4
@@ -286,8 +286,8 @@ def test_sparsegpt_beats_wanda_mask_on_reconstruction() -> None:
 
 
 def test_sparsegpt_escalates_damping_on_singular_hessian() -> None:
-    from stade_cli.masks import Pattern
-    from stade_cli.sparsegpt import sparsegpt_prune
+    from stade_cli.stages.masks import Pattern
+    from stade_cli.stages.sparsegpt import sparsegpt_prune
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(16, 64, generator=g)  # rank 16 < 64 and a negative direction: Cholesky fails at first
@@ -299,7 +299,7 @@ def test_sparsegpt_escalates_damping_on_singular_hessian() -> None:
 @pytest.mark.parametrize("levels", [None, 3, 8])  # continuous scores, then heavy ties
 def test_selection_equals_stable_sort(levels: int | None) -> None:
     """lowest_k (kthvalue selection) picks exactly what a stable ascending sort's first k would."""
-    from stade_cli.masks import lowest_k
+    from stade_cli.stages.masks import lowest_k
 
     g = torch.Generator().manual_seed(3)
     scores = torch.rand(40, 96, generator=g)
@@ -314,8 +314,8 @@ def test_selection_equals_stable_sort(levels: int | None) -> None:
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_on_stacked_layers_equals_one_layer_at_a_time(pattern: str) -> None:
     """q/k/v share a Hessian and are solved stacked: each layer must get what it would get alone."""
-    from stade_cli.masks import parse_pattern
-    from stade_cli.sparsegpt import sparsegpt_prune
+    from stade_cli.stages.masks import parse_pattern
+    from stade_cli.stages.sparsegpt import sparsegpt_prune
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2048, 256, generator=g) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=g))
@@ -329,10 +329,10 @@ def test_sparsegpt_on_stacked_layers_equals_one_layer_at_a_time(pattern: str) ->
 
 
 def test_nan_scores_name_the_layer() -> None:
-    from stade_cli.accumulators import LayerStats
-    from stade_cli.errors import StadeError
-    from stade_cli.prune import prune_weight
-    from stade_cli.pruneconfig import PruneConfig
+    from stade_cli.base.errors import StadeError
+    from stade_cli.driver.prune import prune_weight
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.accumulators import LayerStats
 
     st = LayerStats(10, torch.tensor([0.0, float("nan"), 1.0, 2.0]), torch.ones(4), False)
     with pytest.raises(StadeError, match=r"model\.layers\.0\.mlp\.down_proj has NaN wanda scores"):
@@ -341,12 +341,12 @@ def test_nan_scores_name_the_layer() -> None:
 
 def test_sweep_snapshot_reads_dense_weights_back_from_disk(tiny_llama_dir: Path, llama_stats: Path) -> None:
     """A sweep restores the dense model between runs from the checkpoint files, keeping no second copy."""
-    from stade_cli.checkpoint import Snapshot
-    from stade_cli.models import load_model
-    from stade_cli.prune import prune_model
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import Statistics
-    from stade_cli.weights import WeightFiles
+    from stade_cli.driver.checkpoint import Snapshot
+    from stade_cli.driver.prune import prune_model
+    from stade_cli.models.loading import load_model
+    from stade_cli.models.weights import WeightFiles
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.artifact import Statistics
 
     loaded = load_model(str(tiny_llama_dir), "auto", "cpu")
     dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
@@ -445,7 +445,7 @@ def test_methods_lists_registry() -> None:
 
 @pytest.mark.slow
 def test_smollm2_masks_match_definitions(tmp_path: Path) -> None:
-    from stade_cli.models import resolve_model
+    from stade_cli.models.loading import resolve_model
 
     model_dir = Path(resolve_model("smollm2-135m"))
     stats = tmp_path / "stats"
@@ -476,12 +476,12 @@ def test_smollm2_masks_match_definitions(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sparsegpt_beats_wanda_on_real_smollm2_layer() -> None:
     """Real inputs of a real layer (block 2's down_proj on real text): the OBS update wins, with no NaN."""
-    from stade_cli.accumulators import Hessian, LayerStats, Moments
-    from stade_cli.data import calibration_windows
-    from stade_cli.models import load_model
-    from stade_cli.prune import prune_weight
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.sparsegpt import sparsegpt_prune
+    from stade_cli.data.sources import calibration_windows
+    from stade_cli.driver.prune import prune_weight
+    from stade_cli.models.loading import load_model
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stages.sparsegpt import sparsegpt_prune
+    from stade_cli.stats.accumulators import Hessian, LayerStats, Moments
 
     loaded = load_model("smollm2-135m")
     ids = calibration_windows("sample-wiki", loaded.tokenizer, 8, 256, 0).input_ids

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_tokenizer
 
-import stade_cli.prune
+import stade_cli.driver.prune
 
 from helpers import invoke, read_weights
 
@@ -55,13 +55,13 @@ def test_bf16_checkpoint_prunes_in_float32_and_saves_bf16(
 ) -> None:
     bf16, f32, stats = bf16_setup
     seen: set[torch.dtype] = set()
-    real = stade_cli.prune.prune_block
+    real = stade_cli.driver.prune.prune_block
 
     def spy(prefix, block, *args, **kwargs):  # the dtype each block is pruned (and run) in
         seen.update(p.dtype for p in block.parameters())
         return real(prefix, block, *args, **kwargs)
 
-    monkeypatch.setattr(stade_cli.prune, "prune_block", spy)
+    monkeypatch.setattr(stade_cli.driver.prune, "prune_block", spy)
     report = prune(bf16, stats, tmp_path / "bf16-pruned")
     assert seen == {torch.float32}
     reference = prune(f32, stats, tmp_path / "f32-pruned")  # the float32 protocol on the same weights

@@ -90,7 +90,7 @@ def test_same_seed_same_bits_other_seed_other_weights(runs: dict[str, Path]) -> 
 
 def test_block_error_drops_on_calibration_windows(tiny_llama_dir: Path, stats8: Path, runs: dict[str, Path]) -> None:
     """One-shot: block k sees the dense model's inputs; its error against the dense block must drop."""
-    from stade_cli.stats import Statistics
+    from stade_cli.stats.artifact import Statistics
 
     ids = Statistics.load(stats8).token_ids()
     dense = block_outputs(tiny_llama_dir, ids)
@@ -113,8 +113,8 @@ def test_heldout_losses_in_stade_json_match_a_plain_forward(
 ) -> None:
     """The reported held-out losses, recomputed with hooks on transformers models: before = the masked block,
     after = the saved block; targets = the dense block on the same inputs (dense one-shot, pruned sequential)."""
-    from stade_cli.reconstruct import split_windows
-    from stade_cli.stats import Statistics
+    from stade_cli.stages.reconstruct import split_windows
+    from stade_cli.stats.artifact import Statistics
 
     ids = Statistics.load(stats8).token_ids()
     for mode in ("block", "seq"):
@@ -142,10 +142,10 @@ def test_heldout_losses_in_stade_json_match_a_plain_forward(
 def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, stats8: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.models import load_model, resolve_device
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import Statistics
-    from stade_cli.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.models.loading import load_model, resolve_device
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.artifact import Statistics
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
     stats = Statistics.load(stats8)
@@ -168,8 +168,8 @@ def test_bfloat16_block_keeps_dtype_device_and_mask(device: str) -> None:
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.blocks import capture_inputs, run_block
-    from stade_cli.reconstruct import reconstruct_block
+    from stade_cli.models.blocks import capture_inputs, run_block
+    from stade_cli.stages.reconstruct import reconstruct_block
 
     torch.manual_seed(0)
     dev = torch.device(device)

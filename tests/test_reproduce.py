@@ -14,12 +14,12 @@ WANDA_50 = 68.751  # the Wanda repository's figure with these exact ids (tests/d
 
 @pytest.mark.slow
 def test_sequential_wanda_reproduces_reference_figure(tmp_path: Path) -> None:
-    from stade_cli.calibrate import CalibrationConfig, calibrate
-    from stade_cli.data import load_token_file
-    from stade_cli.models import load_model
-    from stade_cli.perplexity import perplexity
-    from stade_cli.prune import prune_model
-    from stade_cli.pruneconfig import PruneConfig
+    from stade_cli.data.sources import load_token_file
+    from stade_cli.driver.calibrate import CalibrationConfig, calibrate
+    from stade_cli.driver.prune import prune_model
+    from stade_cli.evaluation.perplexity import perplexity
+    from stade_cli.models.loading import load_model
+    from stade_cli.stages.config import PruneConfig
 
     cpu = torch.device("cpu")
     loaded = load_model("smollm2-135m", "float32", cpu)

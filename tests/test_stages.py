@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from stade_cli.admm import AdmmSettings, admm_prune
-from stade_cli.masks import parse_pattern
+from stade_cli.stages.admm import AdmmSettings, admm_prune
+from stade_cli.stages.masks import parse_pattern
 
 from helpers import calibrate, invoke, read_weights
 
@@ -90,9 +90,9 @@ def test_stage_code_follows_the_inputs_device() -> None:
 
     A tensor made without `device=` would land on `meta` and the CPU arithmetic would fail or come back meta.
     """
-    from stade_cli.accumulators import Hessian, LayerStats, Moments
-    from stade_cli.prune import prune_group
-    from stade_cli.pruneconfig import PruneConfig
+    from stade_cli.driver.prune import prune_group
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.accumulators import Hessian, LayerStats, Moments
 
     w, x = _layer(3, rows=16, cols=32)
     xt = torch.from_numpy(x)
@@ -191,16 +191,16 @@ def test_stages_from_the_cli_are_recorded(tiny_llama_dir: Path, tmp_path: Path) 
 
 
 def test_stade_with_update_none_is_stade_without_bias() -> None:
-    from stade_cli.pruneconfig import PruneConfig
+    from stade_cli.stages.config import PruneConfig
 
     assert PruneConfig("stade", 0.5, update="bias") == PruneConfig("stade", 0.5)  # the preset's own update
     w, x = _layer(4)
-    from stade_cli.accumulators import LayerStats, Moments
+    from stade_cli.stats.accumulators import LayerStats, Moments
 
     mom = Moments(32, torch.device("cpu"))
     mom.update(torch.from_numpy(x))
     st = LayerStats(mom.count, mom.mean, mom.m2, False)
-    from stade_cli.prune import prune_weight
+    from stade_cli.driver.prune import prune_weight
 
     a = prune_weight(torch.from_numpy(w), st, PruneConfig("stade", 0.5, update="none"))
     b = prune_weight(torch.from_numpy(w), st, PruneConfig("stade", 0.5, bias_update=False))
@@ -211,8 +211,8 @@ def test_stade_with_update_none_is_stade_without_bias() -> None:
 
 def test_layer_error_with_hessian_is_the_exact_output_error() -> None:
     """stade.json's rel_error for a run with H: ||(W' - W)X + db||² / ||WX||², from the inputs themselves."""
-    from stade_cli.accumulators import Hessian, LayerStats, Moments
-    from stade_cli.prune import output_error
+    from stade_cli.driver.prune import output_error
+    from stade_cli.stats.accumulators import Hessian, LayerStats, Moments
 
     w, x = _layer(5)
     wt, xt = torch.from_numpy(w), torch.from_numpy(x)

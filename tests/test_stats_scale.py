@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-import stade_cli.stats
+import stade_cli.stats.artifact
 from stade_cli.cli import app
 
 import helpers
@@ -53,8 +53,8 @@ def test_wanda_never_hashes_the_hessians_and_a_bad_hessian_is_caught_when_read(
     hessians = broken / "hessians.safetensors"
     flip_byte(hessians, hessians.stat().st_size - 100)  # same size: only a hash can tell
     hashed: list[str] = []
-    real = stade_cli.stats.sha256_file
-    monkeypatch.setattr(stade_cli.stats, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = stade_cli.stats.artifact.sha256_file
+    monkeypatch.setattr(stade_cli.stats.artifact, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     res = prune(tiny_llama_dir, broken, tmp_path / "w", "wanda")
     assert res.exit_code == 0, res.output
     assert "hessians.safetensors" not in hashed and "stats.safetensors" in hashed
@@ -64,7 +64,7 @@ def test_wanda_never_hashes_the_hessians_and_a_bad_hessian_is_caught_when_read(
 
 
 def test_load_checks_sizes_and_reading_checks_hashes(hessian_stats: Path, tmp_path: Path) -> None:
-    from stade_cli.stats import Statistics
+    from stade_cli.stats.artifact import Statistics
 
     broken = tmp_path / "broken"
     shutil.copytree(hessian_stats, broken)
@@ -81,7 +81,7 @@ def test_load_checks_sizes_and_reading_checks_hashes(hessian_stats: Path, tmp_pa
 def test_bfloat16_hessians_are_half_the_disk_and_solved_in_float32(
     tiny_llama_dir: Path, hessian_stats: Path, tmp_path: Path
 ) -> None:
-    from stade_cli.stats import Statistics
+    from stade_cli.stats.artifact import Statistics
 
     half = calibrate(tiny_llama_dir, tmp_path / "bf16", "--hessian", "--hessian-dtype", "bfloat16")
     full_m = json.loads((hessian_stats / "manifest.json").read_text())

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_CLI = "from stade_cli.cli import main; main()"
 # The same CLI with every streamed block slowed down, so that a test can kill it mid-run.
 RUN_SLOW_CLI = (
-    "import time, stade_cli.streaming as s; f = s._prune_into; "
+    "import time, stade_cli.driver.streaming as s; f = s._prune_into; "
     "s._prune_into = lambda *a: (time.sleep(0.4), f(*a))[1]; " + RUN_CLI
 )
 
@@ -62,12 +62,12 @@ def test_streaming_writes_the_in_memory_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, tied: bool, dtype: torch.dtype | None, shard: str
 ) -> None:
     """A sweep (bias update, 2:4 sparsegpt, sequential wanda) streamed and in memory: the same files, byte for byte."""
-    import stade_cli.checkpoint as checkpoint
-    from stade_cli.models import load_model
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import Statistics
-    from stade_cli.streaming import stream_sweep
-    from stade_cli.sweep import prune_sweep
+    import stade_cli.driver.checkpoint as checkpoint
+    from stade_cli.driver.streaming import stream_sweep
+    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.models.loading import load_model
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.artifact import Statistics
 
     monkeypatch.setattr(checkpoint, "MAX_SHARD_SIZE", shard)
     model = save_model(family, tmp_path / "m", tied)
@@ -104,10 +104,10 @@ def test_streamed_checkpoint_gives_the_pruned_models_logits(tmp_path: Path) -> N
     """Reloaded with plain transformers, the streamed checkpoint computes what the pruned model in memory computes."""
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.models import load_model
-    from stade_cli.pruneconfig import PruneConfig
-    from stade_cli.stats import Statistics
-    from stade_cli.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.models.loading import load_model
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.artifact import Statistics
 
     model = save_model("llama", tmp_path / "m")
     stats_dir = calibrate_cli(model, tmp_path / "stats")
@@ -184,8 +184,8 @@ def test_fingerprint_from_strided_file_samples_equals_the_loaded_ones(tmp_path: 
     """The lazy fingerprint reads a strided sample of each tensor from the files; it must equal the in-memory one."""
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.fingerprint import fingerprint
-    from stade_cli.models import load_model
+    from stade_cli.models.fingerprint import fingerprint
+    from stade_cli.models.loading import load_model
 
     dense = save_model("qwen2", tmp_path / "m", tied=True)
     if disk_dtype != torch.float32:
@@ -199,14 +199,14 @@ def test_fingerprint_from_strided_file_samples_equals_the_loaded_ones(tmp_path: 
 def test_statistics_of_another_model_are_refused_before_any_block_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stade_cli.streaming
+    import stade_cli.driver.streaming
 
     stats = calibrate_cli(save_model("llama", tmp_path / "a"), tmp_path / "stats")
     other = tmp_path / "b"
     from conftest import save_tiny_model
 
     save_tiny_model("llama", other, seed=1)
-    monkeypatch.setattr(stade_cli.streaming, "materialized", lambda *a: pytest.fail("a block was read"))
+    monkeypatch.setattr(stade_cli.driver.streaming, "materialized", lambda *a: pytest.fail("a block was read"))
     args = ["prune", other, "--stats", stats, "--method", "wanda", "--sparsity", 0.5, "--device", "cpu"]
     res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "o"]])
     assert res.exit_code == 1 and "another model" in res.output
@@ -217,7 +217,7 @@ def test_a_checkpoint_transformers_would_rename_falls_back_to_memory_before_any_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where save_pretrained would rename or convert tensors, the streamed layout is unknown: prune in memory."""
-    import stade_cli.streaming as streaming
+    import stade_cli.driver.streaming as streaming
 
     model = save_model("llama", tmp_path / "m")
     stats = calibrate_cli(model, tmp_path / "stats")

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from stade_cli.data import builtin_documents
-from stade_cli.errors import StadeError
-from stade_cli.zeroshot import (
+from stade_cli.base.errors import StadeError
+from stade_cli.data.sources import builtin_documents
+from stade_cli.evaluation.zeroshot import (
     BUILTIN_TASK,
     CLOZE_CHOICES,
     PUBLISHED_TASKS,
@@ -77,7 +77,7 @@ def test_local_task_yaml(tmp_path: Path) -> None:
 
 
 def test_zero_shot_on_a_tiny_model(tiny_llama_dir: Path) -> None:
-    from stade_cli.models import load_model
+    from stade_cli.models.loading import load_model
 
     loaded = load_model(str(tiny_llama_dir))
     result = zero_shot(loaded, resolve_tasks((BUILTIN_TASK,)), batch_size=4, limit=4)
@@ -104,7 +104,7 @@ def magnitude_prune_rows(model: torch.nn.Module, sparsity: float) -> None:
 @pytest.mark.slow
 def test_cloze_separates_dense_from_pruned_smollm2() -> None:
     """Acceptance 2: dense SmolLM2 well above chance (25%), 70% magnitude-pruned clearly lower."""
-    from stade_cli.models import load_model
+    from stade_cli.models.loading import load_model
 
     loaded = load_model("smollm2-135m")
     tasks = resolve_tasks((BUILTIN_TASK,))

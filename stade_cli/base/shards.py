@@ -1,0 +1,63 @@
+"""Which calibration windows a part of a run computes: `--shard I/N` of a job array, or rank I of N under torchrun.
+
+Every part draws the same windows as a whole run (same data, seed, nsamples) and keeps a contiguous
+range of them, so that the parts' statistics merge back, in window order, into the whole run's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stade_cli.base.errors import StadeError
+
+
+@dataclass(frozen=True)
+class Part:
+    """Part `index` (0-based) of `count` equal-as-possible contiguous ranges of the drawn windows."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise StadeError(
+                f"--shard {self.index}/{self.count} is out of range.", "use I/N with 0 <= I < N, e.g. --shard 0/4"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Part:
+        index, sep, count = text.partition("/")
+        if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+            raise StadeError(f"--shard {text!r} is not of the form I/N.", "e.g. --shard 0/4 for the first of four")
+        return cls(int(index), int(count))
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this part among `n` windows: the same split for --shard and for torchrun ranks."""
+        return n * self.index // self.count, n * (self.index + 1) // self.count
+
+    def check(self, n: int, what: str = "shard") -> None:
+        if n < self.count:
+            raise StadeError(
+                f"{n} calibration windows cannot be split into {self.count} {what}s (each needs at least one).",
+                f"raise --nsamples to {self.count} or more, or use fewer {what}s",
+            )
+
+
+def windows_record(n: int, drawn_sha256: str, start: int, stop: int, shard: Part | None) -> dict[str, Any]:
+    """The manifest's `windows` entry: what was drawn, and which of those windows this artifact holds."""
+    return {
+        "drawn": n,
+        "drawn_sha256": drawn_sha256,
+        "start": start,
+        "stop": stop,
+        "shard": [shard.index, shard.count] if shard is not None else None,
+    }
+
+
+def windows_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The `windows` entry of a manifest; an artifact from before shards holds every window it drew."""
+    if isinstance(manifest.get("windows"), dict):
+        return manifest["windows"]
+    n = int(manifest["data"]["nsamples"])
+    return windows_record(n, str(manifest["data"].get("token_ids_sha256", "")), 0, n, None)

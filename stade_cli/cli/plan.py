@@ -1,0 +1,94 @@
+"""`stade plan` and `stade methods`: what a run will need, and what stade can run (no weights read)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from stade_cli.cli.options import (
+    BatchOpt,
+    CacheDirOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    cli_errors,
+    print_json,
+    split_csv,
+)
+
+
+@cli_errors
+def plan(
+    model: ModelArg,
+    data: Annotated[
+        str, typer.Option("--data", help="Calibration source: a text source, or a .safetensors file of token ids.")
+    ] = "sample-wiki",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.", min=1)] = 128,
+    seqlen: Annotated[int | None, typer.Option(help="Tokens per window.", show_default="min(context, 2048)")] = None,
+    hessian: Annotated[bool, typer.Option("--hessian", help="Plan calibrate with Hessians (sparsegpt).")] = False,
+    hessian_dtype: Annotated[str, typer.Option("--hessian-dtype", help="float32 or bfloat16.")] = "float32",
+    method: Annotated[str, typer.Option("--method", "-m", help="Method(s) to prune with, comma-separated.")] = "wanda",
+    pattern: Annotated[str, typer.Option("--pattern", "-p", help="unstructured or N:M.")] = "unstructured",
+    sequential: Annotated[bool, typer.Option("--sequential", help="Plan a sequential prune.")] = False,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    timed: Annotated[
+        bool, typer.Option("--time/--no-time", help="Time one block here for the time estimate (random weights).")
+    ] = True,
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Estimate memory, disk and time of calibrate, prune and eval from MODEL's config alone (no weights read).
+
+    MODEL may also be a folder or a config.json file with no weights. Memory figures are peaks derived from the
+    shapes; the time is an ESTIMATE scaled from one block's forward pass timed on this device. --device cuda
+    plans a GPU run from a machine without one (a cluster's login node): memory and disk, not timed.
+
+    Example: stade plan meta-llama/Llama-3.1-8B --nsamples 128 --seqlen 2048 --hessian --method sparsegpt
+    --device cuda
+    """
+    from stade_cli.cli.tables import render_plan
+    from stade_cli.models.loading import resolve_device
+    from stade_cli.planning.plan import PlanConfig, make_plan
+    from stade_cli.stages.masks import parse_pattern
+
+    for p in split_csv(pattern, "--pattern"):
+        parse_pattern(p)  # a bad pattern is refused as prune would
+    config = PlanConfig(
+        nsamples,
+        seqlen,
+        hessian,
+        hessian_dtype,
+        tuple(split_csv(method, "--method")),
+        pattern,
+        sequential,
+        batch_size,
+        dtype.value if dtype else None,
+        timed,
+        data,
+    )
+    result = make_plan(model, config, resolve_device(device, absent_ok=True), str(cache_dir) if cache_dir else None)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        render_plan(result.to_dict())
+
+
+@cli_errors
+def methods(as_json: JsonOpt = False) -> None:
+    """List the methods (presets) and every pruning stage: scores, updates, allocations.
+
+    Example: stade methods --json
+    """
+    from stade_cli.stages.methods import stage_rows
+
+    rows = stage_rows()
+    if as_json:
+        print_json(rows)
+    else:
+        from stade_cli.cli.tables import render_methods
+
+        render_methods(rows)

@@ -1,0 +1,1 @@
+"""Data: calibration and evaluation text, as published or offline, cut into token windows."""

@@ -1,0 +1,309 @@
+"""The eval stage: perplexity as published, zero-shot accuracy through lm_eval, one results artifact."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stade_cli.base.artifacts import REPORT_FILE, REPORT_KIND
+from stade_cli.base.errors import StadeError, at_least
+from stade_cli.base.files import check_writable, read_json, write_json
+from stade_cli.base.versions import library_versions
+from stade_cli.evaluation.perplexity import perplexity
+from stade_cli.evaluation.zeroshot import LIMIT_HINT, LoadedTasks, load_tasks, parse_tasks, resolve_tasks, zero_shot
+from stade_cli.models.dispatch import placement
+from stade_cli.models.experts import ExpertLayer, prunable_layers
+from stade_cli.models.fingerprint import fingerprint
+from stade_cli.models.layers import find_blocks, get_weight
+from stade_cli.models.loading import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
+from stade_cli.models.weights import WeightFiles
+
+RESULTS_KIND = "stade-results"
+RESULTS_SCHEMA = 1
+C4_MAX_WINDOWS = 256  # the published code keeps the first 256 * seqlen validation tokens of C4
+DEFAULT_PPL = ("wikitext2",)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ppl: tuple[str, ...] = DEFAULT_PPL
+    tasks: tuple[str, ...] = ()  # zero-shot is asked for (`--tasks paper` for the published seven)
+    seqlen: int | None = None  # None: min(model context, 2048), as published
+    batch_size: int = 8
+    limit: int | None = None
+    max_windows: int | None = None  # None: every window, as published
+
+    def __post_init__(self) -> None:
+        at_least("--seqlen", self.seqlen, 2)
+        at_least("--batch-size", self.batch_size, 1)
+        at_least("--limit", self.limit, 1, LIMIT_HINT)
+        at_least("--max-windows", self.max_windows, 1)
+        if not self.ppl and not self.tasks:
+            raise StadeError("Nothing to evaluate: no --ppl datasets and no --tasks.", "give at least one of them")
+
+    @classmethod
+    def from_strings(cls, ppl: str | None, tasks: str | None, **kwargs: Any) -> EvalConfig:
+        """The CLI form: comma-separated lists; 'none' or empty turns a part off."""
+        ppl_list = DEFAULT_PPL if ppl is None else tuple(p.strip() for p in ppl.split(",") if p.strip())
+        if ppl_list == ("none",):
+            ppl_list = ()
+        return cls(ppl=ppl_list, tasks=parse_tasks(tasks), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- perplexity
+
+
+def dataset_perplexity(
+    loaded: LoadedModel,
+    source: str,
+    seqlen: int,
+    batch_size: int,
+    device: torch.device,
+    cache_dir: str | None = None,
+    max_windows: int | None = None,
+) -> dict[str, Any]:
+    """Perplexity of one --ppl source, with where its ids came from."""
+    from stade_cli.data.sources import check_token_ids, eval_ids, ids_sha256
+
+    ids, sha = eval_ids(source, loaded.tokenizer, cache_dir)
+    check_token_ids(ids, vocab_size(loaded.model), source)
+    notes = []
+    if source == "c4":
+        ids = ids[:, : C4_MAX_WINDOWS * seqlen]
+        notes.append(f"first {C4_MAX_WINDOWS} x seqlen validation tokens, as published")
+    if max_windows is not None and ids.shape[1] > max_windows * seqlen:
+        ids = ids[:, : max_windows * seqlen]
+        notes.append(f"first {max_windows} windows only (--max-windows): not the published protocol")
+    result = perplexity(loaded.model, ids, seqlen, batch_size, device, description=source)
+    entry = {**result.to_dict(), "source_sha256": sha, "ids_sha256": ids_sha256(ids), "batch_size": batch_size}
+    if notes:
+        entry["notes"] = notes
+    return entry
+
+
+def prepare(config: EvalConfig, cache_dir: str | None = None) -> LoadedTasks | None:
+    """Load every zero-shot task and every perplexity source before any model runs: a task or dataset that
+    cannot be had (offline, a typo) fails in seconds, not after the first model's perplexity."""
+    from stade_cli.data.sources import documents, is_token_file, load_token_file
+
+    ready = load_tasks(resolve_tasks(config.tasks, check_names=False)) if config.tasks else None
+    for source in config.ppl:
+        if is_token_file(source):
+            load_token_file(Path(source).expanduser(), "[1, N]")
+        else:
+            documents(source, "validation" if source == "c4" else "test", cache_dir)
+    return ready
+
+
+# ----------------------------------------------------------------------------------------------- model facts
+
+
+def prune_report(path: str) -> dict[str, Any] | None:
+    """The `stade.json` a pruned folder carries, checked; None for a model `stade prune` did not write."""
+    report_path = Path(path) / REPORT_FILE
+    if not report_path.is_file():
+        return None
+    report = read_json(report_path, "Pruning report")
+    if report.get("kind") != REPORT_KIND:
+        raise StadeError(
+            f"{str(report_path)!r} is not a stade pruning report (kind {report.get('kind')!r}).",
+            "remove or rename it, or re-run `stade prune`",
+        )
+    return report
+
+
+def measured_sparsity(model: nn.Module, files: WeightFiles | None = None) -> float:
+    """Fraction of exact zeros over the weights of every linear layer and expert in the decoder blocks.
+
+    `files`: where weights that accelerate left on disk (meta here) are read from, one at a time.
+    """
+    zeros = total = 0
+    name, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for local, layer in prunable_layers(block).items():
+            w = get_weight(layer)
+            if w.is_meta and files is not None:
+                if isinstance(layer, ExpertLayer):  # an expert's slice of its fused tensor, stored by that name
+                    key = f"{name}.{i}.{local.rsplit('.', 2)[0]}.{layer.param}"
+                    if key not in files.file_of:
+                        continue
+                    w = files.read([key], w.dtype)[key][layer.index]
+                else:
+                    key = f"{name}.{i}.{local}.weight"
+                    w = files.read([key], w.dtype)[key]
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def _offloaded_files(loaded: LoadedModel) -> WeightFiles | None:
+    """The checkpoint's files where accelerate left some weights on disk (meta here); None where none are."""
+    model = loaded.model
+    offloaded = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if not offloaded:
+        return None
+    files = WeightFiles.find(loaded.path, loaded.cache_dir)
+    tied = {n for n, _p in model.named_parameters(remove_duplicate=False)} - {n for n, _p in model.named_parameters()}
+    if files is None or any(n not in files.file_of and n not in tied for n in offloaded):
+        raise StadeError(
+            f"Part of {loaded.spec!r} was left on disk by --max-memory, and its checkpoint is not safetensors "
+            "under the model's own names, so its fingerprint cannot be taken.",
+            "raise --max-memory so that the model fits in memory",
+        )
+    return files
+
+
+def _fingerprint(loaded: LoadedModel, files: WeightFiles | None) -> str:
+    """fingerprint(model); weights left on disk are sampled from the files (a tied copy from its source)."""
+    if files is None:
+        return fingerprint(loaded.model)
+    model = loaded.model
+    source = {id(p): n for n, p in model.named_parameters()}
+    samples = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p.is_meta:
+            src = n if n in files.file_of else source[id(p)]
+            samples[n] = files.samples([src], loaded.dtype)[src].replace(src.encode(), n.encode(), 1)
+    return fingerprint(model, samples)
+
+
+def model_summary(loaded: LoadedModel) -> dict[str, Any]:
+    report = prune_report(loaded.path)
+    files = _offloaded_files(loaded)
+    summary = {
+        "spec": loaded.spec,
+        "path": loaded.path,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "fingerprint": _fingerprint(loaded, files),
+        "measured_sparsity": measured_sparsity(loaded.model, files),
+        **config_summary(loaded.model),
+    }
+    if report is None:
+        pruning = {"method": "dense", "pattern": None, "sparsity": 0.0, "achieved_sparsity": 0.0}
+    else:
+        pruning = {k: report.get(k) for k in ("method", "pattern", "sparsity", "achieved_sparsity")}
+    return {"model": summary, "pruning": report, **pruning}
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    config: EvalConfig,
+    device: torch.device,
+    cache_dir: str | None = None,
+    tasks: LoadedTasks | None = None,
+) -> dict[str, Any]:
+    """Perplexity on every config.ppl source, then zero-shot on config.tasks; the results document.
+
+    `tasks`: the config's tasks from `prepare` (loaded once for many models); None loads them here, first.
+    """
+    t_start = time.perf_counter()
+    model = loaded.model
+    seqlen = config.seqlen or default_seqlen(model)
+    check_seqlen(model, seqlen)
+    if config.tasks and tasks is None:
+        tasks = load_tasks(resolve_tasks(config.tasks, check_names=False))  # a task that cannot load fails first
+    results: dict[str, Any] = {
+        "kind": RESULTS_KIND,
+        "schema": RESULTS_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **model_summary(loaded),
+        "device": str(device),
+        "config": {
+            "ppl": list(config.ppl),
+            "tasks": list(config.tasks),
+            "seqlen": seqlen,
+            "batch_size": config.batch_size,
+            "limit": config.limit,
+            "max_windows": config.max_windows,
+        },
+        "versions": library_versions(),
+    }
+    spread = placement(model)
+    if spread is None:
+        module: nn.Module = model  # PreTrainedModel.to is wrapped by functools.wraps, whose stub leaves self unbound
+        module.to(device)
+    else:  # accelerate placed the layers and moves activations (and offloaded weights) between devices
+        results["device"] = f"device_map: {spread}"
+    timings: dict[str, float] = {}
+    ppl: dict[str, Any] = {}
+    for source in config.ppl:
+        ppl[source] = dataset_perplexity(
+            loaded, source, seqlen, config.batch_size, device, cache_dir, config.max_windows
+        )
+        timings[f"ppl:{source}"] = ppl[source]["seconds"]
+    results["perplexity"] = ppl
+    if config.tasks and tasks is not None:
+        t0 = time.perf_counter()
+        results["zeroshot"] = zero_shot(loaded, tasks, config.batch_size, config.limit)
+        timings["zeroshot"] = round(time.perf_counter() - t0, 3)
+    else:
+        results["zeroshot"] = {"tasks": {}, "mean": {}, "num_fewshot": 0, "limit": config.limit}
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    results["timings"] = timings
+    return results
+
+
+def results_paths(models: list[str], out: Path) -> list[Path]:
+    """`out` itself for one model; for several, out/NAME.json with NAME each model's folder name or hub id."""
+    if len(models) == 1:
+        if out.is_dir():  # found before the evaluation, not after it (--force cannot make a folder a file)
+            raise StadeError(
+                f"--out {str(out)!r} is a folder; for one model it names the results file.",
+                f"give a file name, e.g. --out {str(out / 'results.json')!r}",
+            )
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise StadeError(
+            f"--out {str(out)!r} is a file, but {len(models)} models need a folder (one results file each).",
+            "give a folder, e.g. --out results/",
+        )
+    names = [Path(m.rstrip("/")).name or m for m in models]
+    seen: dict[str, str] = {}
+    for model, name in zip(models, names, strict=True):
+        if name in seen:
+            raise StadeError(
+                f"{seen[name]!r} and {model!r} would both write {name}.json.", "evaluate them with separate --out"
+            )
+        seen[name] = model
+    return [out / f"{name}.json" for name in names]
+
+
+def write_results(path: str | Path, results: dict[str, Any], force: bool = False) -> Path:
+    """Write results.json atomically; an existing file stays unless force."""
+    path = Path(path)
+    check_writable(path, force)
+    if path.is_dir():
+        raise StadeError(f"Output {str(path)!r} is a folder.", "give a file name such as results.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)
+    return path
+
+
+def check_results(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A loaded results document, refused when it is not one or comes from a newer schema."""
+    if data.get("kind") != RESULTS_KIND:
+        raise StadeError(
+            f"{where!r} is not a stade results file (kind {data.get('kind')!r}).", "give files written by `stade eval`"
+        )
+    schema = data.get("schema")
+    if not isinstance(schema, int) or not 1 <= schema <= RESULTS_SCHEMA:
+        raise StadeError(
+            f"{where!r} has results schema {schema!r}; this stade reads schema {RESULTS_SCHEMA} and older.",
+            "upgrade stade: pip install -U stade",
+        )
+    return data
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """One results file, checked (compare's reader too)."""
+    path = Path(path)
+    return check_results(read_json(path, "Results file"), str(path))

@@ -1,0 +1,269 @@
+"""Loading a model's weights one decoder block at a time, straight from its safetensors files.
+
+Calibration touches each block once, so it never needs the whole model in memory: the model is
+built without weights, the layers outside the blocks (embeddings, final norm, head) are loaded,
+and each block is read from disk just before it runs and dropped after. Peak memory is then one
+block plus the activations, not the model; a 70B model calibrates on a machine with far less RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from stade_cli.base.errors import StadeError
+from stade_cli.models.fingerprint import fingerprint_sample, sample_step
+from stade_cli.models.layers import find_blocks
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass
+class WeightFiles:
+    """Which safetensors file holds each tensor of a checkpoint."""
+
+    file_of: dict[str, Path]
+
+    @classmethod
+    def find(cls, path: str, cache_dir: str | None = None) -> WeightFiles | None:
+        """The checkpoint's safetensors files (a local folder, or a hub id via the download cache); None if none."""
+        local = Path(path)
+        if local.is_dir():
+            index = local / INDEX_FILE
+            single = local / SINGLE_FILE
+            index_path = str(index) if index.exists() else None
+            single_path = str(single) if single.exists() else None
+        else:
+            from transformers.utils import cached_file
+
+            def fetch(name: str) -> str | None:
+                kw = {"cache_dir": cache_dir, "_raise_exceptions_for_missing_entries": False}
+                try:
+                    return cached_file(path, name, **kw)
+                except OSError:
+                    return None
+
+            index_path = fetch(INDEX_FILE)
+            single_path = None if index_path else fetch(SINGLE_FILE)
+        if index_path:
+            weight_map = json.loads(Path(index_path).read_text())["weight_map"]
+            if not local.is_dir() and any(fetch(s) is None for s in sorted(set(weight_map.values()))):
+                return None  # the shards the index names could not be downloaded
+            folder = Path(index_path).parent
+            return cls({k: folder / v for k, v in weight_map.items()})
+        if single_path:
+            from safetensors import safe_open
+
+            with safe_open(single_path, framework="pt") as f:
+                return cls(dict.fromkeys(f.keys(), Path(single_path)))
+        return None
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The named tensors in `dtype`, read into fresh memory (read_tensors): a block's pages leave the
+        resident set with the block, rather than staying mapped."""
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.file_of[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            try:
+                for k, t in read_tensors(file, keys).items():
+                    out[k] = t.to(dtype) if t.is_floating_point() else t
+            except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:  # found only now, block by block
+                raise StadeError(
+                    f"Weights file {str(file)!r} is unreadable: {' '.join(str(exc).split())}.",
+                    "a .safetensors file is truncated or corrupt: copy or download the model again",
+                ) from None
+        return out
+
+    def samples(self, names: list[str], dtype: torch.dtype) -> dict[str, bytes]:
+        """Fingerprint samples of the named tensors, read strided from the files: only the pages the sample
+        touches are read, not the tensors (a 70B model's fingerprint must not read 140 GB)."""
+        import numpy as np
+
+        out = {}
+        headers: dict[Path, dict[str, tuple[int, dict]]] = {}
+        for name in names:
+            file = self.file_of[name]
+            try:
+                if file not in headers:
+                    headers[file] = _header(file)
+                base, entry = headers[file][name]
+                dt = _DTYPES[entry["dtype"]]
+                shape = entry["shape"]
+                numel = int(np.prod(shape)) if shape else 1
+                item = torch.tensor([], dtype=dt).element_size()
+                start = base + entry["data_offsets"][0]
+                raw = np.memmap(file, dtype=np.dtype(f"u{item}"), mode="r", offset=start, shape=(numel,))
+                picked = np.array(raw[:: sample_step(numel)])
+                del raw
+            except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:  # a truncated or damaged file
+                raise StadeError(
+                    f"Weights file {str(file)!r} is unreadable: {' '.join(str(exc).split())}.",
+                    "a .safetensors file is truncated or corrupt: copy or download the model again",
+                ) from None
+            strided = torch.from_numpy(picked).view(dt)
+            strided = strided.to(dtype) if strided.is_floating_point() else strided
+            out[name] = fingerprint_sample(name, torch.empty(shape, device="meta"), strided)
+        return out
+
+
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(file: Path) -> dict[str, tuple[int, dict]]:
+    """A safetensors file's entries: name -> (byte offset of the data section, entry)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (8 + n, v) for k, v in header.items()}
+
+
+def read_tensors(file: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file (all, in file order, when None), read with plain reads.
+
+    safetensors' own loaders map the whole file, and its tensors live in that mapping: every page touched
+    stays resident as long as any tensor from the file lives (a small tensor kept from a large file keeps
+    all it touched), and those pages count in the process's RSS next to any copy. A read leaves one copy.
+    Raises OSError, ValueError or KeyError for a file that is truncated or damaged, or lacks a name.
+    """
+    entries = _header(file)
+    out = {}
+    with open(file, "rb", buffering=0) as f:
+        for name in list(entries) if names is None else names:
+            base, entry = entries[name]
+            if entry["dtype"] not in _DTYPES:
+                raise ValueError(f"tensor {name} has dtype {entry['dtype']}, which stade does not read")
+            start, end = entry["data_offsets"]
+            t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            view = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+            if view.nbytes != end - start:
+                raise ValueError(f"tensor {name}'s offsets do not match its shape")
+            f.seek(base + start)
+            done = 0
+            while done < view.nbytes:  # one read returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"the file ends inside tensor {name}")
+                done += n
+            out[name] = t
+    return out
+
+
+def _persistent(module: nn.Module) -> list[str]:
+    """State-dict names of `module`: parameters and persistent buffers, what a checkpoint holds."""
+    return list(module.state_dict(keep_vars=True).keys())
+
+
+def build_lazy(config: PretrainedConfig, dtype: torch.dtype, files: WeightFiles) -> PreTrainedModel | None:
+    """The model with every weight outside the blocks loaded and the blocks left empty (meta), or None
+    where the checkpoint's names do not match the model's (older formats that transformers renames on load).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    blocks_name, _ = find_blocks(model)
+    tied = set(_tied_names(model))
+    wanted = [k for k in _persistent(model) if k not in tied]
+    if any(k not in files.file_of for k in wanted):
+        return None
+    outside = [k for k in wanted if not k.startswith(blocks_name + ".")]
+    model.load_state_dict(files.read(outside, dtype), strict=False, assign=True)
+    model.tie_weights()
+    if any(p.is_meta for n, p in model.named_parameters() if not n.startswith(blocks_name + ".")):
+        return None
+    return model
+
+
+def _tied_names(model: PreTrainedModel) -> list[str]:
+    """State-dict names that share storage with an earlier name (e.g. lm_head tied to the embeddings)."""
+    seen: dict[int, str] = {}
+    tied = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = id(p)
+        if key in seen:
+            tied.append(name)
+        else:
+            seen[key] = name
+    # A tied head is a separate Parameter object in some models until tie_weights(); ask the config too.
+    if getattr(model.config, "tie_word_embeddings", False):
+        out = model.get_output_embeddings()
+        if out is not None:
+            for name, mod in model.named_modules():
+                if mod is out:
+                    tied.append(f"{name}.weight")
+    return tied
+
+
+@contextlib.contextmanager
+def outside_on_disk(model: PreTrainedModel, files: WeightFiles | None, dtype: torch.dtype) -> Iterator[None]:
+    """Drop the weights outside the blocks (embeddings, final norm, head) for the `with`, and read them
+    again after it.
+
+    Once the block inputs are captured, calibrate and streaming prune need only the blocks; the embeddings
+    and an untied head (13% of Llama-3-8B, more for small models) would otherwise sit in RAM next to every
+    block. Does nothing for a model loaded whole (`files` None).
+    """
+    if files is None:
+        yield
+        return
+    blocks_name, _ = find_blocks(model)
+    tied = set(_tied_names(model))
+    names = [k for k in _persistent(model) if not k.startswith(blocks_name + ".")]
+    state = model.state_dict(keep_vars=True)
+    model.load_state_dict({k: torch.empty_like(state[k], device="meta") for k in names}, strict=False, assign=True)
+    del state
+    try:
+        yield
+    finally:
+        wanted = [k for k in names if k not in tied]
+        model.load_state_dict(files.read(wanted, dtype), strict=False, assign=True)
+        model.tie_weights()
+
+
+@contextlib.contextmanager
+def materialized(
+    block: nn.Module, prefix: str, files: WeightFiles, dtype: torch.dtype, samples: dict[str, bytes]
+) -> Iterator[nn.Module]:
+    """Read one block's weights from disk for the duration of the `with`, then drop them again.
+
+    Each tensor's fingerprint sample is kept in `samples` on the way, so the model's fingerprint
+    needs no second read.
+    """
+    names = _persistent(block)
+    tensors = files.read([f"{prefix}.{n}" for n in names], dtype)
+    samples.update({full: fingerprint_sample(full, t) for full, t in tensors.items()})
+    block.load_state_dict({n: tensors[f"{prefix}.{n}"] for n in names}, strict=True, assign=True)
+    try:
+        yield block
+    finally:
+        meta = {n: torch.empty_like(t, device="meta") for n, t in block.state_dict(keep_vars=True).items()}
+        block.load_state_dict(meta, strict=True, assign=True)
