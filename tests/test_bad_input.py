@@ -206,20 +206,21 @@ def sigterm_in(target: str) -> Callable[..., None]:
 
 def no_space(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """The disk fills up as the results file is written."""
-    write_text = Path.write_text
+    write_bytes = Path.write_bytes
 
     def full(self: Path, *args: Any, **kwargs: Any) -> int:
         if self.name.endswith(".incomplete"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write_text(self, *args, **kwargs)
+        return write_bytes(self, *args, **kwargs)
 
-    mp.setattr(Path, "write_text", full)
+    mp.setattr(Path, "write_bytes", full)
 
 
 def small_disk(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """100 kB free: less than the tiny checkpoint's ~0.5 MB. Pruning must not even start."""
-    mp.setattr("stade_cli.base.files.shutil.disk_usage", lambda _p: SimpleNamespace(total=10**9, used=10**9, free=100_000))
-    for started in ("stade_cli.driver.sweep.prune_model", "stade_cli.driver.streaming.prune_step"):  # in memory, and streamed
+    full = SimpleNamespace(total=10**9, used=10**9, free=100_000)
+    mp.setattr("stade_cli.base.files.shutil.disk_usage", lambda _p: full)
+    for started in ("stade_cli.driver.sweep.prune_model", "stade_cli.driver.streaming.prune_step"):  # both routes
         mp.setattr(started, lambda *a, **k: pytest.fail("pruning started"))
 
 
@@ -406,7 +407,8 @@ CASES = [
          1, ("'{tmp}/sweep/summary.json' already exists",), file_at("sweep/summary.json", b"{}"), UP),
     # 9. smaller
     Case("9 SIGTERM mid-run", CALIBRATE + " --out {tmp}/s",
-         143, ("Terminated (SIGTERM). No partial output was left behind.",), sigterm_in("stade_cli.driver.calibrate.collect")),
+         143, ("Terminated (SIGTERM). No partial output was left behind.",),
+         sigterm_in("stade_cli.driver.calibrate.collect")),
     Case("9 no tokenizer: the message whole", "eval {tmp}/m " + ONE,
          1, ("has no usable tokenizer", "from one of: (1) a `tokenizers` library serialization file"),
          model_copy(drop_tokenizer)),

@@ -194,7 +194,7 @@ def test_streamed_safetensors_file_reads_back(tmp_path: Path) -> None:
     """Hessians are written one at a time by our own writer: safetensors must read every tensor back exactly."""
     from safetensors.torch import load_file
 
-    from stade_cli.base.files import SafetensorsWriter
+    from stade_cli.base.tensorfiles import SafetensorsWriter
 
     g = torch.Generator().manual_seed(0)
     tensors = {

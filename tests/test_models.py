@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from stade_cli.base.dtypes import parse_dtype
 from stade_cli.base.errors import StadeError
 from stade_cli.models.fingerprint import fingerprint
 from stade_cli.models.layers import find_blocks, in_features, linear_layers
-from stade_cli.models.loading import load_model, max_context, parse_dtype, resolve_device, resolve_model
+from stade_cli.models.loading import load_model, max_context, resolve_device, resolve_model
 
 BLOCK_LAYERS = {
     "llama": {

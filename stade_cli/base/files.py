@@ -7,13 +7,10 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from stade_cli.base.errors import StadeError
 
@@ -118,7 +115,8 @@ def is_write_error(exc: BaseException, folder: Path) -> bool:
 
 @contextmanager
 def atomic_dir(out: Path, force: bool, keep: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only if the block finishes (Ctrl-C leaves nothing).
+    """Yield a temporary folder that becomes `out` only if the block finishes (Ctrl-C leaves nothing); its files
+    are flushed to the disk before it takes its name (atomic_write's durability policy).
 
     With `keep`, what a killed run left in the temporary folder is used and kept, even on an error
     (calibrate --resume: committed progress is never thrown away; the folder never looks complete).
@@ -133,9 +131,13 @@ def atomic_dir(out: Path, force: bool, keep: bool = False) -> Iterator[Path]:
         raise write_error(out, exc) from None
     try:
         yield tmp
+        for f in sorted(tmp.rglob("*")):  # a folder that looks complete must be complete, even after a crash
+            if f.is_file():
+                fsync_path(f)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
+        fsync_path(out.parent)
     except BaseException as exc:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -144,17 +146,40 @@ def atomic_dir(out: Path, force: bool, keep: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_json(path: Path, data: object) -> None:
-    """Write JSON atomically: a temp file, then rename."""
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk: after this a crash cannot lose it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
+    """Write `path` whole or not at all: a temporary file renamed into place.
+
+    The durability policy: `durable` writes are flushed to the disk before the rename and the folder after it,
+    for what a crash must not lose (resume progress, a finished artifact's last file); the others rely on the
+    rename alone.
+    """
     tmp = path.with_name(path.name + ".incomplete")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_bytes(data.encode("utf8") if isinstance(data, str) else data)
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise write_error(path, exc) from None
         raise
+
+
+def write_json(path: Path, data: object, durable: bool = False) -> None:
+    """Write JSON atomically (see atomic_write for `durable`)."""
+    atomic_write(path, json.dumps(data, indent=2) + "\n", durable)
 
 
 def sha256_file(path: Path) -> str:
@@ -175,139 +200,3 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise StadeError(f"{what} {str(path)!r} is not a JSON object.")
     return data
-
-
-SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-# safetensors' dtype enum, in its order: a file lists its tensors from the last of these to the first, then by name.
-_ENUM_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
-
-
-def _write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _raw(tensor: torch.Tensor) -> memoryview:
-    """The tensor's little-endian bytes on the CPU, without a copy where it is already there and contiguous."""
-    t = tensor.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().data
-
-
-class PlannedSafetensors:
-    """A safetensors file whose every tensor is known (name, dtype, shape) before any is written.
-
-    The header goes first and each tensor is written at its offset whenever it comes, in any order:
-    no side file and no copy. The layout is the one `safetensors.torch.save_file` writes (larger
-    dtypes first, then by name, the header padded to 8 bytes), so the file is byte for byte the same.
-    """
-
-    def __init__(
-        self, path: Path, entries: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None = None
-    ) -> None:
-        self.path = path
-        order = sorted(entries, key=lambda n: (-_ENUM_ORDER.index(SAFETENSORS_DTYPES[entries[n][0]]), n))
-        header: dict[str, dict] = {"__metadata__": metadata} if metadata is not None else {}
-        self.slots: dict[str, tuple[int, int, torch.dtype, list[int]]] = {}
-        offset = 0
-        for name in order:
-            dtype, shape = entries[name]
-            size = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
-            header[name] = {
-                "dtype": SAFETENSORS_DTYPES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }
-            self.slots[name] = (offset, size, dtype, list(shape))
-            offset += size
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
-        self._base = 8 + len(head)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        _write_at(self._fd, struct.pack("<Q", len(head)) + head, 0)
-        os.ftruncate(self._fd, self._base + offset)
-        self._missing = set(entries)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        offset, _size, dtype, shape = self.slots[name]
-        if tensor.dtype != dtype or list(tensor.shape) != shape:
-            raise ValueError(f"{name}: planned {dtype} {shape}, got {tensor.dtype} {list(tensor.shape)}")
-        _write_at(self._fd, _raw(tensor), self._base + offset)
-        self._missing.discard(name)
-
-    def close(self) -> None:
-        """Close; every planned tensor must have been written."""
-        if self._fd < 0:
-            return
-        self.abort()
-        if self._missing:
-            raise ValueError(f"{self.path.name}: {len(self._missing)} tensors never written, e.g. {min(self._missing)}")
-
-    def abort(self) -> None:
-        """Close the file as it is (a failed run: its folder is about to be removed)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class SafetensorsWriter:
-    """A safetensors file written one tensor at a time, in place: only the tensor being added is in memory,
-    and the file is written once (no side file, no copy). A 13B model's Hessians are 40+ GB.
-
-    The header goes first, but which tensors come is known only as they come (a block's layers that share
-    an input share one tensor). So room for the largest header they could need is kept at the start,
-    the data follow it as they come, and `close()` writes the header there, padded with spaces as
-    safetensors itself pads. `hashes` has each tensor's sha256, for checking one tensor as it is read.
-    """
-
-    def __init__(self, path: Path, header_room: int) -> None:
-        self.path = path
-        self._room = header_room + (-header_room % 8)
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.seek(8 + self._room)
-        self._header: dict[str, dict] = {}
-        self._offset = 0
-        self.hashes: dict[str, str] = {}
-
-    @staticmethod
-    def room_for(entries: dict[str, tuple[torch.dtype, list[int]]]) -> int:
-        """Header bytes that any subset of these tensors, written in any order, fits in."""
-        big = 10**18  # offsets never have more digits than this
-        header = {
-            n: {"dtype": SAFETENSORS_DTYPES[d], "shape": list(s), "data_offsets": [big, big]}
-            for n, (d, s) in entries.items()
-        }
-        return len(json.dumps(header, separators=(",", ":")).encode())
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        raw = _raw(tensor)
-        end = self._offset + raw.nbytes
-        entry = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [self._offset, end],
-        }
-        self._header[name] = entry
-        self._file.write(raw)
-        self.hashes[name] = hashlib.sha256(raw).hexdigest()
-        self._offset = end
-
-    def close(self) -> None:
-        head = json.dumps(self._header, separators=(",", ":")).encode()
-        if len(head) > self._room:
-            raise ValueError(f"{self.path.name}: header of {len(head)} bytes exceeds the {self._room} kept for it")
-        self._file.seek(0)
-        self._file.write(struct.pack("<Q", self._room) + head + b" " * (self._room - len(head)))
-        self._file.close()

@@ -7,10 +7,11 @@ metadata (`base_model`, `library_name`, `tags`), as mlx-lm and llm-compressor wr
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
+
+from stade_cli.base.files import atomic_write
 
 CARD_FILE = "README.md"
 RESULTS_START = "<!-- stade:results -->"
@@ -110,7 +111,7 @@ def render(report: dict[str, Any], command: str | None = None) -> str:
 
 def write_card(folder: Path, report: dict[str, Any], command: str | None = None) -> Path:
     path = folder / CARD_FILE
-    _write_atomic(path, render(report, command))
+    atomic_write(path, render(report, command))
     return path
 
 
@@ -152,11 +153,5 @@ def add_results(folder: Path, results: dict[str, Any]) -> bool:
     rows.update(result_rows(results))
     table = ["| result | value | settings |", "|---|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())]
     section = "\n".join([RESULTS_START, *table, RESULTS_END])
-    _write_atomic(path, text[:start] + section + text[end + len(RESULTS_END) :])
+    atomic_write(path, text[:start] + section + text[end + len(RESULTS_END) :])
     return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".incomplete")
-    tmp.write_text(text, encoding="utf8")
-    os.replace(tmp, path)

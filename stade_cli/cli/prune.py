@@ -113,12 +113,13 @@ def prune(
 
     On K GPUs (sequential): torchrun --nproc-per-node K -m stade_cli prune MODEL --sequential ...
     """
+    from stade_cli.base.dtypes import parse_dtype
     from stade_cli.base.errors import StadeError
     from stade_cli.base.files import check_apart, check_writable
     from stade_cli.cli.tables import render_prune, render_sweep
     from stade_cli.driver.streaming import prune_checkpoints
     from stade_cli.driver.sweep import written_paths
-    from stade_cli.models.loading import load_model, parse_dtype, resolve_device
+    from stade_cli.models.loading import load_model, resolve_device
     from stade_cli.stages.admm import AdmmSettings
     from stade_cli.stages.allocation import OwlSettings
     from stade_cli.stages.config import PruneConfig

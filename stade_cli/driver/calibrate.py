@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from stade_cli.base.console import progress
-from stade_cli.base.dtypes import HESSIAN_DTYPES
+from stade_cli.base.dtypes import HESSIAN_DTYPES, parse_dtype
 from stade_cli.base.errors import StadeError, at_least
-from stade_cli.base.files import SafetensorsWriter, atomic_dir, check_writable
+from stade_cli.base.files import atomic_dir, check_writable
 from stade_cli.base.heap import bound_heap
 from stade_cli.base.shards import Part, windows_record
+from stade_cli.base.tensorfiles import SafetensorsWriter
 from stade_cli.base.versions import library_versions
 from stade_cli.data.sources import (
     Documents,
@@ -54,10 +55,7 @@ class CalibrationConfig:
         at_least("--nsamples", self.nsamples, 1)
         at_least("--seqlen", self.seqlen, 2)
         at_least("--batch-size", self.batch_size, 1)
-        if self.hessian_dtype not in HESSIAN_DTYPES:
-            raise StadeError(
-                f"--hessian-dtype {self.hessian_dtype!r} is not supported.", f"use one of {', '.join(HESSIAN_DTYPES)}"
-            )
+        parse_dtype(self.hessian_dtype, HESSIAN_DTYPES, "--hessian-dtype")
 
 
 def load_data(config: CalibrationConfig, cache_dir: str | None = None) -> Documents | None:
@@ -134,7 +132,8 @@ def calibrate(
         if tmp is None or log is None:
             return None
         # The committed blocks become the artifact's files; each block's Hessians go to disk one at a time.
-        hdtype = HESSIAN_DTYPES[config.hessian_dtype]
+        hdtype = parse_dtype(config.hessian_dtype, HESSIAN_DTYPES, "--hessian-dtype")
+        assert hdtype is not None
         hessians = SafetensorsWriter(tmp / HESSIAN_FILE, hessian_room(model, hdtype)) if config.hessian else None
         tensors = log.finish(_no_hessians if hessians is None else lambda g, h: hessians.add(g, h.to(hdtype)))
         if hessians is not None:

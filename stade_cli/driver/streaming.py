@@ -22,9 +22,10 @@ from torch import nn
 from stade_cli.base.artifacts import REPORT_FILE
 from stade_cli.base.console import progress
 from stade_cli.base.errors import StadeError
-from stade_cli.base.files import PlannedSafetensors, atomic_dir, check_space, write_json
+from stade_cli.base.files import atomic_dir, check_space, write_json
 from stade_cli.base.heap import bound_heap, release_memory
 from stade_cli.base.modelcard import write_card
+from stade_cli.base.tensorfiles import PlannedSafetensors
 from stade_cli.driver import checkpoint
 from stade_cli.driver.checkpoint import bias_plan, report_dict
 from stade_cli.driver.prune import (

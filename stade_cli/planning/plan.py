@@ -155,11 +155,11 @@ def _duration(s: float) -> str:
 def artifact_tensor_bytes(shapes: Shapes, config: PlanConfig, seqlen: int) -> int:
     """The statistics artifact's tensors, exactly: float64 mean and m2 per layer group, one Hessian per group
     (in --hessian-dtype), the int64 token ids."""
-    from stade_cli.base.dtypes import HESSIAN_DTYPES
+    from stade_cli.base.dtypes import BY_NAME
 
     ins = [members[0][1] for members in shapes.groups.values()]
     stats = shapes.n_blocks * sum(2 * 8 * n for n in ins)
-    hessians = shapes.n_blocks * sum(n * n for n in ins) * size_of(HESSIAN_DTYPES[config.hessian_dtype])
+    hessians = shapes.n_blocks * sum(n * n for n in ins) * size_of(BY_NAME[config.hessian_dtype])
     return stats + (hessians if config.hessian else 0) + config.nsamples * seqlen * 8
 
 
@@ -182,7 +182,8 @@ def make_plan(
     """The plan for calibrate, prune and eval of `spec` on `device`, from its config alone."""
     from transformers import AutoConfig
 
-    from stade_cli.models.loading import default_dtype, default_seqlen, parse_dtype
+    from stade_cli.base.dtypes import parse_dtype
+    from stade_cli.models.loading import default_dtype, default_seqlen
     from stade_cli.stages.methods import get_method
 
     path = config_path(spec)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from stade_cli.base.errors import StadeError, at_least
-from stade_cli.stages.masks import Pattern
+from stade_cli.stages.masks import Pattern, lowest_n_of_m
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,7 @@ def _gradual_mask(v: torch.Tensor, fraction: float, sparsity: float, pattern: Pa
     score = v.abs()
     rows, cols = score.shape
     if pattern.structured:  # the N lowest of every M are the candidates; the mask grows among them
-        grouped = score.reshape(rows, cols // pattern.m, pattern.m)
-        idx = torch.sort(grouped, dim=-1, stable=True).indices[..., : pattern.n]
-        candidate = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
-        score = score.masked_fill(~candidate, float("inf"))
+        score = score.masked_fill(~lowest_n_of_m(score, pattern), float("inf"))
     k = int(cols * sparsity * fraction)
     mask = torch.zeros_like(score, dtype=torch.bool)
     if k > 0:

@@ -110,12 +110,17 @@ def _lowest_k_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def lowest_n_of_m(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """True at the N lowest of every M consecutive columns of each row of `scores` (rows, cols), ties broken by
+    lower column first (a stable sort): the one N:M selection, for scores, SparseGPT's groups and ADMM's."""
+    rows, cols = scores.shape
+    grouped = scores.reshape(rows, cols // pattern.m, pattern.m)  # (out, in/M, M)
+    idx = torch.sort(grouped, dim=-1, stable=True).indices[..., : pattern.n]
+    return torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
+
+
 def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
     """True where a weight is pruned: the lowest scores, ties broken by lower column index first."""
-    rows, cols = scores.shape
     if pattern.structured:
-        grouped = scores.reshape(rows, cols // pattern.m, pattern.m)  # (out, in/M, M)
-        idx = torch.sort(grouped, dim=-1, stable=True).indices[..., : pattern.n]
-        mask = torch.zeros_like(grouped, dtype=torch.bool)
-        return mask.scatter_(-1, idx, True).reshape(rows, cols)
-    return lowest_k(scores, int(cols * sparsity))
+        return lowest_n_of_m(scores, pattern)
+    return lowest_k(scores, int(scores.shape[1] * sparsity))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from stade_cli.base.errors import StadeError
-from stade_cli.stages.masks import Pattern, lowest_k
+from stade_cli.stages.masks import Pattern, lowest_k, lowest_n_of_m
 
 MAX_DAMPING_RETRIES = 5
 
@@ -105,8 +105,7 @@ def sparsegpt_prune(
         for i in range(i2 - i1):
             if pattern.structured and i % pattern.m == 0:
                 tmp = w1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square()
-                idx = torch.sort(tmp, dim=1, stable=True).indices[:, : pattern.n]
-                m1[:, i : i + pattern.m].scatter_(1, idx, True)
+                m1[:, i : i + pattern.m] = lowest_n_of_m(tmp, pattern)
             e = w_cols[i].where(m_cols[i], 0.0) / d_vals[i]
             w1[:, i + 1 :].addr_(e, h_rows[i][i + 1 :], alpha=-1.0)  # w -= e ⊗ Hinv[i, i+1:]
         err1 = w1.where(m1, 0.0) / d

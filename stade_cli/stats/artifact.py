@@ -110,7 +110,7 @@ class Statistics:
     def _read_hessian(self, group: str) -> torch.Tensor:
         """One group's Hessian, read rather than mapped (weights.read_tensors): a model's Hessians can be far
         larger than the model, and mapped pages would stay resident next to the copy."""
-        from stade_cli.models.weights import read_tensors
+        from stade_cli.base.tensorfiles import read_tensors
 
         per_tensor = self.manifest.get("hessian_sha256")
         if per_tensor is None:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from stade_cli.base.errors import StadeError
-from stade_cli.base.files import SafetensorsWriter, atomic_dir, check_apart, check_writable
+from stade_cli.base.files import atomic_dir, check_apart, check_writable
 from stade_cli.base.shards import windows_of
+from stade_cli.base.tensorfiles import SafetensorsWriter
 from stade_cli.data.sources import ids_sha256
 from stade_cli.stats.accumulators import Moments
 from stade_cli.stats.artifact import HESSIAN_FILE, Statistics

@@ -12,7 +12,6 @@ describes a consistent state. The folder has no manifest.json, so no stage takes
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,41 +20,11 @@ import torch
 
 from stade_cli.base.console import err
 from stade_cli.base.errors import StadeError
-from stade_cli.base.files import PlannedSafetensors, read_json
-from stade_cli.models.weights import read_tensors
+from stade_cli.base.files import read_json, write_json
+from stade_cli.base.tensorfiles import read_tensors, save_tensors
 
 PROGRESS_FILE = "progress.json"
 PROGRESS_KIND = "stade-calibration-progress"
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file that exists complete or not at all, written from the tensors' own memory
-    (safetensors' save_file first copies every tensor into one buffer: a block's Hessians twice over)."""
-    tmp = path.with_name(path.name + ".tmp")
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    out = PlannedSafetensors(tmp, {k: (v.dtype, list(v.shape)) for k, v in cpu.items()})
-    try:
-        for k, v in cpu.items():
-            out.write(k, v)
-    except BaseException:
-        out.abort()
-        raise
-    out.close()
-    _fsync_replace(tmp, path)
-
-
-def _write_progress(path: Path, data: dict[str, Any]) -> None:
-    import json
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    _fsync_replace(tmp, path)
 
 
 class BlockLog:
@@ -121,7 +90,7 @@ class BlockLog:
         previous, self.hidden_file = self.hidden_file, hidden_name
         files = {f"block-{k:05d}.safetensors": 0 for k in range(self.done)} | {hidden_name: 0}
         files = {f: (self.folder / f).stat().st_size for f in files}
-        _write_progress(
+        write_json(
             self.folder / PROGRESS_FILE,
             {
                 "kind": PROGRESS_KIND,
@@ -131,6 +100,7 @@ class BlockLog:
                 "files": files,
                 "layers": self.layers,
             },
+            durable=True,
         )
         if previous is not None:
             (self.folder / previous).unlink(missing_ok=True)
