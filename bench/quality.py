@@ -36,8 +36,8 @@ import torch
 from stade_cli.base.console import err
 from stade_cli.data.sources import builtin_documents, load_token_file
 from stade_cli.driver.calibrate import CalibrationConfig, calibrate
-from stade_cli.driver.checkpoint import Snapshot
-from stade_cli.driver.prune import prune_model
+from stade_cli.driver.dense import Snapshot
+from stade_cli.driver.sweep import prune_model
 from stade_cli.evaluation.perplexity import perplexity
 from stade_cli.models.loading import LoadedModel, load_model
 from stade_cli.stages.config import PruneConfig
@@ -139,7 +139,7 @@ def _reproduced() -> dict[str, float]:
 
 
 def _config_key(config: PruneConfig) -> str:
-    return json.dumps([config.name, config.sequential, config.stages_dict()], sort_keys=True)
+    return json.dumps([config.name, config.sequential, config.record()], sort_keys=True)
 
 
 def reproduced(row: Row) -> float | None:
@@ -164,7 +164,7 @@ def measure(
         "key": row.key,
         "name": row.config.name,
         "sequential": row.config.sequential,
-        "stages": row.config.stages_dict(),
+        "stages": row.config.record(),
         "achieved_sparsity": round(report.achieved_sparsity, 6),
         "prune_s": round(prune_s, 2),
         "prune_cpu_s": round(prune_cpu_s, 2),  # CPU time: stable on a shared, loaded machine, unlike wall time

@@ -24,8 +24,8 @@ import torch
 from stade_cli.base.console import err
 from stade_cli.data.sources import load_token_file
 from stade_cli.driver.calibrate import CalibrationConfig, calibrate
-from stade_cli.driver.checkpoint import Snapshot
-from stade_cli.driver.prune import prune_model
+from stade_cli.driver.dense import Snapshot
+from stade_cli.driver.sweep import prune_model
 from stade_cli.evaluation.perplexity import perplexity
 from stade_cli.models.loading import load_model
 from stade_cli.stages.config import PruneConfig

@@ -31,13 +31,13 @@ from torch import nn
 from stade_cli.base.console import out
 from stade_cli.data.sources import load_token_file
 from stade_cli.driver.calibrate import CalibrationConfig, calibrate
-from stade_cli.driver.prune import prune_model
+from stade_cli.driver.sweep import prune_model
 from stade_cli.evaluation.perplexity import perplexity
 from stade_cli.models.blocks import capture_inputs, iterate_blocks, run_block
 from stade_cli.models.layers import linear_layers
 from stade_cli.models.loading import load_model
 from stade_cli.stages.config import PruneConfig
-from stade_cli.stages.masks import parse_pattern
+from stade_cli.stages.pattern import parse_pattern
 
 NOT_FED_BY_NORM = ("self_attn.o_proj", "mlp.down_proj")  # where stadew uses stade (SmolLM2 is a Llama)
 CPU = torch.device("cpu")

@@ -26,8 +26,8 @@ from rich.table import Table
 from stade_cli.base.console import err, out
 from stade_cli.data.sources import load_token_file
 from stade_cli.driver.calibrate import CalibrationConfig, calibrate
-from stade_cli.driver.checkpoint import Snapshot
-from stade_cli.driver.prune import prune_model
+from stade_cli.driver.dense import Snapshot
+from stade_cli.driver.sweep import prune_model
 from stade_cli.evaluation.perplexity import perplexity
 from stade_cli.models.fingerprint import full_fingerprint
 from stade_cli.models.loading import LoadedModel, load_model

@@ -51,12 +51,12 @@ CLI = "from stade_cli.cli import main; main()"
 IN_MEMORY = """
 import sys, torch
 from stade_cli.models.loading import load_model
-from stade_cli.driver.sweep import prune_sweep
+from stade_cli.driver.sweep import prune_checkpoints
 from stade_cli.stages.config import PruneConfig
 from stade_cli.stats.artifact import Statistics
 model, stats, out = sys.argv[1:4]
 loaded = load_model(model, "auto", "cpu")
-prune_sweep(loaded, Statistics.load(stats), [PruneConfig("wanda", 0.5)], out, torch.device("cpu"))
+prune_checkpoints(loaded, Statistics.load(stats), [PruneConfig("wanda", 0.5)], out, torch.device("cpu"))
 """
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from stade_cli.base.errors import StadeError
 from stade_cli.driver.calibrate import CalibrationConfig, calibrate
-from stade_cli.driver.sweep import prune_sweep
+from stade_cli.driver.sweep import prune_checkpoints
 from stade_cli.models.blocks import capture_inputs, run_block
 from stade_cli.models.loading import load_model
 from stade_cli.stages.config import PruneConfig
@@ -378,7 +378,7 @@ def test_sequential_wanda_equals_loop_by_hand_and_checkpoint_reloads(family: Fam
     ids = family.stats.token_ids()
     loaded = load_model(str(family.path), dtype="float32", device="cpu")
     config = PruneConfig("wanda", 0.5, sequential=True)
-    [(out, record)] = prune_sweep(loaded, family.stats, [config], tmp_path / "pruned", CPU, batch_size=BATCH)
+    [(out, record)] = prune_checkpoints(loaded, family.stats, [config], tmp_path / "pruned", CPU, batch_size=BATCH)
     assert record["sequential"]
 
     by_hand, fallback = wanda_sequential_by_hand(family.path, blocks, ids, 0.5)

@@ -220,7 +220,7 @@ def small_disk(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """100 kB free: less than the tiny checkpoint's ~0.5 MB. Pruning must not even start."""
     full = SimpleNamespace(total=10**9, used=10**9, free=100_000)
     mp.setattr("stade_cli.base.files.shutil.disk_usage", lambda _p: full)
-    for started in ("stade_cli.driver.sweep.prune_model", "stade_cli.driver.streaming.prune_step"):  # both routes
+    for started in ("stade_cli.driver.loop.prune_step", "stade_cli.driver.loop.start_runs"):  # the one loop
         mp.setattr(started, lambda *a, **k: pytest.fail("pruning started"))
 
 

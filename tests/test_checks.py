@@ -26,8 +26,8 @@ def random_problem(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, t
 def test_sparsegpt_nm_groups_never_straddle_blocks(n: int, m: int) -> None:
     """384 columns = 3 blocks of 128, which M=6 and M=10 do not divide: every group of M columns starting at
     an absolute multiple of M must still have exactly N pruned in every row."""
-    from stade_cli.stages.masks import Pattern
-    from stade_cli.stages.sparsegpt import sparsegpt_prune
+    from stade_cli.stages.pattern import Pattern
+    from stade_cli.stages.solvers.sparsegpt import sparsegpt_prune
 
     cols = 3 * 128 if 3 * 128 % m == 0 else 390
     w, h = random_problem(24, cols)
@@ -40,8 +40,8 @@ def test_sparsegpt_nm_groups_never_straddle_blocks(n: int, m: int) -> None:
 def test_sparsegpt_block_size_rounds_to_a_multiple_of_m() -> None:
     """A block size M does not divide is rounded down to one it does: 130 columns a block at 2:4 solve exactly
     like 128 (before the fix, a group straddled the edge and the result differed); 2:4 at 128 is untouched."""
-    from stade_cli.stages.masks import Pattern
-    from stade_cli.stages.sparsegpt import sparsegpt_prune
+    from stade_cli.stages.pattern import Pattern
+    from stade_cli.stages.solvers.sparsegpt import sparsegpt_prune
 
     w, h = random_problem(32, 384, seed=3)
     at_128 = sparsegpt_prune(w, h, 0.5, Pattern(2, 4), blocksize=128)

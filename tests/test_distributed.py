@@ -196,9 +196,10 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import stade_cli.driver.calibrate as cal
+    import stade_cli.stats.collect as col
     from stade_cli.cli import main
 
-    real_commit, real_run = cal.BlockLog.commit, cal.run_block
+    real_commit, real_run = cal.BlockLog.commit, col.run_block
     state = {"committed": -1, "calls": 0}
 
     def commit(self, block, *args, **kwargs):
@@ -212,7 +213,7 @@ KILLER = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
         return real_run(*args, **kwargs)
 
-    cal.BlockLog.commit, cal.run_block = commit, run_block
+    cal.BlockLog.commit, col.run_block = commit, run_block
     sys.argv = ["stade", *sys.argv[1:]]
     main()
     """
@@ -232,6 +233,7 @@ def test_resume_after_sigkill_gives_identical_statistics(deep_llama: Path, text:
     assert sorted(p.name for p in unfinished.iterdir() if p.suffix == ".safetensors") == [
         "block-00000.safetensors",
         "block-00001.safetensors",
+        "hessians.safetensors",  # the artifact's own file: two blocks' Hessians committed, written once
         "hidden-00001.safetensors",
     ]
     # Nothing takes the half-written folder for statistics.
@@ -351,7 +353,7 @@ def test_torchrun_sequential_prune_equals_one_process(tiny_llama_dir: Path, text
 FAILING_RANK = textwrap.dedent(
     """
     import os, sys, time
-    import stade_cli.driver.calibrate as cal
+    import stade_cli.stats.collect as cal
     from stade_cli.cli import main
     from stade_cli.base.errors import StadeError
 

@@ -136,7 +136,7 @@ def test_experts_pruned_routers_dense_checkpoint_reloads(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_checkpoints
     from stade_cli.evaluation.evaluate import measured_sparsity
     from stade_cli.models.loading import load_model, resolve_device
     from stade_cli.stages.config import PruneConfig
@@ -145,7 +145,9 @@ def test_experts_pruned_routers_dense_checkpoint_reloads(
     _family, model_dir, stats_dir = moe
     loaded = load_model(str(model_dir), "float32", "cpu")
     stats = Statistics.load(stats_dir)
-    ((path, report),) = prune_sweep(loaded, stats, [PruneConfig(method, 0.5)], tmp_path / "out", resolve_device("cpu"))
+    ((path, report),) = prune_checkpoints(
+        loaded, stats, [PruneConfig(method, 0.5)], tmp_path / "out", resolve_device("cpu")
+    )
     ids = stats.token_ids()[:2]
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
@@ -192,7 +194,7 @@ def test_experts_pruned_routers_dense_checkpoint_reloads(
 def test_sequential_and_sweep_restore_experts(moe: tuple[str, Path, Path], tmp_path: Path) -> None:
     """A sweep restores the dense experts between runs (same bytes as a run alone); sequential pruning
     calibrates experts too (block 0 sees dense inputs either way, so its experts equal one-shot's)."""
-    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_checkpoints
     from stade_cli.models.loading import load_model, resolve_device
     from stade_cli.stages.config import PruneConfig
     from stade_cli.stats.artifact import Statistics
@@ -201,9 +203,11 @@ def test_sequential_and_sweep_restore_experts(moe: tuple[str, Path, Path], tmp_p
     cpu = resolve_device("cpu")
     stats = Statistics.load(stats_dir)
     sweep = [PruneConfig("wanda", 0.5, sequential=True), PruneConfig("wanda", 0.3)]
-    results = prune_sweep(load_model(str(model_dir), "float32", "cpu"), stats, sweep, tmp_path / "sweep", cpu)
-    ((alone, _r),) = prune_sweep(load_model(str(model_dir), "float32", "cpu"), stats, sweep[1:], tmp_path / "1", cpu)
-    ((one_shot, _r),) = prune_sweep(
+    results = prune_checkpoints(load_model(str(model_dir), "float32", "cpu"), stats, sweep, tmp_path / "sweep", cpu)
+    ((alone, _r),) = prune_checkpoints(
+        load_model(str(model_dir), "float32", "cpu"), stats, sweep[1:], tmp_path / "1", cpu
+    )
+    ((one_shot, _r),) = prune_checkpoints(
         load_model(str(model_dir), "float32", "cpu"), stats, [PruneConfig("wanda", 0.5)], tmp_path / "2", cpu
     )
     second, sequential = weights(results[1][0]), weights(results[0][0])
@@ -264,14 +268,12 @@ def test_lazy_calibration_of_fused_checkpoint_equals_eager(moe: tuple[str, Path,
         lazy, eager = read(tmp_path / "stats", fname), read(stats_dir, fname)
         assert lazy.keys() == eager.keys()
         assert all(torch.allclose(lazy[k], eager[k], rtol=1e-6, atol=1e-9) for k in eager), fname
-    # A sweep's Snapshot reads such experts back from these files rather than keeping a copy in memory.
-    from stade_cli.driver.checkpoint import Snapshot
-    from stade_cli.models.weights import WeightFiles
+    # A Snapshot (save_pretrained's sink) puts the fused experts back exactly.
+    from stade_cli.driver.dense import Snapshot
 
     model = load_model(str(fused), "float32", "cpu").model
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    snap = Snapshot(model, WeightFiles.find(str(fused)))
-    assert snap.experts and all(v is None for v in snap.experts.values())
+    snap = Snapshot(model)
     for layer in model.model.layers:
         layer.mlp.experts.down_proj.data.zero_()
     snap.restore()

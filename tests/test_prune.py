@@ -148,14 +148,16 @@ def test_checkpoint_reloads_with_same_logits(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_checkpoints
     from stade_cli.models.loading import load_model, resolve_device
     from stade_cli.stages.config import PruneConfig
     from stade_cli.stats.artifact import Statistics
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
     stats = Statistics.load(llama_stats)
-    ((path, report),) = prune_sweep(loaded, stats, [PruneConfig(method, 0.5)], tmp_path / "out", resolve_device("cpu"))
+    ((path, report),) = prune_checkpoints(
+        loaded, stats, [PruneConfig(method, 0.5)], tmp_path / "out", resolve_device("cpu")
+    )
     ids = stats.token_ids()[:2]
     with torch.no_grad():
         in_memory = loaded.model(ids).logits
@@ -263,8 +265,8 @@ def test_sparsegpt_beats_wanda_mask_on_reconstruction() -> None:
     """A layer with correlated inputs: the OBS update lowers ||WX - W'X|| below the same-sparsity wanda mask."""
     from stade_cli.driver.prune import prune_weight
     from stade_cli.stages.config import PruneConfig
-    from stade_cli.stages.masks import Pattern
-    from stade_cli.stages.sparsegpt import sparsegpt_prune
+    from stade_cli.stages.pattern import Pattern
+    from stade_cli.stages.solvers.sparsegpt import sparsegpt_prune
     from stade_cli.stats.accumulators import Hessian, LayerStats, Moments
 
     g = torch.Generator().manual_seed(1)
@@ -286,8 +288,8 @@ def test_sparsegpt_beats_wanda_mask_on_reconstruction() -> None:
 
 
 def test_sparsegpt_escalates_damping_on_singular_hessian() -> None:
-    from stade_cli.stages.masks import Pattern
-    from stade_cli.stages.sparsegpt import sparsegpt_prune
+    from stade_cli.stages.pattern import Pattern
+    from stade_cli.stages.solvers.sparsegpt import sparsegpt_prune
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(16, 64, generator=g)  # rank 16 < 64 and a negative direction: Cholesky fails at first
@@ -314,8 +316,8 @@ def test_selection_equals_stable_sort(levels: int | None) -> None:
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_on_stacked_layers_equals_one_layer_at_a_time(pattern: str) -> None:
     """q/k/v share a Hessian and are solved stacked: each layer must get what it would get alone."""
-    from stade_cli.stages.masks import parse_pattern
-    from stade_cli.stages.sparsegpt import sparsegpt_prune
+    from stade_cli.stages.pattern import parse_pattern
+    from stade_cli.stages.solvers.sparsegpt import sparsegpt_prune
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2048, 256, generator=g) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=g))
@@ -339,28 +341,33 @@ def test_nan_scores_name_the_layer() -> None:
         prune_weight(torch.ones(2, 4), st, PruneConfig("wanda", 0.5), "model.layers.0.mlp.down_proj")
 
 
-def test_sweep_snapshot_reads_dense_weights_back_from_disk(tiny_llama_dir: Path, llama_stats: Path) -> None:
-    """A sweep restores the dense model between runs from the checkpoint files, keeping no second copy."""
-    from stade_cli.driver.checkpoint import Snapshot
-    from stade_cli.driver.prune import prune_model
+def test_an_in_memory_sweep_keeps_one_dense_block_not_a_second_model(
+    tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep of a model in memory is one pass over the blocks: each block's dense weights are kept while it is
+    pruned once per run (never a copy of the whole model), and every checkpoint equals the one pruned alone."""
+    import hashlib
+
+    import stade_cli.driver.dense as dense
+    from stade_cli.driver.sweep import prune_checkpoints
     from stade_cli.models.loading import load_model
-    from stade_cli.models.weights import WeightFiles
     from stade_cli.stages.config import PruneConfig
     from stade_cli.stats.artifact import Statistics
 
-    loaded = load_model(str(tiny_llama_dir), "auto", "cpu")
-    dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    snap = Snapshot(loaded.model, WeightFiles.find(str(tiny_llama_dir)))
-    assert snap.files is not None and all(w is None for w, _b in snap.linears.values())
-    prune_model(loaded, Statistics.load(llama_stats), PruneConfig("stade", 0.5), torch.device("cpu"))
-    snap.restore()
-    restored = loaded.model.state_dict()
-    assert restored.keys() == dense.keys() and all(torch.equal(restored[k], v) for k, v in dense.items())
-
-    # Weights that differ from the files (changed after loading) are kept in memory instead.
-    loaded.model.model.layers[0].mlp.down_proj.weight.data.mul_(0.5)
-    snap = Snapshot(loaded.model, WeightFiles.find(str(tiny_llama_dir)))
-    assert snap.files is None and all(w is not None for w, _b in snap.linears.values())
+    stats = Statistics.load(llama_stats)
+    configs = [PruneConfig("stade", 0.5), PruneConfig("wanda", None, "2:4"), PruneConfig("magnitude", 0.3)]
+    kept: list[int] = []
+    real = dense.DenseBlock.__init__
+    monkeypatch.setattr(dense.DenseBlock, "__init__", lambda self, b: kept.append(1) or real(self, b))
+    monkeypatch.setattr(dense.Snapshot, "__init__", lambda *_a: pytest.fail("a copy of the whole model"))
+    cpu = torch.device("cpu")
+    prune_checkpoints(load_model(str(tiny_llama_dir), "auto", "cpu"), stats, configs, tmp_path / "sweep", cpu)
+    assert len(kept) == 2  # one per block of the tiny model, each dropped after its block
+    for c in configs:
+        prune_checkpoints(load_model(str(tiny_llama_dir), "auto", "cpu"), stats, [c], tmp_path / c.name, cpu)
+        for f in ("model.safetensors", "config.json"):
+            a, b = (tmp_path / "sweep" / c.name / f).read_bytes(), (tmp_path / c.name / f).read_bytes()
+            assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest(), (c.name, f)
 
 
 def test_bad_inputs_are_refused_before_any_work(tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path) -> None:
@@ -480,7 +487,7 @@ def test_sparsegpt_beats_wanda_on_real_smollm2_layer() -> None:
     from stade_cli.driver.prune import prune_weight
     from stade_cli.models.loading import load_model
     from stade_cli.stages.config import PruneConfig
-    from stade_cli.stages.sparsegpt import sparsegpt_prune
+    from stade_cli.stages.solvers.sparsegpt import sparsegpt_prune
     from stade_cli.stats.accumulators import Hessian, LayerStats, Moments
 
     loaded = load_model("smollm2-135m")

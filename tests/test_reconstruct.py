@@ -113,15 +113,16 @@ def test_heldout_losses_in_stade_json_match_a_plain_forward(
 ) -> None:
     """The reported held-out losses, recomputed with hooks on transformers models: before = the masked block,
     after = the saved block; targets = the dense block on the same inputs (dense one-shot, pruned sequential)."""
-    from stade_cli.stages.reconstruct import split_windows
+    from stade_cli.stages.solvers.reconstruction import split_windows
     from stade_cli.stats.artifact import Statistics
 
     ids = Statistics.load(stats8).token_ids()
     for mode in ("block", "seq"):
-        report = json.loads((runs[mode] / "stade.json").read_text())["reconstruct"]
-        assert report["method"] == "block" and report["steps"] == int(STEPS)
-        assert [b["block"] for b in report["blocks"]] == ["model.layers.0", "model.layers.1"]
-        for k, entry in enumerate(report["blocks"]):
+        report = json.loads((runs[mode] / "stade.json").read_text())
+        stage = report["stages"]["reconstruct"]
+        assert stage["name"] == "block" and stage["settings"]["steps"] == int(STEPS)
+        assert [b["block"] for b in report["reconstruction"]] == ["model.layers.0", "model.layers.1"]
+        for k, entry in enumerate(report["reconstruction"]):
             _, held = split_windows([4, 4], 0 * 1_000_003 + k)
             rows = torch.tensor([4 * b + r for b, rs in held for r in rs])
             assert entry["heldout_windows"] == len(rows) == 1 and entry["train_windows"] == 7
@@ -136,21 +137,23 @@ def test_heldout_losses_in_stade_json_match_a_plain_forward(
                 dense = block_outputs(runs["seq"], x, {k: tiny_llama_dir})[k]
                 after = block_outputs(runs["seq"], x)[k]
             assert rel(after, dense) == pytest.approx(entry["heldout_after"], rel=1e-4)
-    assert json.loads((runs["plain"] / "stade.json").read_text())["reconstruct"] == {"method": "none"}
+    plain = json.loads((runs["plain"] / "stade.json").read_text())
+    assert plain["stages"]["reconstruct"] == {"name": "none"} and "reconstruction" not in plain
 
 
 def test_checkpoint_reloads_with_same_logits(tiny_llama_dir: Path, stats8: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_checkpoints
     from stade_cli.models.loading import load_model, resolve_device
     from stade_cli.stages.config import PruneConfig
+    from stade_cli.stages.reconstructions.block import BlockSettings
     from stade_cli.stats.artifact import Statistics
 
     loaded = load_model(str(tiny_llama_dir), "float32", "cpu")
     stats = Statistics.load(stats8)
-    cfg = PruneConfig("stade", 0.5, reconstruct="block", reconstruct_steps=5)
-    ((path, _report),) = prune_sweep(loaded, stats, [cfg], tmp_path / "out", resolve_device("cpu"))
+    cfg = PruneConfig("stade", 0.5, reconstruct="block", settings=(BlockSettings(steps=5),))
+    ((path, _report),) = prune_checkpoints(loaded, stats, [cfg], tmp_path / "out", resolve_device("cpu"))
     ids = stats.token_ids()[:2]
     with torch.no_grad():
         in_memory = loaded.model(ids).logits
@@ -169,7 +172,8 @@ def test_bfloat16_block_keeps_dtype_device_and_mask(device: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from stade_cli.models.blocks import capture_inputs, run_block
-    from stade_cli.stages.reconstruct import reconstruct_block
+    from stade_cli.stages.reconstructions.block import BlockSettings
+    from stade_cli.stages.solvers.reconstruction import reconstruct_block
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -185,7 +189,7 @@ def test_bfloat16_block_keeps_dtype_device_and_mask(device: str) -> None:
                 mod.weight.masked_fill_((torch.rand(mod.weight.shape, generator=g) < 0.5).to(dev), 0)
     storage = {n: p.data.data_ptr() for n, p in block.named_parameters()}
     zeros = {n: p == 0 for n, p in block.named_parameters()}
-    res = reconstruct_block(block, inputs.of_block(0), dense, dev, steps=10, seed=0)
+    res = reconstruct_block(block, inputs.of_block(0), dense, dev, BlockSettings(steps=10), seed=0)
     for n, p in block.named_parameters():
         assert p.dtype == torch.bfloat16 and p.device.type == dev.type and p.data.data_ptr() == storage[n]
         assert not p.requires_grad and p.grad is None
@@ -198,4 +202,4 @@ def test_unknown_reconstruction_is_refused_before_work(tiny_llama_dir: Path, sta
     res = invoke(
         "prune", tiny_llama_dir, "--stats", stats8, "--method", "wanda", "--reconstruct", "blocks", "--out", tmp_path
     )
-    assert res.exit_code == 1 and "Unknown reconstruction 'blocks'" in res.output and "none, block" in res.output
+    assert res.exit_code == 1 and "Unknown reconstruction 'blocks'" in res.output and "block, none" in res.output

@@ -16,7 +16,7 @@ WANDA_50 = 68.751  # the Wanda repository's figure with these exact ids (tests/d
 def test_sequential_wanda_reproduces_reference_figure(tmp_path: Path) -> None:
     from stade_cli.data.sources import load_token_file
     from stade_cli.driver.calibrate import CalibrationConfig, calibrate
-    from stade_cli.driver.prune import prune_model
+    from stade_cli.driver.sweep import prune_model
     from stade_cli.evaluation.perplexity import perplexity
     from stade_cli.models.loading import load_model
     from stade_cli.stages.config import PruneConfig

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from stade_cli.stages.admm import AdmmSettings, admm_prune
-from stade_cli.stages.masks import parse_pattern
+from stade_cli.stages.solvers.admm import admm_prune
+from stade_cli.stages.updates.admm import AdmmSettings
+from stade_cli.stages.pattern import parse_pattern
 
 from helpers import calibrate, invoke, read_weights
 
@@ -148,7 +149,7 @@ def test_owl_ratios_average_to_target(tiny_llama_dir: Path, tmp_path: Path) -> N
     ratios = np.array(list(report["block_sparsity"].values()))
     assert ratios.mean() == pytest.approx(0.6, abs=1e-6)
     np.testing.assert_allclose(ratios, _owl_expected(tiny_llama_dir, stats, 0.6, lam=0.1), atol=1e-6)
-    assert report["stages"]["allocation"] == {"name": "owl", "m": 5.0, "lambda": 0.1}
+    assert report["stages"]["allocation"] == {"name": "owl", "settings": {"m": 5.0, "lambda": 0.1}}
     for layer in report["layers"]:  # each layer at its block's ratio (int(in * s) per row)
         block = ".".join(layer["name"].split(".")[:3])
         assert layer["sparsity"] == pytest.approx(
@@ -171,7 +172,7 @@ def test_stages_from_the_cli_are_recorded(tiny_llama_dir: Path, tmp_path: Path) 
     assert res.exit_code == 0, res.output
     report = json.loads((out / "stade+admm-2of4-0.5" / "stade.json").read_text())
     assert report["method"] == "stade" and report["stages"]["score"] == ["stade"]
-    assert report["stages"]["update"]["name"] == "admm" and report["stages"]["update"]["admm"]["iters"] == 30
+    assert report["stages"]["update"]["name"] == "admm" and report["stages"]["update"]["settings"]["iters"] == 30
     assert not any(layer["bias_updated"] for layer in report["layers"])  # --update replaced STADE's bias
     # wanda's mask, ADMM's weights: the kept weights moved, the pruned ones are the mask's
     dense = read_weights(tiny_llama_dir)

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_CLI = "from stade_cli.cli import main; main()"
 # The same CLI with every streamed block slowed down, so that a test can kill it mid-run.
 RUN_SLOW_CLI = (
-    "import time, stade_cli.driver.streaming as s; f = s._prune_into; "
-    "s._prune_into = lambda *a: (time.sleep(0.4), f(*a))[1]; " + RUN_CLI
+    "import time, stade_cli.driver.loop as s; f = s.prune_step; "
+    "s.prune_step = lambda *a: (time.sleep(0.4), f(*a))[1]; " + RUN_CLI
 )
 
 
@@ -54,6 +54,28 @@ def calibrate_cli(model: Path, out: Path) -> Path:
     return calibrate(model, out, "--hessian", seqlen=32)
 
 
+def stage_combinations(bias: bool) -> list:
+    """Every preset kind (a bias update, the OBS solver, a sequential score) and every stage combination: ADMM
+    (gradual mask, and after a score), block reconstruction, OWL; at 50% and 2:4, one-shot and sequential."""
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stages.reconstructions.block import BlockSettings
+
+    short = (BlockSettings(steps=4),)
+    return [
+        PruneConfig("stade", 0.5, bias_update=bias),
+        PruneConfig("sparsegpt", None, "2:4"),
+        PruneConfig("wanda", 0.5, sequential=True),
+        PruneConfig("admm", 0.5),
+        PruneConfig("admm", None, "2:4", sequential=True),
+        PruneConfig("admm", 0.5, reconstruct="block", settings=short),
+        PruneConfig("admm", None, "2:4", sequential=True, reconstruct="block", settings=short),
+        PruneConfig("wanda", 0.5, update="admm"),
+        PruneConfig("wanda", None, "2:4", update="admm", sequential=True),
+        PruneConfig("wanda", 0.5, allocation="owl"),
+        PruneConfig("wanda", 0.5, allocation="owl", sequential=True),
+    ]
+
+
 @pytest.mark.parametrize(
     ("family", "tied", "dtype", "shard"),
     [("llama", False, None, "40KB"), ("qwen2", True, torch.bfloat16, "30KB"), ("llama", False, None, "2GB")],
@@ -61,42 +83,44 @@ def calibrate_cli(model: Path, out: Path) -> Path:
 def test_streaming_writes_the_in_memory_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, tied: bool, dtype: torch.dtype | None, shard: str
 ) -> None:
-    """A sweep (bias update, 2:4 sparsegpt, sequential wanda) streamed and in memory: the same files, byte for byte."""
-    import stade_cli.driver.checkpoint as checkpoint
-    from stade_cli.driver.streaming import stream_sweep
-    from stade_cli.driver.sweep import prune_sweep
+    """Every stage combination, one sweep three ways: streamed from the files into planned shards (one pass), pruned
+    in memory into planned shards, and pruned in memory then written by transformers' own save_pretrained (a pass
+    per checkpoint, the dense weights restored in between): the same files, byte for byte."""
+    import stade_cli.driver.sinks as sinks
+    from stade_cli.driver.sweep import prune_checkpoints
     from stade_cli.models.loading import load_model
-    from stade_cli.stages.config import PruneConfig
     from stade_cli.stats.artifact import Statistics
 
-    monkeypatch.setattr(checkpoint, "MAX_SHARD_SIZE", shard)
+    monkeypatch.setattr(sinks, "MAX_SHARD_SIZE", shard)
     model = save_model(family, tmp_path / "m", tied)
     stats = Statistics.load(calibrate_cli(model, tmp_path / "stats"))
-    bias = family == "llama"  # Qwen2 has no switch for o_proj/down_proj biases
-    configs = [
-        PruneConfig("stade", 0.5, bias_update=bias),
-        PruneConfig("sparsegpt", None, "2:4"),
-        PruneConfig("wanda", 0.5, sequential=True),
-    ]
+    configs = stage_combinations(bias=family == "llama")  # Qwen2 has no switch for o_proj/down_proj biases
     cpu = torch.device("cpu")
-    memory = prune_sweep(load_model(str(model), "auto", cpu), stats, configs, tmp_path / "mem", cpu, dtype=dtype)
-    lazy = load_model(str(model), "auto", cpu, lazy=True)
-    assert lazy.lazy
-    streamed = stream_sweep(lazy, stats, configs, tmp_path / "str", cpu, dtype=dtype)
-    a, b = files_digest(tmp_path / "mem"), files_digest(tmp_path / "str")
-    assert a == b
-    shards = [n for n in a if n.endswith(".safetensors")]
-    assert len(shards) > 3 if shard != "2GB" else len(shards) == 3
+    for mode in ("one-shot", "sequential"):  # a sweep's folders are named by method, pattern and ratio alone
+        sweep = [c for c in configs if c.sequential == (mode == "sequential")]
+        lazy = load_model(str(model), "auto", cpu, lazy=True)
+        assert lazy.lazy
+        streamed = prune_checkpoints(lazy, stats, sweep, tmp_path / "str" / mode, cpu, dtype=dtype)
+        whole = load_model(str(model), "auto", cpu)
+        shards = prune_checkpoints(whole, stats, sweep, tmp_path / "shards" / mode, cpu, dtype=dtype)
+        whole = load_model(str(model), "auto", cpu)
+        saved = prune_checkpoints(whole, stats, sweep, tmp_path / "mem" / mode, cpu, dtype=dtype, save_pretrained=True)
+        for (_, ra), (_, rb), (_, rc) in zip(saved, streamed, shards, strict=True):
+            assert (ra["route"], rb["route"], rc["route"]) == ("in-memory", "streaming", "in-memory")
+            for key in ("layers", "achieved_sparsity", "bias_update", "statistics", "stages", "block_sparsity"):
+                assert ra.get(key) == rb.get(key) == rc.get(key)
+    a, b, c = (files_digest(tmp_path / d) for d in ("mem", "str", "shards"))
+    assert a == b == c
+    files = [n for n in a if n.endswith(".safetensors")]
+    assert len(files) > 3 * len(configs) if shard != "2GB" else len(files) == len(configs)
     assert any(n.endswith("index.json") for n in a) == (shard != "2GB")
-    for (_, ra), (_, rb) in zip(memory, streamed, strict=True):
-        assert (ra["route"], rb["route"]) == ("in-memory", "streaming")
-        for key in ("layers", "achieved_sparsity", "bias_update", "statistics"):
-            assert ra[key] == rb[key]
-    if bias:
-        cfg = json.loads((tmp_path / "str" / configs[0].name / "config.json").read_text())
+    if family == "llama":
+        cfg = json.loads((tmp_path / "str" / "one-shot" / configs[0].name / "config.json").read_text())
         assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
     if tied:
-        index = json.loads((tmp_path / "str" / configs[0].name / "model.safetensors.index.json").read_text())
+        index = json.loads(
+            (tmp_path / "str" / "one-shot" / configs[0].name / "model.safetensors.index.json").read_text()
+        )
         assert "lm_head.weight" not in index["weight_map"]
 
 
@@ -104,7 +128,7 @@ def test_streamed_checkpoint_gives_the_pruned_models_logits(tmp_path: Path) -> N
     """Reloaded with plain transformers, the streamed checkpoint computes what the pruned model in memory computes."""
     from transformers import AutoModelForCausalLM
 
-    from stade_cli.driver.sweep import prune_sweep
+    from stade_cli.driver.sweep import prune_checkpoints
     from stade_cli.models.loading import load_model
     from stade_cli.stages.config import PruneConfig
     from stade_cli.stats.artifact import Statistics
@@ -114,7 +138,7 @@ def test_streamed_checkpoint_gives_the_pruned_models_logits(tmp_path: Path) -> N
     stats = Statistics.load(stats_dir)
     cpu = torch.device("cpu")
     loaded = load_model(str(model), "float32", cpu)
-    prune_sweep(loaded, stats, [PruneConfig("stade", 0.5)], tmp_path / "mem", cpu)
+    prune_checkpoints(loaded, stats, [PruneConfig("stade", 0.5)], tmp_path / "mem", cpu)
     res = runner.invoke(
         app,
         [str(a) for a in ["prune", model, "--stats", stats_dir, "--method", "stade", "--sparsity", 0.5]]
@@ -199,14 +223,14 @@ def test_fingerprint_from_strided_file_samples_equals_the_loaded_ones(tmp_path: 
 def test_statistics_of_another_model_are_refused_before_any_block_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stade_cli.driver.streaming
+    import stade_cli.models.blocks
 
     stats = calibrate_cli(save_model("llama", tmp_path / "a"), tmp_path / "stats")
     other = tmp_path / "b"
     from conftest import save_tiny_model
 
     save_tiny_model("llama", other, seed=1)
-    monkeypatch.setattr(stade_cli.driver.streaming, "materialized", lambda *a: pytest.fail("a block was read"))
+    monkeypatch.setattr(stade_cli.models.blocks, "materialized", lambda *a: pytest.fail("a block was read"))
     args = ["prune", other, "--stats", stats, "--method", "wanda", "--sparsity", 0.5, "--device", "cpu"]
     res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "o"]])
     assert res.exit_code == 1 and "another model" in res.output
@@ -217,16 +241,17 @@ def test_a_checkpoint_transformers_would_rename_falls_back_to_memory_before_any_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where save_pretrained would rename or convert tensors, the streamed layout is unknown: prune in memory."""
-    import stade_cli.driver.streaming as streaming
+    import stade_cli.driver.sweep as sweep
+    from stade_cli.models import hf
 
     model = save_model("llama", tmp_path / "m")
     stats = calibrate_cli(model, tmp_path / "stats")
 
     def renamed(*_a: object, **_k: object) -> None:
         assert not (tmp_path / "o.incomplete").exists()
-        raise streaming.NotStreamable("transformers renames or converts this model's tensors when it saves them")
+        raise hf.Renamed("transformers renames or converts this model's tensors when it saves them")
 
-    monkeypatch.setattr(streaming, "plan_layout", renamed)
+    monkeypatch.setattr(sweep, "plan_layout", renamed)
     args = ["prune", model, "--stats", stats, "--method", "wanda", "--sparsity", 0.5, "--device", "cpu"]
     res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "o"]])
     assert res.exit_code == 0, res.output

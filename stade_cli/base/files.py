@@ -177,9 +177,9 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
         raise
 
 
-def write_json(path: Path, data: object, durable: bool = False) -> None:
-    """Write JSON atomically (see atomic_write for `durable`)."""
-    atomic_write(path, json.dumps(data, indent=2) + "\n", durable)
+def write_json(path: Path, data: object, durable: bool = False, sort_keys: bool = False) -> None:
+    """Write JSON atomically (see atomic_write for `durable`), indented as save_pretrained writes it."""
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", durable)
 
 
 def sha256_file(path: Path) -> str:

@@ -36,12 +36,18 @@ class Part:
         """[start, stop) of this part among `n` windows: the same split for --shard and for torchrun ranks."""
         return n * self.index // self.count, n * (self.index + 1) // self.count
 
-    def check(self, n: int, what: str = "shard") -> None:
+    def take(self, n: int, what: str = "shard") -> tuple[int, int]:
+        """This part's bounds among `n` windows, refused where some part would get none."""
         if n < self.count:
             raise StadeError(
                 f"{n} calibration windows cannot be split into {self.count} {what}s (each needs at least one).",
                 f"raise --nsamples to {self.count} or more, or use fewer {what}s",
             )
+        return self.bounds(n)
+
+    def all_bounds(self, n: int) -> list[list[int]]:
+        """Every part's [start, stop) of the same split (a torchrun manifest records them)."""
+        return [list(Part(i, self.count).bounds(n)) for i in range(self.count)]
 
 
 def windows_record(n: int, drawn_sha256: str, start: int, stop: int, shard: Part | None) -> dict[str, Any]:

@@ -32,6 +32,28 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
+Slot = tuple[int, int, torch.dtype, list[int]]  # offset, bytes, dtype, shape
+
+
+def planned_header(
+    entries: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, Slot], int]:
+    """The header `safetensors.torch.save_file` writes for these tensors (larger dtypes first, then by name, padded
+    to 8 bytes), each tensor's slot, and the data's size: the file is 8 + len(header) + size bytes."""
+    order = sorted(entries, key=lambda n: (-_ENUM_ORDER.index(CODE_OF[entries[n][0]]), n))
+    header: dict[str, dict] = {"__metadata__": metadata} if metadata is not None else {}
+    slots: dict[str, Slot] = {}
+    offset = 0
+    for name in order:
+        dtype, shape = entries[name]
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        slots[name] = (offset, size, dtype, list(shape))
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + b" " * (-len(head) % 8), slots, offset
+
+
 class PlannedSafetensors:
     """A safetensors file whose every tensor is known (name, dtype, shape) before any is written.
 
@@ -44,26 +66,11 @@ class PlannedSafetensors:
         self, path: Path, entries: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None = None
     ) -> None:
         self.path = path
-        order = sorted(entries, key=lambda n: (-_ENUM_ORDER.index(CODE_OF[entries[n][0]]), n))
-        header: dict[str, dict] = {"__metadata__": metadata} if metadata is not None else {}
-        self.slots: dict[str, tuple[int, int, torch.dtype, list[int]]] = {}
-        offset = 0
-        for name in order:
-            dtype, shape = entries[name]
-            size = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {
-                "dtype": CODE_OF[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }
-            self.slots[name] = (offset, size, dtype, list(shape))
-            offset += size
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
+        head, self.slots, size = planned_header(entries, metadata)
         self._base = 8 + len(head)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         _write_at(self._fd, struct.pack("<Q", len(head)) + head, 0)
-        os.ftruncate(self._fd, self._base + offset)
+        os.ftruncate(self._fd, self._base + size)
         self._missing = set(entries)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

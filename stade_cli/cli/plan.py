@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,10 +15,11 @@ from stade_cli.cli.options import (
     ModelArg,
     cli_errors,
     print_json,
-    split_csv,
 )
+from stade_cli.cli.stages import with_stage_options
 
 
+@with_stage_options
 @cli_errors
 def plan(
     model: ModelArg,
@@ -30,7 +31,13 @@ def plan(
     hessian: Annotated[bool, typer.Option("--hessian", help="Plan calibrate with Hessians (sparsegpt).")] = False,
     hessian_dtype: Annotated[str, typer.Option("--hessian-dtype", help="float32 or bfloat16.")] = "float32",
     method: Annotated[str, typer.Option("--method", "-m", help="Method(s) to prune with, comma-separated.")] = "wanda",
-    pattern: Annotated[str, typer.Option("--pattern", "-p", help="unstructured or N:M.")] = "unstructured",
+    pattern: Annotated[str, typer.Option("--pattern", "-p", help="unstructured or N:M, comma-separated.")] = (
+        "unstructured"
+    ),
+    sparsity: Annotated[
+        str | None,
+        typer.Option("--sparsity", help="Ratio(s), comma-separated. \\[default: 0.5, or N/M]", show_default=False),
+    ] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="Plan a sequential prune.")] = False,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
@@ -40,31 +47,33 @@ def plan(
     ] = True,
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
+    **stages: Any,
 ) -> None:
     """Estimate memory, disk and time of calibrate, prune and eval from MODEL's config alone (no weights read).
 
     MODEL may also be a folder or a config.json file with no weights. Memory figures are peaks derived from the
-    shapes; the time is an ESTIMATE scaled from one block's forward pass timed on this device. --device cuda
-    plans a GPU run from a machine without one (a cluster's login node): memory and disk, not timed.
+    shapes and the stages that will run; the time is an ESTIMATE scaled from one block's forward pass timed on this
+    device. --device cuda plans a GPU run from a machine without one (a cluster's login node): memory and disk, not
+    timed.
 
     Example: stade plan meta-llama/Llama-3.1-8B --nsamples 128 --seqlen 2048 --hessian --method sparsegpt
     --device cuda
+
+    Stages: stade plan smollm2-135m --hessian --method admm --reconstruct block --sequential --pattern 2:4
     """
+    from stade_cli.cli.stages import prune_configs
     from stade_cli.cli.tables import render_plan
     from stade_cli.models.loading import resolve_device
     from stade_cli.planning.plan import PlanConfig, make_plan
-    from stade_cli.stages.masks import parse_pattern
 
-    for p in split_csv(pattern, "--pattern"):
-        parse_pattern(p)  # a bad pattern is refused as prune would
+    common = {"sequential": sequential}
+    configs = prune_configs(method, pattern, sparsity, stages, default_ratio=0.5, **common)
     config = PlanConfig(
         nsamples,
         seqlen,
         hessian,
         hessian_dtype,
-        tuple(split_csv(method, "--method")),
-        pattern,
-        sequential,
+        tuple(configs),
         batch_size,
         dtype.value if dtype else None,
         timed,
@@ -83,7 +92,7 @@ def methods(as_json: JsonOpt = False) -> None:
 
     Example: stade methods --json
     """
-    from stade_cli.stages.methods import stage_rows
+    from stade_cli.stages.catalog import stage_rows
 
     rows = stage_rows()
     if as_json:

@@ -19,15 +19,11 @@ from stade_cli.cli.options import (
     command_line,
     plan_line,
     print_json,
-    split_csv,
 )
+from stade_cli.cli.stages import with_stage_options
 
 
-def _stage(flag: str, help: str, **kwargs: Any) -> Any:
-    """An option of `stade prune`'s Stages panel (score, update, allocation, reconstruction and their settings)."""
-    return typer.Option(flag, help=help, rich_help_panel="Stages", **kwargs)
-
-
+@with_stage_options
 @cli_errors
 def prune(
     ctx: typer.Context,
@@ -52,36 +48,6 @@ def prune(
     bias_update: Annotated[
         bool, typer.Option("--bias-update/--no-bias-update", help="STADE's bias compensation (stade, stadew).")
     ] = True,
-    reconstruct: Annotated[
-        str,
-        _stage(
-            "--reconstruct",
-            "none, or block: after masking each block, tune its kept weights to the dense block's outputs.",
-        ),
-    ] = "none",
-    reconstruct_steps: Annotated[
-        int, typer.Option("--reconstruct-steps", help="Adam steps per block (at most; stops early).", min=1)
-    ] = 20,  # reconstruct.DEFAULT_STEPS (not imported here: torch would slow down --help)
-    update: Annotated[
-        str | None,
-        _stage(
-            "--update",
-            "Replace the method's weight update: none, bias, obs, admm (see `stade methods`). "
-            "\\[default: the method's own]",
-            show_default=False,
-        ),
-    ] = None,
-    allocation: Annotated[str, _stage("--allocation", "Sparsity per block: uniform, or owl (unstructured only).")] = (
-        "uniform"
-    ),
-    admm_iters: Annotated[int, _stage("--admm-iters", "ADMM iterations.", min=1)] = 20,
-    admm_rho: Annotated[float, _stage("--admm-rho", "ADMM penalty rho (on H scaled to unit diagonal).")] = 1.0,
-    admm_rho_growth: Annotated[
-        float, _stage("--admm-rho-growth", "Multiply rho by this each iteration once the mask is fixed.")
-    ] = 1.0,
-    admm_mask_iters: Annotated[int, _stage("--admm-mask-iters", "Iterations that grow the mask (--method admm).")] = 15,
-    owl_m: Annotated[float, _stage("--owl-m", "OWL: outlier threshold, times the block's mean score.")] = 5.0,
-    owl_lambda: Annotated[float, _stage("--owl-lambda", "OWL: block ratios within sparsity ± lambda.")] = 0.08,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random method's noise (no other method draws).")] = 0,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
@@ -98,6 +64,7 @@ def prune(
     cache_dir: CacheDirOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    **stages: Any,
 ) -> None:
     """Prune MODEL with cached statistics and write checkpoints that plain transformers loads, each with a
     README.md model card (eval adds its results) and stade.json.
@@ -114,55 +81,21 @@ def prune(
     On K GPUs (sequential): torchrun --nproc-per-node K -m stade_cli prune MODEL --sequential ...
     """
     from stade_cli.base.dtypes import parse_dtype
-    from stade_cli.base.errors import StadeError
     from stade_cli.base.files import check_apart, check_writable
+    from stade_cli.cli.stages import prune_configs
     from stade_cli.cli.tables import render_prune, render_sweep
-    from stade_cli.driver.streaming import prune_checkpoints
-    from stade_cli.driver.sweep import written_paths
+    from stade_cli.driver.loop import refuse_unsupported
+    from stade_cli.driver.sweep import prune_checkpoints, written_paths
     from stade_cli.models.loading import load_model, resolve_device
-    from stade_cli.stages.admm import AdmmSettings
-    from stade_cli.stages.allocation import OwlSettings
-    from stade_cli.stages.config import PruneConfig
-    from stade_cli.stages.masks import parse_pattern
     from stade_cli.stats.artifact import Statistics
     from stade_cli.stats.distributed import cuda_device_for, group_for, launched
 
-    ratios: list[float | None] = [None]
-    if sparsity is not None:
-        try:
-            ratios = [float(r) for r in split_csv(sparsity, "--sparsity")]
-        except ValueError:
-            raise typer.BadParameter(
-                f"{sparsity!r} is not a comma-separated list of numbers.", param_hint="--sparsity"
-            ) from None
-    configs: list[PruneConfig] = []
-    for m in split_csv(method, "--method"):
-        for p in split_csv(pattern, "--pattern"):
-            for r in ratios:  # an N:M pattern fixes the ratio: every --sparsity given must agree with it
-                c = PruneConfig(
-                    m,
-                    r,
-                    p,
-                    bias_update,
-                    sequential,
-                    seed,
-                    reconstruct=reconstruct,
-                    reconstruct_steps=reconstruct_steps,
-                    update=update,
-                    allocation=allocation,
-                    admm=AdmmSettings(admm_iters, admm_rho, admm_rho_growth, admm_mask_iters),
-                    owl=OwlSettings(owl_m, owl_lambda),
-                )
-                if not (parse_pattern(p).structured and c in configs):
-                    configs.append(c)
+    common = {"bias_update": bias_update, "sequential": sequential, "seed": seed}
+    configs = prune_configs(method, pattern, sparsity, stages, **common)
     for path in written_paths(out, configs):
         check_writable(path, force)
         check_apart(path, [("--stats", stats), ("the model", model)])
-    if launched() and not sequential:
-        raise StadeError(
-            "Under torchrun, prune splits the calibration windows over the ranks: that needs --sequential.",
-            "add --sequential, or run a one-shot prune as a single process (it has no windows to split)",
-        )
+    refuse_unsupported(configs, launched())
     stats_art = Statistics.load(stats)
     dev = cuda_device_for(resolve_device(device))
     plan_line(
@@ -173,13 +106,12 @@ def prune(
         cache_dir,
         nsamples=stats_art.manifest["data"]["nsamples"],
         seqlen=stats_art.manifest["data"]["seqlen"],
-        methods=tuple(sorted({c.method for c in configs})),
-        sequential=sequential,
+        configs=tuple(configs),
         batch_size=batch_size,
-        dtype=dtype,
-    )  # the disk: stream_sweep's check_space
+        saved_dtype=dtype.value if dtype else None,
+    )  # the disk: prune_checkpoints' check_space
     # Computed in float32 on CPU (the checkpoint's own dtype on a GPU), as calibrate runs; saved in --dtype, by
-    # default the checkpoint's own. Blocks stream from disk one at a time where the checkpoint allows (streaming.py).
+    # default the checkpoint's own. Blocks stream from disk one at a time where the checkpoint allows (driver/sweep.py).
     loaded = load_model(model, None, dev, str(cache_dir) if cache_dir else None, lazy=True)
     with group_for(dev) as group:
         results = prune_checkpoints(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from stade_cli.base.console import progress
-from stade_cli.base.dtypes import HESSIAN_DTYPES, parse_dtype
+from stade_cli.base.dtypes import HESSIAN_DTYPES, dtype_name, parse_dtype
 from stade_cli.base.errors import StadeError, at_least
 from stade_cli.base.files import atomic_dir, check_writable
 from stade_cli.base.heap import bound_heap
@@ -27,15 +27,16 @@ from stade_cli.data.sources import (
     is_token_file,
     load_token_file,
 )
-from stade_cli.models.blocks import capture_inputs, iterate_blocks, on_device, run_block
+from stade_cli.models.blocks import capture_inputs, iterate_blocks, on_device
 from stade_cli.models.experts import FALLBACK, MIN_EXPERT_TOKENS, prunable_layers
 from stade_cli.models.layers import get_weight, in_features, layer_kind
 from stade_cli.models.loading import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
 from stade_cli.models.weights import outside_on_disk
 from stade_cli.stats.artifact import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, Statistics
+from stade_cli.stats.collect import collect_block
 from stade_cli.stats.collectors import LayerCollector, norm_feed_warnings
 from stade_cli.stats.distributed import Group
-from stade_cli.stats.resume import BlockLog
+from stade_cli.stats.resume import HESSIAN_PREFIX, BlockLog
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,21 @@ def load_data(config: CalibrationConfig, cache_dir: str | None = None) -> Docume
     return documents(config.data, "train", cache_dir)
 
 
+def draw_windows(loaded: LoadedModel, config: CalibrationConfig, cache_dir: str | None, docs: Documents | None) -> Any:
+    """The calibration windows, as published (random windows of random documents, seeded) or from a token-id file,
+    checked against the model's context and vocabulary."""
+    model = loaded.model
+    seqlen = config.seqlen
+    if seqlen is None and not config.data.endswith(".safetensors"):
+        seqlen = default_seqlen(model)
+    if seqlen is not None:
+        check_seqlen(model, seqlen)
+    windows = calibration_windows(config.data, loaded.tokenizer, config.nsamples, seqlen, config.seed, cache_dir, docs)
+    check_seqlen(model, windows.input_ids.shape[1])
+    check_token_ids(windows.input_ids, vocab_size(model), windows.source)
+    return windows
+
+
 def calibrate(
     loaded: LoadedModel,
     config: CalibrationConfig,
@@ -93,87 +109,97 @@ def calibrate(
         raise StadeError("--resume is not supported under torchrun yet.", "resume with a single process")
     if lead:
         check_writable(out, force)
-    model = loaded.model
-    seqlen = config.seqlen
-    if seqlen is None and not config.data.endswith(".safetensors"):
-        seqlen = default_seqlen(model)
-    if seqlen is not None:
-        check_seqlen(model, seqlen)
     t0 = time.perf_counter()
-    windows = calibration_windows(config.data, loaded.tokenizer, config.nsamples, seqlen, config.seed, cache_dir, docs)
-    check_seqlen(model, windows.input_ids.shape[1])
-    check_token_ids(windows.input_ids, vocab_size(model), windows.source)
+    windows = draw_windows(loaded, config, cache_dir, docs)
     t_data = time.perf_counter() - t0
-    drawn, length = windows.input_ids.shape
+    drawn = windows.input_ids.shape[0]
     shard = Part.parse(config.shard) if config.shard is not None else None
-    part = Part(group.rank, group.world) if group is not None else shard or Part()
-    part.check(drawn, "rank" if group is not None else "shard")
-    start, stop = part.bounds(drawn)
+    part = group.part if group is not None else shard or Part()
+    start, stop = part.take(drawn, "rank" if group is not None else "shard")
     mine = windows.input_ids[start:stop]  # what this process computes
-    kept = windows.input_ids if group is not None else mine  # what the artifact holds
-    if group is not None:
+    if group is not None:  # the artifact holds every rank's windows
         start, stop = 0, drawn
     with atomic_dir(out, force, keep=resume) if lead else contextlib.nullcontext(None) as tmp:
-        log = None
-        if tmp is not None:
-            key = {
-                "model": loaded.fingerprint(),
-                "dtype": str(loaded.dtype),
-                "data": windows.source,
-                "source_sha256": windows.source_sha256,
-                "seed": config.seed,
-                "hessian": config.hessian,
-                "batch_size": config.batch_size,
-                "windows": [start, stop],
-                "token_ids_sha256": ids_sha256(mine),  # last: any other difference is named first
-            }
-            log = BlockLog(tmp, key, resume)
+        log = None if tmp is None else _block_log(tmp, loaded, config, windows, (start, stop), mine, resume)
         layers, warnings, t_run = collect(loaded, mine, device, config.hessian, config.batch_size, log, group)
         if tmp is None or log is None:
             return None
-        # The committed blocks become the artifact's files; each block's Hessians go to disk one at a time.
-        hdtype = parse_dtype(config.hessian_dtype, HESSIAN_DTYPES, "--hessian-dtype")
-        assert hdtype is not None
-        hessians = SafetensorsWriter(tmp / HESSIAN_FILE, hessian_room(model, hdtype)) if config.hessian else None
-        tensors = log.finish(_no_hessians if hessians is None else lambda g, h: hessians.add(g, h.to(hdtype)))
-        if hessians is not None:
-            hessians.close()
-        manifest: dict[str, Any] = {
-            "schema": SCHEMA_VERSION,
-            "kind": ARTIFACT_KIND,
-            "versions": library_versions(),
-            "model": {
-                "spec": loaded.spec,
-                "path": loaded.path,
-                "fingerprint": loaded.fingerprint(),
-                **config_summary(model),
-            },
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "device": str(device),
-            "data": {
-                "source": windows.source,
-                "source_sha256": windows.source_sha256,
-                "token_ids_sha256": ids_sha256(kept),
-                "nsamples": int(kept.shape[0]),
-                "seqlen": length,
-                "seed": config.seed,
-                "notes": windows.notes,
-            },
-            "windows": windows_record(drawn, windows.sha256, start, stop, shard),
-            "statistics": ["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
-            **({"hessian_dtype": config.hessian_dtype, "hessian_sha256": hessians.hashes} if hessians else {}),
-            "count": kept.numel(),
-            "layers": layers,
-            "experts": {"min_tokens": MIN_EXPERT_TOKENS, "fallback": FALLBACK},
-            "warnings": warnings,
-            "timings": {"data_s": round(t_data, 3), "calibrate_s": round(t_run, 3), "commit_s": round(log.commit_s, 3)},
+        tensors = log.finish()  # the committed blocks become the artifact's files
+        kept = windows.input_ids[start:stop]
+        manifest = _manifest(loaded, config, device, windows, kept, (start, stop, shard), layers, warnings, group)
+        manifest["timings"] |= {
+            "data_s": round(t_data, 3),
+            "calibrate_s": round(t_run, 3),
+            "commit_s": round(log.commit_s, 3),
         }
-        if group is not None:
-            ranks = [list(Part(r, group.world).bounds(drawn)) for r in range(group.world)]
-            manifest["distributed"] = {"world_size": group.world, "backend": group.backend, "windows": ranks}
-            manifest["timings"] |= {"collectives_s": round(group.collective_s, 3), "wait_s": round(group.wait_s, 3)}
+        if log.hessians is not None:
+            manifest |= {"hessian_dtype": config.hessian_dtype, "hessian_sha256": log.hessians.hashes}
         manifest = Statistics.write_files(tmp, manifest, tensors, kept)
     return Statistics(out, manifest)
+
+
+def _block_log(
+    tmp: Path, loaded: LoadedModel, config: CalibrationConfig, windows: Any, bounds: tuple[int, int],
+    mine: torch.Tensor, resume: bool,
+) -> BlockLog:  # fmt: skip
+    """The run's commit log, keyed by everything that must match for a resume, and its Hessians file."""
+    key = {
+        "model": loaded.fingerprint(),
+        "dtype": str(loaded.dtype),
+        "data": windows.source,
+        "source_sha256": windows.source_sha256,
+        "seed": config.seed,
+        "hessian": config.hessian,
+        "batch_size": config.batch_size,
+        "windows": list(bounds),
+        "token_ids_sha256": ids_sha256(mine),  # last: any other difference is named first
+    }
+    hdtype = parse_dtype(config.hessian_dtype, HESSIAN_DTYPES, "--hessian-dtype")
+    assert hdtype is not None
+    hessians = (tmp / HESSIAN_FILE, hessian_room(loaded.model, hdtype), hdtype) if config.hessian else None
+    return BlockLog(tmp, key, resume, hessians)
+
+
+def _manifest(
+    loaded: LoadedModel, config: CalibrationConfig, device: torch.device, windows: Any, kept: torch.Tensor,
+    part: tuple[int, int, Part | None], layers: list[dict], warnings: list[str], group: Group | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The statistics manifest, but for its files (Statistics.write_files adds them)."""
+    start, stop, shard = part
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "kind": ARTIFACT_KIND,
+        "versions": library_versions(),
+        "model": {
+            "spec": loaded.spec,
+            "path": loaded.path,
+            "fingerprint": loaded.fingerprint(),
+            **config_summary(loaded.model),
+        },
+        "dtype": dtype_name(loaded.dtype),
+        "device": str(device),
+        "data": {
+            "source": windows.source,
+            "source_sha256": windows.source_sha256,
+            "token_ids_sha256": ids_sha256(kept),
+            "nsamples": int(kept.shape[0]),
+            "seqlen": int(kept.shape[1]),
+            "seed": config.seed,
+            "notes": windows.notes,
+        },
+        "windows": windows_record(windows.input_ids.shape[0], windows.sha256, start, stop, shard),
+        "statistics": ["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
+        "count": kept.numel(),
+        "layers": layers,
+        "experts": {"min_tokens": MIN_EXPERT_TOKENS, "fallback": FALLBACK},
+        "warnings": warnings,
+        "timings": {},
+    }
+    if group is not None:
+        ranks = group.part.all_bounds(windows.input_ids.shape[0])
+        manifest["distributed"] = {"world_size": group.world, "backend": group.backend, "windows": ranks}
+        manifest["timings"] |= {"collectives_s": round(group.collective_s, 3), "wait_s": round(group.wait_s, 3)}
+    return manifest
 
 
 def hessian_room(model: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -186,8 +212,29 @@ def hessian_room(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return SafetensorsWriter.room_for(entries)
 
 
-def _no_hessians(_group: str, _tensor: torch.Tensor) -> None:
-    raise AssertionError("Hessians were committed by a run without --hessian")
+def _block_record(prefix: str, index: int, collector: LayerCollector) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A block's statistics by group (each group's once; its Hessian as `hessian:<group>`) and its manifest entries."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    for name, mod in collector.layers.items():
+        st = collector.layer_stats(name)
+        full, group = f"{prefix}.{name}", f"{prefix}.{collector.group(name)}"
+        if f"{group}.mean" not in tensors:
+            tensors[f"{group}.mean"], tensors[f"{group}.m2"] = st.mean.cpu(), st.m2.cpu()
+            if st.hessian is not None:
+                tensors[f"{HESSIAN_PREFIX}{group}"] = st.hessian.cpu()
+        layers.append(
+            {
+                "name": full,
+                "block": index,
+                "shape": list(get_weight(mod).shape),  # (out, in)
+                "fed_by_norm": st.fed_by_norm,
+                "group": group,
+                "kind": layer_kind(full),
+                "count": st.count,
+            }
+        )
+    return tensors, layers
 
 
 def collect(
@@ -217,56 +264,20 @@ def collect(
     layers: list[dict] = list(log.layers) if log is not None else []
     warnings: list[str] = []
     n_blocks = len(list(iterate_blocks(model)))
-    tokens = input_ids.numel()
-    with (
-        outside_on_disk(model, loaded.files, loaded.dtype),
-        progress(disable=group is not None and not group.lead) as bar,
-    ):
+    lead = group is None or group.lead
+    with outside_on_disk(model, loaded.files, loaded.dtype), progress(not lead) as bar:
         task = bar.add_task("calibrate", total=n_blocks, info="", completed=done)
         for i, prefix, block in iterate_blocks(model):
             if i < done:
                 continue
             with on_device(loaded, prefix, block, device):
-                collector = LayerCollector(block, device, hessian)
-                try:
-                    outs = []
-                    for batch in inputs.batches():
-                        outs += run_block(block, batch, device, i)
-                        collector.end_batch()
-                finally:
-                    collector.remove()
-            inputs.hidden = outs
-            if group is not None:
-                group.merge_collector(collector)
+                collector, inputs.hidden = collect_block(block, inputs, device, i, hessian, group=group)
             warnings += norm_feed_warnings(prefix, collector.linear.fed_by_norm)
-            tensors: dict[str, torch.Tensor] = {}
-            block_layers = []
-            for name, mod in collector.layers.items():
-                st = collector.layer_stats(name)
-                full = f"{prefix}.{name}"
-                group_name = f"{prefix}.{collector.group(name)}"
-                if f"{group_name}.mean" not in tensors:  # a group's statistics are stored once
-                    tensors[f"{group_name}.mean"] = st.mean.cpu()
-                    tensors[f"{group_name}.m2"] = st.m2.cpu()
-                    if st.hessian is not None:
-                        tensors[f"hessian:{group_name}"] = st.hessian.cpu()
-                shape = list(get_weight(mod).shape)  # (out, in)
-                block_layers.append(
-                    {
-                        "name": full,
-                        "block": i,
-                        "shape": shape,
-                        "fed_by_norm": st.fed_by_norm,
-                        "group": group_name,
-                        "kind": layer_kind(full),
-                        "count": st.count,
-                    }
-                )
+            tensors, block_layers = _block_record(prefix, i, collector)
             layers += block_layers
             if log is not None:
-                log.commit(i, tensors, block_layers, outs)
-            del tensors, collector
-            st = None  # type: ignore[assignment]  # the last group's statistics hold its Hessian
-            rate = tokens * (i + 1 - done) / n_blocks / max(time.perf_counter() - t0, 1e-9)
+                log.commit(i, tensors, block_layers, inputs.hidden)
+            del tensors, collector  # the last group's statistics hold its Hessian
+            rate = input_ids.numel() * (i + 1 - done) / n_blocks / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, info=f"{rate:,.0f} tok/s")
     return layers, warnings, time.perf_counter() - t0

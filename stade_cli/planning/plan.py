@@ -2,21 +2,22 @@
 
 No weights are loaded: the shapes come from a meta-device model (accelerate's init_empty_weights), the
 layer groups (layers sharing one input, whose statistics are stored once) from one block run on the meta
-device with the same hooks calibration uses. Every memory term is what the code allocates:
+device with the same hooks calibration uses. The prune plan is made from the runs that will run (PruneConfig):
+each chosen stage states its own working memory, and the disk is every checkpoint's weight files, exactly.
+Every memory term is what the code allocates (memory.py):
 
-- calibrate (blocks.capture_inputs, calibrate.collect): the weights outside the blocks while the block inputs
-  are captured; then, with those dropped (weights.outside_on_disk), one block's weights
-  (weights.materialized); the hidden states of every window twice, the block's inputs and its outputs
-  (`outs` fills while `inputs.hidden` is alive), plus the other call arguments (rotary tables) of every
-  batch; one batch's activations; the block's float32 Hessian accumulators (scaled in place); every layer
-  group's float64 mean and m2 (kept until the artifact is written). The peak is the larger phase.
-- prune (streaming.stream_sweep): everything outside the blocks (read whole, written to every output, then
-  dropped), or one block in the checkpoint's own dtype with one layer group's float32 working set (new
-  weights and masks of the group, the error estimate's temporaries for one layer); for sparsegpt the
-  group's Hessian and the factorisation's matrices; for --sequential, as calibrate.
+- calibrate (models.blocks.capture_inputs, stats.collect): the weights outside the blocks while the block inputs
+  are captured; then, with those dropped (weights.outside_on_disk), one block's weights (weights.materialized); the
+  hidden states of every window twice, the block's inputs and its outputs, plus the other call arguments (rotary
+  tables) of every batch; one batch's activations; the block's float32 Hessian accumulators (scaled in place);
+  every layer group's float64 mean and m2 (kept until the artifact is written). The peak is the larger phase.
+- prune (driver.loop): everything outside the blocks (read whole, written to every output, then dropped); an
+  allocation's pass over the blocks; then one block in the checkpoint's own dtype with the most demanding run's
+  stages (the update's and the reconstruction's own working memory), a dense copy of the block for a sweep, and
+  the block inputs of every run that keeps them (sequential, or reconstructing).
 - eval: the whole model on the device, one batch's activations and a chunk of float32 log-probabilities.
 - measured, not derived: the libraries, the tokenizer with the model's skeleton, and the heap that
-  sampling windows from a text source leaves behind (constants below, from bench/plan.py).
+  sampling windows from a text source leaves behind (constants, from bench/plan.py).
 
 The time figure is an estimate: one block's forward pass on a batch of the planned shape, timed on the
 current device with random weights, times the forward passes the run makes. Reading weights from disk
@@ -26,36 +27,32 @@ and the pruning maths are not in it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from stade_cli.base.dtypes import dtype_name, parse_dtype, size_of
 from stade_cli.base.errors import StadeError
-from stade_cli.models.layers import find_blocks
-from stade_cli.planning.shapes import (
-    Shapes,
-    activation_bytes,
-    block_call,
-    group_work_bytes,
-    hessian_bytes,
-    peak_phase,
-    read_shapes,
-    size_of,
+from stade_cli.planning.memory import (
+    TEXT_SOURCE,
+    Context,
+    StagePlan,
+    calibrate_plan,
+    eval_plan,
+    prune_plan,
+    weight_files_bytes,
 )
+from stade_cli.planning.shapes import Shapes, block_call, read_shapes
+from stade_cli.stages.config import PruneConfig
+from stade_cli.stages.stage import INPUTS
 
 GiB = 2**30
 LIBRARIES = int(0.37 * GiB)  # peak RSS of the interpreter plus torch, transformers and stade (bench/plan.py baseline)
-# Two terms measured rather than derived (in-process RSS, SmolLM2, the heap trimmed): the tokenizer plus the
-# model's skeleton (and the plan's own, each command plans first) grow with the vocabulary, at their peak while
-# they load (SmolLM2's 49k: 85 MiB); sampling windows from a text source loads and tokenizes documents, and
-# the heap keeps some of it (sample-wiki: 13 MiB). A token-id file costs its ids.
+# The tokenizer plus the model's skeleton (and the plan's own, each command plans first) grow with the vocabulary,
+# at their peak while they load (in-process RSS, SmolLM2's 49k: 85 MiB; bench/plan.py).
 TOKENIZER_PER_VOCAB = 1800
-TEXT_SOURCE = 14 * 10**6
-LOGITS_CHUNK = 256  # perplexity.LOGITS_CHUNK: positions whose float32 log-probabilities exist at once
-HEADER_ENTRY = 200  # bytes of safetensors header per tensor, at most (name, dtype, shape, offsets)
-MANIFEST_LAYER = 400  # bytes of manifest.json per linear layer, at most (name, shape, group, hash)
 
 
 @dataclass(frozen=True)
@@ -64,29 +61,16 @@ class PlanConfig:
     seqlen: int | None = None  # None: min(context, 2048), as calibrate
     hessian: bool = False
     hessian_dtype: str = "float32"
-    methods: tuple[str, ...] = ("wanda",)
-    pattern: str = "unstructured"
-    sequential: bool = False
+    configs: tuple[PruneConfig, ...] = ()  # the prune runs; none: wanda at 50%
     batch_size: int = 8
     dtype: str | None = None  # None: the model's own on a GPU, float32 on the CPU (as load_model)
     timed: bool = True
     data: str = "sample-wiki"  # a text source, or a .safetensors file of token ids
-
-
-@dataclass
-class StagePlan:
-    device: dict[str, int] = field(default_factory=dict)  # term -> bytes
-    host: dict[str, int] = field(default_factory=dict)
-    disk: int = 0
-    seconds: float | None = None
+    saved_dtype: str | None = None  # prune's --dtype: the checkpoints' (None: the model's own)
 
     @property
-    def device_bytes(self) -> int:
-        return sum(self.device.values())
-
-    @property
-    def host_bytes(self) -> int:
-        return sum(self.host.values())
+    def runs(self) -> tuple[PruneConfig, ...]:
+        return self.configs or (PruneConfig("wanda", 0.5),)
 
 
 @dataclass
@@ -97,10 +81,13 @@ class Plan:
     nsamples: int
     seqlen: int
     shapes: Shapes
-    artifact_bytes: int
-    checkpoint_bytes: int
     stages: dict[str, StagePlan]
     notes: list[str]
+    checkpoint_bytes: int = 0  # one pruned checkpoint's weight files (the first run's), exactly
+
+    @property
+    def artifact_bytes(self) -> int:
+        return self.stages["calibrate"].disk
 
     def line(self, stage: str) -> str:
         """The one-line plan a command prints at start."""
@@ -149,42 +136,13 @@ def _duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-# ----------------------------------------------------------------------------------------------- sizes
+# ----------------------------------------------------------------------------------------------- the plan
 
 
-def artifact_tensor_bytes(shapes: Shapes, config: PlanConfig, seqlen: int) -> int:
-    """The statistics artifact's tensors, exactly: float64 mean and m2 per layer group, one Hessian per group
-    (in --hessian-dtype), the int64 token ids."""
-    from stade_cli.base.dtypes import BY_NAME
-
-    ins = [members[0][1] for members in shapes.groups.values()]
-    stats = shapes.n_blocks * sum(2 * 8 * n for n in ins)
-    hessians = shapes.n_blocks * sum(n * n for n in ins) * size_of(BY_NAME[config.hessian_dtype])
-    return stats + (hessians if config.hessian else 0) + config.nsamples * seqlen * 8
-
-
-def artifact_bytes(shapes: Shapes, config: PlanConfig, seqlen: int) -> int:
-    """The artifact on disk: its tensors, plus a bound on the safetensors headers and the manifest (the
-    manifest lists every linear layer)."""
-    entries = shapes.n_blocks * len(shapes.groups) * (3 if config.hessian else 2) + 1
-    layers = shapes.n_blocks * sum(len(m) for m in shapes.groups.values())
-    return artifact_tensor_bytes(shapes, config, seqlen) + HEADER_ENTRY * entries + MANIFEST_LAYER * layers + 8192
-
-
-def planned_checkpoint_bytes(shapes: Shapes, dtype: torch.dtype) -> int:
-    """The pruned checkpoint's weights: every unique parameter once, in the checkpoint's dtype."""
-    return shapes.params * size_of(dtype)
-
-
-def make_plan(
-    spec: str, config: PlanConfig, device: torch.device, cache_dir: str | None = None, where: str | None = None
-) -> Plan:
-    """The plan for calibrate, prune and eval of `spec` on `device`, from its config alone."""
+def _context(spec: str, config: PlanConfig, device: torch.device, cache_dir: str | None) -> Context:
     from transformers import AutoConfig
 
-    from stade_cli.base.dtypes import parse_dtype
     from stade_cli.models.loading import default_dtype, default_seqlen
-    from stade_cli.stages.methods import get_method
 
     path = config_path(spec)
     try:
@@ -197,110 +155,64 @@ def make_plan(
     seqlen = config.seqlen or default_seqlen(model)
     if shapes.context is not None and seqlen > shapes.context:
         raise StadeError(f"--seqlen {seqlen} is above the model's context of {shapes.context} tokens.")
-    metrics = [get_method(m) for m in config.methods]
-    wants_h = any("hessian" in m.needs for m in metrics)
-    # prune computes in float32 on the CPU and in the checkpoint's own dtype on a GPU (load_model's default)
-    e, e_own = size_of(compute), size_of(default_dtype(path, device, cache_dir))
-    tokens = config.nsamples * seqlen
-    batch_tokens = min(config.batch_size, config.nsamples) * seqlen
-    n_batches = -(-config.nsamples // config.batch_size)
+    hidden_all = 2 * config.nsamples * seqlen * shapes.hidden * size_of(compute)
     gpu = device.type == "cuda"
-    hidden_all = 2 * tokens * shapes.hidden * e + tokens * shapes.arg_bytes_per_token
-    hidden_on_device = gpu and _fits_on_device(hidden_all, device)
-    stats_kept = sum(2 * 8 * m[0][1] for m in shapes.groups.values()) * shapes.n_blocks
+    return Context(
+        shapes, model, config.nsamples, seqlen, config.batch_size, compute,
+        default_dtype(path, device, cache_dir),  # prune: float32 on the CPU, the model's own on a GPU
+        own, parse_dtype(config.saved_dtype) or own, gpu, gpu and _fits_on_device(hidden_all, device),
+        {"libraries": LIBRARIES, "tokenizer and skeleton": TOKENIZER_PER_VOCAB * shapes.vocab},
+    )  # fmt: skip
 
-    # Weights are read whole from the safetensors files (weights.read_tensors), in the compute dtype; the
-    # weights outside the blocks are there while the block inputs are captured and dropped while the blocks
-    # run (weights.outside_on_disk): the peak is the larger of the two phases.
-    outside = {"embeddings and head": shapes.outside_params * e}
-    if compute != own:  # each is read (or written) in the checkpoint's dtype next to its converted copy
-        outside["the embeddings in the checkpoint's dtype"] = shapes.input_embedding_params * size_of(own)
-    text = config.nsamples * seqlen * 8 if config.data.endswith(".safetensors") else TEXT_SOURCE
-    skeleton = TOKENIZER_PER_VOCAB * shapes.vocab
-    common = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton}
 
-    cal = StagePlan()
-    work = {
-        "block": shapes.block_params * e,
-        "activations": activation_bytes(shapes, batch_tokens, e, True),
-        **({"hessians": hessian_bytes(shapes)} if config.hessian else {}),
+def make_plan(spec: str, config: PlanConfig, device: torch.device, cache_dir: str | None = None) -> Plan:
+    """The plan for calibrate, the prune runs and eval of `spec` on `device`, from its config alone."""
+    ctx = _context(spec, config, device, cache_dir)
+    text = ctx.tokens * 8 if config.data.endswith(".safetensors") else TEXT_SOURCE
+    stages = {
+        "calibrate": calibrate_plan(ctx, config.hessian, config.hessian_dtype, text),
+        "prune": prune_plan(ctx, config.runs),
+        "eval": eval_plan(ctx),
     }
-    kept = {"hidden states": hidden_all, "statistics": stats_kept}
-    if gpu:
-        cal.device = peak_phase(
-            {"embeddings and head": shapes.outside_params * e}, {**work, **(kept if hidden_on_device else {})}
-        )
-        blocks = {"block (read)": shapes.block_params * e, **({} if hidden_on_device else kept)}
-        cal.host = {**common, "calibration text": text, **peak_phase(outside, blocks)}
-    else:
-        cal.host = {**common, "calibration text": text, **peak_phase(outside, {**work, **kept})}
-        cal.device = dict(cal.host)
-    cal.disk = artifact_bytes(shapes, config, seqlen)
-
-    pr = StagePlan()
-    work = {"block": shapes.block_params * e_own, "layer group work": group_work_bytes(shapes, e_own, wants_h)}
-    if len(metrics) > 1:
-        work["dense copy of the block"] = shapes.block_params * e_own
-    if config.sequential and any(m.needs for m in metrics):
-        work["activations"] = activation_bytes(shapes, batch_tokens, e_own, True)
-        work["hidden states"] = 2 * tokens * shapes.hidden * e_own + tokens * shapes.arg_bytes_per_token
-        if wants_h:
-            work["hessians"] = hessian_bytes(shapes)
-    # Everything outside the blocks is read whole and written to every output before the first block.
-    head = {"embeddings and head": shapes.outside_params * e_own}
-    if e_own != size_of(own):
-        head["the embeddings in the checkpoint's dtype"] = shapes.input_embedding_params * size_of(own)
-    if gpu:
-        pr.device = work
-        pr.host = {**common, **peak_phase(head, {"block (read)": shapes.block_params * e_own})}
-    else:
-        pr.host = {**common, **peak_phase(head, work)}
-        pr.device = dict(pr.host)
-    ckpt = planned_checkpoint_bytes(shapes, parse_dtype(config.dtype) or own)
-    pr.disk = len(metrics) * ckpt
-
-    ev = StagePlan()
-    chunk = min(config.batch_size, config.nsamples) * min(LOGITS_CHUNK, seqlen) * shapes.vocab * 4 * 2
-    work = {
-        "weights": shapes.params * e,
-        "activations": activation_bytes(shapes, batch_tokens, e, False),
-        "log-probabilities chunk": chunk,
-    }
-    ev.host = {"libraries": LIBRARIES, "tokenizer and skeleton": skeleton, "evaluation text": TEXT_SOURCE}
-    if gpu:
-        ev.device = work
-    else:
-        ev.host |= work
-        ev.device = dict(ev.host)
-
     notes = [
         "memory: peak estimates from the shapes (see `stade plan --help`); the CUDA context comes on top"
-        if gpu
+        if ctx.gpu
         else "memory: peak host RSS estimates from the shapes, libraries included"
     ]
-    absent = gpu and not torch.cuda.is_available()
+    absent = ctx.gpu and not torch.cuda.is_available()
     if absent:
         notes.append("planned for a GPU that is not on this machine: not timed; block inputs counted in host RAM")
     if config.timed and not absent:
-        t = _time_block(model, blocks_of(model), seqlen, min(config.batch_size, config.nsamples), device, shapes)
-        if t is None:
-            notes.append("time: one block does not fit in the free memory here, so it was not timed")
-        else:
-            forwards = shapes.n_blocks * n_batches
-            cal.seconds = t * forwards * (2.0 if config.hessian else 1.3)  # hooks; Hessian matmuls
-            seq_forwards = 2 * forwards if config.sequential and any(m.needs for m in metrics) else 0
-            pr.seconds = t * seq_forwards * len(metrics) if seq_forwards else None
-            ev.seconds = t * forwards * 1.1
-            notes.append(
-                "time: an ESTIMATE, one block's forward timed on random weights here, times the forward passes "
-                "(disk reads and pruning maths not included)"
-            )
-    plan = Plan(
-        spec, str(device), str(compute).removeprefix("torch."), config.nsamples, seqlen, shapes, 0, 0, {}, notes
+        notes.append(_time_stages(ctx, config, stages, device))
+    ckpt = weight_files_bytes(ctx, config.runs[0])
+    return Plan(
+        spec, str(device), dtype_name(ctx.compute), config.nsamples, ctx.seqlen, ctx.shapes, stages, notes, ckpt
     )
-    plan.artifact_bytes, plan.checkpoint_bytes = cal.disk, ckpt
-    plan.stages = {"calibrate": cal, "prune": pr, "eval": ev}
-    return plan
+
+
+def _time_stages(ctx: Context, config: PlanConfig, stages: dict[str, StagePlan], device: torch.device) -> str:
+    """Time one block's forward here, and set each stage's estimate from the forward passes it makes."""
+    from stade_cli.models.layers import find_blocks
+
+    batch = min(config.batch_size, config.nsamples)
+    t = _time_block(ctx.model, find_blocks(ctx.model)[1], ctx.seqlen, batch, device, ctx.shapes)
+    if t is None:
+        return "time: one block does not fit in the free memory here, so it was not timed"
+    forwards = ctx.shapes.n_blocks * -(-config.nsamples // config.batch_size)
+    stages["calibrate"].seconds = t * forwards * (2.0 if config.hessian else 1.3)  # hooks; Hessian matmuls
+    prune = 0.0
+    for c in config.runs:
+        if c.needs_inputs:
+            prune += t * forwards * (2 if c.sequential and c.needs else 1)
+        for st in c.stages:
+            steps = getattr(c.settings_for(st), "steps", 0) if INPUTS in st.needs else 0
+            prune += t / batch * 3 * steps * ctx.shapes.n_blocks  # a step: one window forward and backward
+    stages["prune"].seconds = prune or None
+    stages["eval"].seconds = t * forwards * 1.1
+    return (
+        "time: an ESTIMATE, one block's forward timed on random weights here, times the forward passes "
+        "(disk reads and pruning maths not included)"
+    )
 
 
 def config_path(spec: str) -> str:
@@ -315,10 +227,6 @@ def config_path(spec: str) -> str:
     if (p / "config.json").is_file():
         return str(p)
     return resolve_model(spec)
-
-
-def blocks_of(model: nn.Module) -> Any:
-    return find_blocks(model)[1]
 
 
 def _fits_on_device(need: int, device: torch.device) -> bool:

@@ -32,6 +32,9 @@ class Shapes:
     arg_bytes_per_token: int  # rotary tables and other call arguments per token, in the model's dtype
     intermediate: int
     own_dtype: torch.dtype
+    blocks_name: str  # where the blocks are: model.layers, transformer.h, ...
+    fed_by_norm: dict[str, bool]  # block 0's prunable linear layers (local names): is the input a norm's output?
+    linear_params: int  # a block's prunable linear weights
 
 
 def size_of(dtype: torch.dtype) -> int:
@@ -102,7 +105,7 @@ def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, Any]:
 
     model: Any = _empty_model(config, dtype)
     model.eval()
-    _name, blocks = find_blocks(model)
+    blocks_name, blocks = find_blocks(model)
     seen: set[int] = set()
     params = 0
     for p in model.parameters():  # unique: a tied head is one tensor
@@ -146,6 +149,9 @@ def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, Any]:
         arg_bytes_per_token=arg_bytes,
         intermediate=int(inter),
         own_dtype=dtype,
+        blocks_name=blocks_name,
+        fed_by_norm={name: collector.fed_by_norm.get(name, False) for name in lin},
+        linear_params=sum(o * i for members in groups.values() for o, i in members),
     )
     return shapes, model
 

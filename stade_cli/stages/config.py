@@ -1,28 +1,34 @@
-"""What one prune run is asked to do (PruneConfig) and what it reports (PruneReport, LayerReport, in stade.json).
+"""What one prune run is asked to do: a preset, the stages that replace its own, and their settings.
 
-Kept apart from prune.py's maths and driver so that the checkpoint writer, the CLI and the benchmarks can name a run
-without importing the pruning code.
+Generic over the stages: each chosen stage is looked up in its registry, checked by its own rules, and carries its
+own settings (given, or its defaults). No stage is named here; the stade.json record, the plan and the command line
+read the stages' own descriptions (stage.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from stade_cli.base.errors import at_least
-from stade_cli.stages.admm import AdmmSettings
-from stade_cli.stages.allocation import OwlSettings, check_allocation, get_allocation
-from stade_cli.stages.masks import Pattern, parse_pattern, resolve_sparsity
-from stade_cli.stages.methods import Method, get_method, resolve_update, stages_record
-from stade_cli.stages.reconstruct import DEFAULT_STEPS, get_reconstruction
-from stade_cli.stages.scores import get_score
-from stade_cli.stages.updates import get_update
-from stade_cli.stats.accumulators import LayerStats
+from stade_cli.base.errors import StadeError
+from stade_cli.stages.pattern import Pattern, parse_pattern, resolve_sparsity
+from stade_cli.stages.presets import PRESETS, Preset
+from stade_cli.stages.stage import (
+    ALLOCATIONS,
+    INPUTS,
+    RECONSTRUCTIONS,
+    SCORES,
+    STATISTICS,
+    UPDATES,
+    Settings,
+    Stage,
+    Update,
+)
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """One pruning run: a method preset, optionally with its update or the block allocation replaced."""
+    """One pruning run: a method preset, optionally with its update, allocation or reconstruction replaced."""
 
     method: str
     sparsity: float | None = None  # None with an N:M pattern: N/M
@@ -32,32 +38,51 @@ class PruneConfig:
     seed: int = 0
     update: str | None = None  # None: the method's own
     allocation: str = "uniform"
-    reconstruct: str = "none"  # "none" | "block": see reconstruct.py
-    reconstruct_steps: int = DEFAULT_STEPS
-    admm: AdmmSettings = field(default_factory=AdmmSettings)
-    owl: OwlSettings = field(default_factory=OwlSettings)
+    reconstruct: str = "none"
+    settings: tuple[Settings, ...] = ()  # of the chosen stages; a stage given none runs with its defaults
 
     def __post_init__(self) -> None:
-        method = get_method(self.method)
-        object.__setattr__(self, "method", method.name)
-        object.__setattr__(self, "reconstruct", get_reconstruction(self.reconstruct).name)
-        at_least("--reconstruct-steps", self.reconstruct_steps, 1, "pass e.g. 40")
+        preset = PRESETS.get(self.method)  # every name first: a typo is named before any value is judged
+        object.__setattr__(self, "method", preset.name)
+        object.__setattr__(self, "update", _replaced_update(preset, self.update))
+        object.__setattr__(self, "allocation", ALLOCATIONS.get(self.allocation).name)
+        object.__setattr__(self, "reconstruct", RECONSTRUCTIONS.get(self.reconstruct).name)
         pattern = parse_pattern(self.pattern)
         object.__setattr__(self, "pattern", str(pattern))
         object.__setattr__(self, "sparsity", resolve_sparsity(pattern, self.sparsity))
-        object.__setattr__(self, "update", resolve_update(method, self.update))
-        object.__setattr__(self, "allocation", get_allocation(self.allocation).name)
-        check_allocation(self.allocation, pattern, self.ratio, self.owl)
-        if "admm" in self.updates:
-            self.admm.check()
+        object.__setattr__(self, "settings", self._own_settings())
+        for stage in self.stages:
+            stage.check(self.settings_for(stage), pattern, self.ratio)
+
+    def _own_settings(self) -> tuple[Settings, ...]:
+        """The given settings of the stages this run uses, one per stage, in a fixed order (configs compare equal
+        whatever order they were given in); settings of stages it does not use are dropped."""
+        by_class: dict[type, Settings] = {}
+        for s in self.settings:
+            if type(s) in by_class and by_class[type(s)] != s:
+                raise StadeError(f"Two different {type(s).__name__} were given for one run.")
+            by_class[type(s)] = s
+        return tuple(by_class[st.settings] for st in self.stages if st.settings in by_class)
+
+    # -- the stages
+    @property
+    def preset(self) -> Preset:
+        return PRESETS.get(self.method)
 
     @property
-    def preset(self) -> Method:
-        return get_method(self.method)
+    def stages(self) -> list[Stage]:
+        """Every stage this run may apply: the preset's scores, its update(s), the allocation, the reconstruction."""
+        scores: list[Stage] = [SCORES.get(s) for s in self.preset.scores]
+        updates: list[Stage] = [UPDATES.get(u) for u in self.updates]
+        return [*scores, *updates, ALLOCATIONS.get(self.allocation), RECONSTRUCTIONS.get(self.reconstruct)]
 
-    def stages(self, st: LayerStats) -> tuple[str | None, str]:
-        """(score or None where the update chooses the mask, update) for one layer."""
-        score, update = self.preset.stages(st)
+    def settings_for(self, stage: Stage) -> Any:
+        """The stage's settings in this run: as given, else its defaults."""
+        return next((s for s in self.settings if type(s) is stage.settings), None) or stage.settings()
+
+    def layer_stages(self, fed_by_norm: bool) -> tuple[str | None, str]:
+        """(score, or None where the update chooses the mask; update) for a layer fed by a norm or not."""
+        score, update = self.preset.layer_stages(fed_by_norm)
         return score, self._applied(self.update or update)
 
     @property
@@ -69,19 +94,23 @@ class PruneConfig:
         """The update as run: STADE's bias compensation is no update under --no-bias-update."""
         return "none" if update == "bias" and not self.bias_update else update
 
+    def bias_layer(self, fed_by_norm: bool) -> bool:
+        """Whether a layer gets STADE's bias compensation (so the checkpoint needs a bias there)."""
+        return self.layer_stages(fed_by_norm)[1] == "bias"
+
+    # -- what it needs
     @property
     def needs(self) -> tuple[str, ...]:
-        """The statistics this run reads: () for weights only, ("mean", "m2"), ("hessian",)."""
-        needs = {n for s in self.preset.scores for n in get_score(s).needs}
-        needs |= {n for u in self.updates for n in get_update(u).needs}
-        if self.allocation == "owl":
-            needs |= {"mean", "m2"}
-        return tuple(sorted(needs))
+        """The statistics this run reads: () for weights only, ("m2", "mean"), ("hessian",), ..."""
+        return tuple(sorted({n for st in self.stages for n in st.needs if n in STATISTICS}))
 
-    def bias_layer(self, st: LayerStats) -> bool:
-        """Whether this layer gets STADE's bias compensation (so the checkpoint needs a bias there)."""
-        return self.stages(st)[1] == "bias"
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether the blocks run on the calibration windows: to recalibrate (sequential, with statistics to read)
+        or for a stage that needs them (reconstruction). A weights-only score masks the same whatever the inputs."""
+        return (self.sequential and bool(self.needs)) or any(INPUTS in st.needs for st in self.stages)
 
+    # -- names
     @property
     def parsed_pattern(self) -> Pattern:
         return parse_pattern(self.pattern)
@@ -93,14 +122,11 @@ class PruneConfig:
 
     @property
     def label(self) -> str:
-        """The method, and the stages that replace its own: wanda, wanda+admm, admm+owl."""
-        parts = [self.method]
-        if self.update is not None:
-            parts.append(self.update)
-        if self.allocation != "uniform":
-            parts.append(self.allocation)
-        if self.reconstruct != "none":
-            parts.append(self.reconstruct)
+        """The method, and the stages that replace its own: wanda, wanda+admm, admm+owl, admm+block."""
+        parts = [self.method, *([self.update] if self.update else [])]
+        parts += [
+            getattr(self, k) for k in ("allocation", "reconstruct") if getattr(self, k) != getattr(PruneConfig, k)
+        ]
         return "+".join(parts)
 
     @property
@@ -108,52 +134,29 @@ class PruneConfig:
         """Folder name in a sweep: method-pattern-sparsity (method+update+allocation where they differ)."""
         return f"{self.label}-{self.parsed_pattern.slug}-{self.ratio:g}"
 
-    def stages_dict(self) -> dict[str, Any]:
-        """The stages and their parameters, as stade.json records them."""
-        record = stages_record(self.preset, self.updates[0], self.allocation, self.reconstruct, self.admm, self.owl)
-        if self.reconstruct != "none":
-            record["reconstruct"]["steps"] = self.reconstruct_steps
-        return record
-
-
-@dataclass
-class LayerReport:
-    name: str
-    shape: tuple[int, int]
-    sparsity: float
-    rel_error: float
-    bias_updated: bool
-    damping: float | None = None
-    fallback: str | None = None  # an expert too few tokens reached: the score used instead of the method's
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {
-            "name": self.name,
-            "shape": list(self.shape),
-            "sparsity": round(self.sparsity, 6),
-            "rel_error": self.rel_error,
-            "bias_updated": self.bias_updated,
+    def record(self) -> dict[str, Any]:
+        """The stages and their settings, as stade.json records them."""
+        stages = {st.kind: st for st in self.stages if st.kind != "score"}
+        return {
+            "score": list(self.preset.scores) or None,
+            **{kind: st.record(self.settings_for(st)) for kind, st in stages.items()},
         }
-        if self.damping is not None:
-            d["damping"] = self.damping
-        if self.fallback is not None:
-            d["fallback"] = self.fallback
-        return d
 
 
-@dataclass
-class PruneReport:
-    config: PruneConfig
-    layers: list[LayerReport] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    route: str = "in-memory"  # how the checkpoint was written: "streaming" (block by block) or "in-memory"
-    reconstruction: list[dict[str, Any]] = field(default_factory=list)  # per block, when reconstructing
-    routers: tuple[int, int] = (0, 0)  # router layers and weights, left dense
-    block_sparsity: dict[str, float] = field(default_factory=dict)  # per block, where an allocation varies it
-
-    @property
-    def achieved_sparsity(self) -> float:
-        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        pruned = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
-        return pruned / total if total else 0.0
+def _replaced_update(preset: Preset, name: str | None) -> str | None:
+    """The `--update` that replaces the method's own: None where it is the method's own; refused where impossible."""
+    if name is None:
+        return None
+    update: Update = UPDATES.get(name)
+    if not preset.scores and update.name != preset.update:
+        raise StadeError(
+            f"Method {preset.name!r} chooses its mask with its own update ({preset.update}); "
+            f"--update {update.name} cannot replace it.",
+            f"pick a score method for --update {update.name}, e.g. --method wanda --update {update.name}",
+        )
+    if preset.scores and not update.takes_mask:
+        raise StadeError(
+            f"--update {update.name} chooses its own mask, so it cannot follow {preset.name!r}'s scores.",
+            "use --method sparsegpt for the OBS solver, or --update admm to update a scored mask",
+        )
+    return None if update.name == preset.update else update.name  # the preset itself: one spelling

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from stade_cli.base.errors import StadeError
+from stade_cli.base.shards import Part
 from stade_cli.stats.accumulators import Moments
 
 TIMEOUT_ENV = "STADE_DIST_TIMEOUT"  # seconds a collective waits for the other ranks
@@ -40,6 +41,11 @@ class Group:
     @property
     def lead(self) -> bool:
         return self.rank == 0
+
+    @property
+    def part(self) -> Part:
+        """This rank's part of the windows: the same split as --shard."""
+        return Part(self.rank, self.world)
 
     def gather_moments(self, m: Moments) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Every rank's (count, mean, m2), in rank order."""
@@ -120,11 +126,7 @@ def rank_windows(ids: torch.Tensor, group: Group | None) -> torch.Tensor:
     """This rank's contiguous range of the windows (all of them for a single process)."""
     if group is None:
         return ids
-    from stade_cli.base.shards import Part
-
-    part = Part(group.rank, group.world)
-    part.check(ids.shape[0], "rank")
-    start, stop = part.bounds(ids.shape[0])
+    start, stop = group.part.take(ids.shape[0], "rank")
     return ids[start:stop]
 
 

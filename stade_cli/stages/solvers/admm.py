@@ -22,37 +22,28 @@ Every tensor is created on the weights' device in float32: no CPU-only call and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from stade_cli.base.errors import StadeError, at_least
-from stade_cli.stages.masks import Pattern, lowest_n_of_m
+from stade_cli.base.errors import StadeError
+from stade_cli.stages.masks import lowest_n_of_m
+from stade_cli.stages.pattern import Pattern
 
 
-@dataclass(frozen=True)
-class AdmmSettings:
-    """The paper's defaults: 20 iterations, the mask grown over the first 15, rho = 1 on the rescaled problem."""
+class AdmmParameters(Protocol):
+    """What the solver reads of its settings (updates/admm.py's AdmmSettings, the paper's defaults)."""
 
-    iters: int = 20
-    rho: float = 1.0
-    rho_growth: float = 1.0  # rho is multiplied by this after every iteration once the mask is fixed
-    mask_iters: int = 15  # gradual selection only
-    damping: float = 0.01  # of mean(diag H), added before rescaling
-
-    def check(self) -> None:
-        at_least("--admm-iters", self.iters, 1, "the paper uses 20")
-        if self.rho <= 0 or self.rho_growth < 1:
-            raise StadeError(
-                f"ADMM's rho {self.rho:g} must be > 0 and its growth {self.rho_growth:g} >= 1.",
-                "the paper uses --admm-rho 1 with no growth",
-            )
-        if not 0 < self.mask_iters <= self.iters:
-            raise StadeError(
-                f"--admm-mask-iters {self.mask_iters} must be between 1 and --admm-iters {self.iters}.",
-                "the paper grows the mask over 15 of 20 iterations",
-            )
-        if self.damping < 0:
-            raise StadeError(f"ADMM damping {self.damping:g} is negative.", "use 0.01 (1% of mean(diag H))")
+    @property
+    def iters(self) -> int: ...
+    @property
+    def rho(self) -> float: ...
+    @property
+    def rho_growth(self) -> float: ...  # rho is multiplied by this after every iteration once the mask is fixed
+    @property
+    def mask_iters(self) -> int: ...  # gradual selection only
+    @property
+    def damping(self) -> float: ...  # of mean(diag H), added before rescaling
 
 
 @dataclass
@@ -73,7 +64,7 @@ def _inverse(h: torch.Tensor, rho: float) -> torch.Tensor:
 def _gradual_mask(v: torch.Tensor, fraction: float, sparsity: float, pattern: Pattern) -> torch.Tensor:
     """True at the weights pruned at this step: the lowest |v| per row (N:M: only among each group's N lowest)."""
     score = v.abs()
-    rows, cols = score.shape
+    cols = score.shape[1]
     if pattern.structured:  # the N lowest of every M are the candidates; the mask grows among them
         score = score.masked_fill(~lowest_n_of_m(score, pattern), float("inf"))
     k = int(cols * sparsity * fraction)
@@ -88,7 +79,7 @@ def admm_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     mask: torch.Tensor | None,
-    settings: AdmmSettings,
+    settings: AdmmParameters,
     sparsity: float = 0.0,
     pattern: Pattern | None = None,
 ) -> AdmmResult:

@@ -13,11 +13,11 @@ time, with the sparsity mask held fixed. What is followed and what differs:
   pruned predecessors' outputs with `--sequential` (Free Lunch's sequential variant).
 - The mask is fixed (Wanda++ re-masks between iterations; here the mask is the chosen stage's, kept exactly):
   gradients of pruned entries are zeroed and the weights multiplied by the mask after every step.
-- Adam in float32 master weights (even for bfloat16/float16 models), learning rate `LR` with a cosine decay to
+- Adam in float32 master weights (even for bfloat16/float16 models), learning rate `lr` with a cosine decay to
   zero over the step budget (Free Lunch trains with Adam and a decaying schedule; Wanda++'s RMSprop at 3e-7
   for 5 x 32 samples moved our SmolLM2 blocks too little to measure).
-- 1/8 of the calibration windows are held out: their loss is checked every `EVAL_EVERY` steps, the best
-  weights are kept (so the held-out loss never rises), and training stops after `PATIENCE` checks without gain.
+- 1/8 of the calibration windows are held out: their loss is checked every `eval_every` steps, the best
+  weights are kept (so the held-out loss never rises), and training stops after `patience` checks without gain.
 
 Memory: the block (plus its float32 master copy and Adam's two moments), its inputs and the dense targets.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -36,46 +36,22 @@ from stade_cli.base.errors import StadeError
 from stade_cli.models.blocks import BlockInputs
 from stade_cli.models.layers import linear_layers
 
-# Defaults measured on SmolLM2-135M block 0, wanda 2:4, 32 x 512 calibration windows (README, "Reconstruction"):
-# held-out block loss 0.108 -> 0.074 / 0.067 / 0.065 after 20 one-window steps at lr 3e-4 / 1e-3 / 3e-3, against
-# 0.076 after 40 four-window steps at 1e-4 (six times the compute). 1e-3: nearly the best, a safer step size.
-DEFAULT_STEPS = 20
-LR = 1e-3  # Adam's peak learning rate, cosine-decayed to zero over the steps
-WINDOWS_PER_STEP = 1  # calibration windows in one optimiser step
-HOLDOUT = 8  # one window in HOLDOUT is held out for early stopping
-EVAL_EVERY = 10  # steps between held-out checks
-PATIENCE = 2  # checks without improvement before stopping
 
+class BlockParameters(Protocol):
+    """What the reconstruction reads of its settings (reconstructions/block.py's BlockSettings)."""
 
-@dataclass(frozen=True)
-class Reconstruction:
-    name: str
-    description: str
-    needs_inputs: bool  # whether the driver must run blocks on the calibration windows for it
-    run: Callable[..., dict[str, Any] | None]
-
-
-RECONSTRUCTIONS: dict[str, Reconstruction] = {}
-
-
-def register(name: str, description: str, needs_inputs: bool) -> Callable[[Callable], Callable]:
-    def deco(fn: Callable) -> Callable:
-        RECONSTRUCTIONS[name] = Reconstruction(name, description, needs_inputs, fn)
-        return fn
-
-    return deco
-
-
-def get_reconstruction(name: str) -> Reconstruction:
-    key = name.strip().lower()
-    if key not in RECONSTRUCTIONS:
-        raise StadeError(f"Unknown reconstruction {name!r}.", f"available: {', '.join(RECONSTRUCTIONS)}")
-    return RECONSTRUCTIONS[key]
-
-
-@register("none", "no reconstruction: the masked (and updated) weights are final", needs_inputs=False)
-def no_reconstruction(*_args: Any, **_kwargs: Any) -> None:
-    return None
+    @property
+    def steps(self) -> int: ...  # Adam steps, at most (it stops early)
+    @property
+    def lr(self) -> float: ...  # Adam's peak learning rate, cosine-decayed to zero over the steps
+    @property
+    def windows_per_step(self) -> int: ...  # calibration windows in one optimiser step
+    @property
+    def holdout(self) -> int: ...  # one window in `holdout` is held out for early stopping
+    @property
+    def eval_every(self) -> int: ...  # steps between held-out checks
+    @property
+    def patience(self) -> int: ...  # checks without improvement before stopping
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -160,10 +136,13 @@ def _forward(block: nn.Module, chunk: _Chunk) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def split_windows(batches: list[int], seed: int) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
-    """(train, held-out) as (batch, window rows) lists; one window in HOLDOUT is held out, chosen by `seed`."""
+def split_windows(
+    batches: list[int], seed: int, holdout: int = 8, per_step: int = 1
+) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
+    """(train, held-out) as (batch, window rows) lists; one window in `holdout` is held out, chosen by `seed`, and
+    the training windows go `per_step` to a step."""
     total = sum(batches)
-    hold = total // HOLDOUT if total >= 2 else 0
+    hold = total // holdout if total >= 2 else 0
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:hold])
     train: list[tuple[int, list[int]]] = []
@@ -173,8 +152,8 @@ def split_windows(batches: list[int], seed: int) -> tuple[list[tuple[int, list[i
         rows = range(start, start + n)
         t = [r - start for r in rows if r not in held]
         h = [r - start for r in rows if r in held]
-        for i in range(0, len(t), WINDOWS_PER_STEP):
-            train.append((b, t[i : i + WINDOWS_PER_STEP]))
+        for i in range(0, len(t), per_step):
+            train.append((b, t[i : i + per_step]))
         if h:
             heldout.append((b, h))
         start += n
@@ -184,22 +163,23 @@ def split_windows(batches: list[int], seed: int) -> tuple[list[tuple[int, list[i
 # ----------------------------------------------------------------------------------------------- block
 
 
-@register("block", "tune each block's kept weights to the dense block's outputs (Wanda++ RO; arXiv 2510.14444)", True)
 def reconstruct_block(
     block: nn.Module,
     inputs: BlockInputs,
     targets: list[torch.Tensor],
     device: torch.device,
-    steps: int = DEFAULT_STEPS,
+    settings: BlockParameters,
     seed: int = 0,
-    lr: float = LR,
 ) -> dict[str, Any]:
     """Tune `block` (already masked, on `device`) in place; returns the held-out losses before and after.
 
     `inputs` are the block's inputs per batch and `targets` the dense block's outputs on them. Losses are
     relative: sum of squared errors over the sum of squared targets.
     """
-    train, heldout = split_windows([h.shape[0] for h in inputs.hidden], seed)
+    steps = settings.steps
+    train, heldout = split_windows(
+        [h.shape[0] for h in inputs.hidden], seed, settings.holdout, settings.windows_per_step
+    )
     if not train:
         raise StadeError("Block reconstruction needs at least one calibration window to train on.", "calibrate more")
     make = _chunk_maker(inputs, targets, device)
@@ -232,7 +212,7 @@ def reconstruct_block(
                 tot += float(c.target.double().square().sum())
         return err / max(tot, 1e-30)
 
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=settings.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
     before = best = heldout_loss()
@@ -257,7 +237,7 @@ def reconstruct_block(
                 if m is not None:
                     p.mul_(m)
         step += 1
-        if heldout and (step % EVAL_EVERY == 0 or step == steps):
+        if heldout and (step % settings.eval_every == 0 or step == steps):
             now = heldout_loss()
             assert now is not None and best is not None and best_state is not None
             if now < best:
@@ -266,7 +246,7 @@ def reconstruct_block(
                     keep.copy_(p.detach())
             else:
                 since += 1
-                if since >= PATIENCE:
+                if since >= settings.patience:
                     break
     with torch.no_grad():
         if best_state is not None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from stade_cli.base.errors import StadeError
-from stade_cli.stages.masks import Pattern, lowest_k, lowest_n_of_m
+from stade_cli.stages.masks import lowest_k, lowest_n_of_m
+from stade_cli.stages.pattern import Pattern
 
 MAX_DAMPING_RETRIES = 5
 

@@ -1,0 +1,224 @@
+"""The memory and disk terms of each stage, each what one piece of the code allocates (see plan.py's docstring).
+
+The prune terms come from the runs that will run (PruneConfig): each chosen stage states its own working memory
+(stage.Workload), the block inputs are counted once per run that keeps them, an allocation's pass over the blocks
+is a phase of its own, and the disk is every checkpoint's weight files, exactly, as the sinks will write them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stade_cli.base.dtypes import BY_NAME, size_of
+from stade_cli.models import hf
+from stade_cli.planning.shapes import Shapes, activation_bytes, hessian_bytes, peak_phase
+from stade_cli.stages.config import PruneConfig
+from stade_cli.stages.stage import Stage, Workload
+
+TEXT_SOURCE = 14 * 10**6  # heap a text source leaves after sampling windows (sample-wiki, measured by bench/plan.py)
+HEADER_ENTRY = 200  # bytes of safetensors header per tensor, at most (name, dtype, shape, offsets)
+MANIFEST_LAYER = 400  # bytes of manifest.json per linear layer, at most (name, shape, group, hash)
+SMALL_FILES = 32 * 10**6  # config, generation config, tokenizer, stade.json and model card of a checkpoint, at most
+LOGITS_CHUNK = 256  # perplexity.LOGITS_CHUNK: positions whose float32 log-probabilities exist at once
+
+
+@dataclass
+class StagePlan:
+    device: dict[str, int] = field(default_factory=dict)  # term -> bytes
+    host: dict[str, int] = field(default_factory=dict)
+    disk: int = 0
+    seconds: float | None = None
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
+
+
+@dataclass
+class Context:
+    """What every stage's terms read: the shapes, the run's sizes and where it runs."""
+
+    shapes: Shapes
+    model: Any  # the meta model
+    nsamples: int
+    seqlen: int
+    batch_size: int
+    compute: torch.dtype  # what calibrate and eval run in
+    compute_prune: torch.dtype  # what prune runs in (float32 on the CPU, the checkpoint's own dtype on a GPU)
+    own: torch.dtype  # the checkpoint's dtype
+    saved: torch.dtype  # the dtype the pruned checkpoints are saved in
+    gpu: bool
+    hidden_on_device: bool
+    common: dict[str, int]  # libraries, tokenizer and skeleton
+
+    @property
+    def elem(self) -> int:
+        return size_of(self.compute)
+
+    @property
+    def elem_prune(self) -> int:
+        return size_of(self.compute_prune)
+
+    @property
+    def tokens(self) -> int:
+        return self.nsamples * self.seqlen
+
+    @property
+    def batch_tokens(self) -> int:
+        return min(self.batch_size, self.nsamples) * self.seqlen
+
+    def hidden(self, elem: int, copies: int = 2) -> int:
+        """Hidden states of every window (`copies` of them: a block's inputs and its outputs), with the other call
+        arguments (rotary tables) of every batch once."""
+        return copies * self.tokens * self.shapes.hidden * elem + self.tokens * self.shapes.arg_bytes_per_token
+
+    def outside(self, elem: int) -> dict[str, int]:
+        """Everything outside the blocks, read whole (and its embeddings in the checkpoint's dtype beside)."""
+        terms = {"embeddings and head": self.shapes.outside_params * elem}
+        if elem != size_of(self.own):
+            terms["the embeddings in the checkpoint's dtype"] = self.shapes.input_embedding_params * size_of(self.own)
+        return terms
+
+    def workload(self, elem: int) -> Workload:
+        """The widest layer group (by its working set) as a stage's memory estimate reads it."""
+        rows, cols, widest = max(
+            ((sum(o for o, _i in m), m[0][1], max(o * i for o, i in m)) for m in self.shapes.groups.values()),
+            key=lambda g: g[0] * g[1] + g[1] ** 2,
+        )
+        one = activation_bytes(self.shapes, self.seqlen, elem, False)
+        return Workload(rows, cols, widest, self.shapes.block_params, self.shapes.linear_params, self.tokens,
+                        self.seqlen, self.shapes.hidden, elem, one)  # fmt: skip
+
+
+def stage_memory(stage: Stage, config: PruneConfig, work: Workload) -> int:
+    """What `stage` states it needs on top of the block (driver.prune's masking where it states nothing)."""
+    if stage.memory is not None:
+        return stage.memory(work, config.settings_for(stage))
+    return work.masked if stage.kind == "update" else 0
+
+
+def calibrate_plan(ctx: Context, hessian: bool, hessian_dtype: str, text: int) -> StagePlan:
+    """calibrate: the weights outside the blocks while the block inputs are captured; then one block, the hidden
+    states of every window twice, one batch's activations, the block's Hessians, every group's mean and m2."""
+    s, e = ctx.shapes, ctx.elem
+    work = {
+        "block": s.block_params * e,
+        "activations": activation_bytes(s, ctx.batch_tokens, e, True),
+        **({"hessians": hessian_bytes(s)} if hessian else {}),
+    }
+    kept = {"hidden states": ctx.hidden(e), "statistics": sum(2 * 8 * m[0][1] for m in s.groups.values()) * s.n_blocks}
+    plan = StagePlan(disk=artifact_bytes(ctx, hessian, hessian_dtype, text))
+    if ctx.gpu:
+        plan.device = peak_phase(
+            {"embeddings and head": s.outside_params * e}, {**work, **(kept if ctx.hidden_on_device else {})}
+        )
+        blocks = {"block (read)": s.block_params * e, **({} if ctx.hidden_on_device else kept)}
+        plan.host = {**ctx.common, "calibration text": text, **peak_phase(ctx.outside(e), blocks)}
+    else:
+        plan.host = {**ctx.common, "calibration text": text, **peak_phase(ctx.outside(e), {**work, **kept})}
+        plan.device = dict(plan.host)
+    return plan
+
+
+def artifact_tensors(shapes: Shapes, tokens: int, hessian: bool, hessian_dtype: str) -> int:
+    """The statistics artifact's tensors, exactly: float64 mean and m2 per layer group, one Hessian per group (in
+    --hessian-dtype), the int64 token ids."""
+    ins = [members[0][1] for members in shapes.groups.values()]
+    total = shapes.n_blocks * sum(2 * 8 * n for n in ins) + tokens * 8
+    return total + (shapes.n_blocks * sum(n * n for n in ins) * size_of(BY_NAME[hessian_dtype]) if hessian else 0)
+
+
+def artifact_bytes(ctx: Context, hessian: bool, hessian_dtype: str, text: int) -> int:
+    """The statistics artifact on disk: its tensors, and a bound on the safetensors headers and the manifest (which
+    lists every linear layer)."""
+    s = ctx.shapes
+    entries = s.n_blocks * len(s.groups) * (3 if hessian else 2) + 1
+    layers = s.n_blocks * sum(len(m) for m in s.groups.values())
+    return (
+        artifact_tensors(s, ctx.tokens, hessian, hessian_dtype)
+        + HEADER_ENTRY * entries
+        + MANIFEST_LAYER * layers
+        + 8192
+    )
+
+
+def _loop_work(ctx: Context, configs: tuple[PruneConfig, ...], work: Workload) -> dict[str, int]:
+    """One block's working set in the block loop: the block, the most demanding run's stages, a dense copy for a
+    sweep, and the block inputs of every run that keeps them."""
+    e = ctx.elem_prune
+    terms = {"block": ctx.shapes.block_params * e}
+    terms["layer group work"] = max(
+        sum(stage_memory(st, c, work) for st in c.stages if st.kind in ("update", "reconstruct")) for c in configs
+    )
+    if len(configs) > 1:
+        terms["dense copy of the block"] = ctx.shapes.block_params * e
+    keeping = [c for c in configs if c.needs_inputs]
+    if keeping:
+        terms["hidden states"] = ctx.hidden(e, copies=len(keeping) + 1)  # each run's own, and one block's outputs
+    if any(c.sequential and c.needs for c in keeping):
+        terms["activations"] = activation_bytes(ctx.shapes, ctx.batch_tokens, e, True)
+        if any("hessian" in c.needs for c in keeping if c.sequential):
+            terms["hessians"] = hessian_bytes(ctx.shapes)
+    return terms
+
+
+def prune_plan(ctx: Context, configs: tuple[PruneConfig, ...]) -> StagePlan:
+    """prune (driver.loop): everything outside the blocks (read whole, written to every output, then dropped);
+    an allocation's pass over the blocks; then the block loop. The disk: every checkpoint's weight files, exactly,
+    and a bound on each one's small files and a sweep's summary."""
+    e = ctx.elem_prune
+    work = ctx.workload(e)
+    loop = _loop_work(ctx, configs, work)
+    allocation = max(
+        (stage_memory(st, c, work) for c in configs for st in c.stages if st.kind == "allocation"), default=0
+    )
+    passes = {"block": ctx.shapes.block_params * e, "allocation pass": allocation} if allocation else {}
+    plan = StagePlan(disk=sum(weight_files_bytes(ctx, c) + SMALL_FILES for c in configs))
+    if ctx.gpu:
+        plan.device = peak_phase(loop, passes)
+        plan.host = {**ctx.common, **peak_phase(ctx.outside(e), {"block (read)": ctx.shapes.block_params * e})}
+    else:
+        plan.host = {**ctx.common, **peak_phase(ctx.outside(e), loop, passes)}
+        plan.device = dict(plan.host)
+    return plan
+
+
+def weight_files_bytes(ctx: Context, config: PruneConfig) -> int:
+    """One pruned checkpoint's weight files, exactly as the shard sink writes them: the shards with their headers
+    (and the biases a bias update adds), and the index."""
+    from stade_cli.driver.sinks import plan_layout
+
+    model = ctx.model
+    biased = [name for name, fed in ctx.shapes.fed_by_norm.items() if config.bias_layer(fed)]
+    first = model.get_submodule(ctx.shapes.blocks_name + ".0")
+    needs_switch = any(getattr(first.get_submodule(n), "bias", None) is None for n in biased)
+    switches = hf.bias_switches(model.config) if needs_switch else {}
+    try:
+        return plan_layout(model, switches, ctx.saved).bytes
+    except hf.Renamed:  # written by save_pretrained: every parameter once
+        return ctx.shapes.params * size_of(ctx.saved)
+
+
+def eval_plan(ctx: Context) -> StagePlan:
+    """eval: the whole model on the device, one batch's activations and a chunk of float32 log-probabilities."""
+    s, e = ctx.shapes, ctx.elem
+    chunk = min(ctx.batch_size, ctx.nsamples) * min(LOGITS_CHUNK, ctx.seqlen) * s.vocab * 4 * 2
+    work = {
+        "weights": s.params * e,
+        "activations": activation_bytes(s, ctx.batch_tokens, e, False),
+        "log-probabilities chunk": chunk,
+    }
+    plan = StagePlan(host={**ctx.common, "evaluation text": TEXT_SOURCE})
+    if ctx.gpu:
+        plan.device = work
+    else:
+        plan.host |= work
+        plan.device = dict(plan.host)
+    return plan

@@ -1,0 +1,1 @@
+"""The solvers behind the updates and the reconstruction: pure tensor maths, no hooks, no state."""
