@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from stade_cli.stages.pattern import parse_pattern
 from stade_cli.stages.solvers.admm import admm_prune
 from stade_cli.stages.updates.admm import AdmmSettings
-from stade_cli.stages.pattern import parse_pattern
 
 from helpers import calibrate, invoke, read_weights
 

@@ -35,16 +35,12 @@ def _percent(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, int | float) else "—"
 
 
-def render(report: dict[str, Any], command: str | None = None) -> str:
-    """The card for a checkpoint described by its stade.json `report` (results section empty)."""
-    spec = report["model"]["spec"]
-    base = hub_base(spec)
-    method, pattern = report["method"], report["pattern"]
-    cal = report["statistics"]
-    front = ["---"]
-    if base:
-        front.append(f"base_model: {base}")
-    front += [
+def _front_matter(base: str | None, method: str, pattern: str) -> list[str]:
+    """The Hugging Face model card metadata: base model, library, tags."""
+    tag = "unstructured" if pattern == "unstructured" else pattern.replace(":", "of") + "-sparsity"
+    return [
+        "---",
+        *([f"base_model: {base}"] if base else []),
         "library_name: transformers",
         "pipeline_tag: text-generation",
         "tags:",
@@ -52,16 +48,17 @@ def render(report: dict[str, Any], command: str | None = None) -> str:
         "- pruned",
         "- sparse",
         f"- {method}",
-        f"- {'unstructured' if pattern == 'unstructured' else pattern.replace(':', 'of') + '-sparsity'}",
+        f"- {tag}",
         "---",
     ]
-    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{spec}`"
-    if base and base != spec:
-        base_text += f" (given as `{spec}`)"
-    rows = [
+
+
+def _facts(report: dict[str, Any], base_text: str) -> list[tuple[str, str]]:
+    cal = report["statistics"]
+    return [
         ("base model", base_text),
-        ("method", f"`{method}`"),
-        ("pattern", pattern),
+        ("method", f"`{report['method']}`"),
+        ("pattern", report["pattern"]),
         ("target sparsity", _percent(report["sparsity"])),
         ("achieved sparsity", f"{_percent(report['achieved_sparsity'])} of the decoder blocks' linear weights"),
         ("bias update", "yes" if report.get("bias_update") else "no"),
@@ -70,8 +67,31 @@ def render(report: dict[str, Any], command: str | None = None) -> str:
         ("saved dtype", str(report.get("dtype", "—"))),
         ("stade", str(report.get("versions", {}).get("stade", "—"))),
     ]
+
+
+USE = [
+    "## Use",
+    "",
+    "```python",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    'model = AutoModelForCausalLM.from_pretrained("PATH_OR_HUB_ID")',
+    'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")',
+    "```",
+    "",
+]
+
+
+def render(report: dict[str, Any], command: str | None = None) -> str:
+    """The card for a checkpoint described by its stade.json `report` (results section empty)."""
+    spec = report["model"]["spec"]
+    base = hub_base(spec)
+    method, pattern = report["method"], report["pattern"]
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{spec}`"
+    if base and base != spec:
+        base_text += f" (given as `{spec}`)"
     lines = [
-        *front,
+        *_front_matter(base, method, pattern),
         "",
         f"# {Path(spec.rstrip('/')).name or spec}, pruned with {method} ({pattern}, {_percent(report['sparsity'])})",
         "",
@@ -80,7 +100,7 @@ def render(report: dict[str, Any], command: str | None = None) -> str:
         "",
         "| | |",
         "|---|---|",
-        *(f"| {k} | {v} |" for k, v in rows),
+        *(f"| {k} | {v} |" for k, v in _facts(report, base_text)),
         "",
         "## How it was made",
         "",
@@ -96,15 +116,7 @@ def render(report: dict[str, Any], command: str | None = None) -> str:
         NOT_EVALUATED,
         RESULTS_END,
         "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_HUB_ID")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")',
-        "```",
-        "",
+        *USE,
     ]
     return "\n".join(lines)
 

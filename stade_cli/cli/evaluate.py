@@ -91,16 +91,12 @@ def eval_(
 
     Several models (e.g. a whole sweep): stade eval smollm2-135m pruned/*/ --ppl sample-news --out results/
     """
-    import tempfile
-
     from stade_cli.base.console import err
-    from stade_cli.base.errors import StadeError
     from stade_cli.base.files import check_apart, check_writable
-    from stade_cli.base.modelcard import add_results
     from stade_cli.cli.tables import render_results
-    from stade_cli.evaluation.evaluate import EvalConfig, evaluate_model, prepare, results_paths, write_results
-    from stade_cli.models.dispatch import dispatch_kwargs, parse_max_memory, wants_dispatch
-    from stade_cli.models.loading import load_model, resolve_device, resolve_model
+    from stade_cli.evaluation.evaluate import EvalConfig, evaluate_spec, prepare, results_paths
+    from stade_cli.models.dispatch import parse_max_memory, wants_dispatch
+    from stade_cli.models.loading import resolve_device, resolve_model
 
     config = EvalConfig.from_strings(
         ppl, tasks, seqlen=seqlen, batch_size=batch_size, limit=limit, max_windows=max_windows
@@ -128,37 +124,36 @@ def eval_(
     documents = []
     for model, path in zip(models, paths, strict=True):
         if not spread:  # a model spread over devices fits by construction
-            plan_line(
-                "eval",
-                model,
-                dev,
-                None,
-                cache_dir,
-                seqlen=seqlen,
-                nsamples=batch_size,
-                batch_size=batch_size,
-                dtype=dtype,
-            )
-        with tempfile.TemporaryDirectory(prefix="stade-offload-") as offload:
-            dispatch = dispatch_kwargs(max_memory, offload) if spread else None
-            loaded = load_model(model, dtype.value if dtype else None, dev, cache, dispatch=dispatch)
-            results = evaluate_model(loaded, config, dev, cache, ready)
-            del loaded  # the next model loads into the memory this one frees
-        try:
-            write_results(path, results, force)
-        except StadeError as exc:  # nothing computed is lost: the results go to stdout instead
-            print_json(results)
-            raise StadeError(exc.message, "the results are printed above on stdout; save them from there") from None
-        if results["pruning"] is not None:  # a folder `stade prune` wrote: its model card gets the results
-            try:
-                add_results(Path(results["model"]["path"]), results)
-            except OSError as exc:
-                err.print(f"Warning: the model card was not updated ({exc.strerror}).", style="yellow", highlight=False)
+            plan_line("eval", model, dev, None, cache_dir, seqlen=seqlen, nsamples=batch_size, batch_size=batch_size,
+                      dtype=dtype)  # fmt: skip
+        run_dtype = dtype.value if dtype else None
+        results = evaluate_spec(model, config, dev, cache, ready, run_dtype, max_memory if spread else None, spread)
+        _save(path, results, force)
         documents.append(results)
         if not as_json:
             render_results(results)
     if as_json:
         print_json(documents[0] if len(documents) == 1 else documents)
+
+
+def _save(path: Path, results: dict, force: bool) -> None:
+    """The results file, and the model card's results where `stade prune` wrote the model; nothing computed is lost
+    when the results cannot be written: they go to stdout."""
+    from stade_cli.base.console import err
+    from stade_cli.base.errors import StadeError
+    from stade_cli.base.modelcard import add_results
+    from stade_cli.evaluation.evaluate import write_results
+
+    try:
+        write_results(path, results, force)
+    except StadeError as exc:
+        print_json(results)
+        raise StadeError(exc.message, "the results are printed above on stdout; save them from there") from None
+    if results["pruning"] is not None:  # a folder `stade prune` wrote: its model card gets the results
+        try:
+            add_results(Path(results["model"]["path"]), results)
+        except OSError as exc:
+            err.print(f"Warning: the model card was not updated ({exc.strerror}).", style="yellow", highlight=False)
 
 
 @cli_errors

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stade_cli.base.errors import StadeError
+from stade_cli.base.registry import Registry
 from stade_cli.base.files import read_json
 from stade_cli.evaluation.evaluate import RESULTS_KIND, load_results
 
@@ -32,17 +33,12 @@ class ResultKind:
         return a > b if self.higher_is_better else a < b
 
 
-RESULT_KINDS: dict[str, ResultKind] = {}
+RESULT_KINDS: Registry[ResultKind] = Registry("result", "--sort")
 
 
 def register_result(name: str, label: str, higher_is_better: bool) -> Callable[[Callable], Callable]:
     """Register how to read a kind of result out of results.json, and which way is better (lm_eval's convention)."""
-
-    def wrap(fn: Callable[[dict[str, Any]], dict[str, float]]) -> Callable:
-        RESULT_KINDS[name] = ResultKind(name, label, higher_is_better, fn)
-        return fn
-
-    return wrap
+    return RESULT_KINDS.register(name, lambda fn: ResultKind(name, label, higher_is_better, fn))
 
 
 def _task_result(results: dict[str, Any], name: str) -> dict[str, float]:
@@ -110,7 +106,7 @@ class Column:
 
     @property
     def label(self) -> str:
-        return f"{RESULT_KINDS[self.result].label} {self.name}" if self.result in RESULT_KINDS else self.key
+        return f"{RESULT_KINDS.get(self.result).label} {self.name}" if self.result in RESULT_KINDS else self.key
 
 
 @dataclass
@@ -208,7 +204,7 @@ def format_cell(row: Row, column: Column) -> str:
 
 
 def _row(doc: dict[str, Any]) -> Row:
-    values = {f"{name}:{key}": float(v) for name, kind in RESULT_KINDS.items() for key, v in kind.extract(doc).items()}
+    values = {f"{kind.name}:{key}": float(v) for kind in RESULT_KINDS for key, v in kind.extract(doc).items()}
     model = doc.get("model") or {}
     spec = str(model.get("spec") or doc["_source"])
     return Row(
@@ -268,7 +264,8 @@ def _describe(identity: tuple[Any, ...]) -> str:
 def _columns(rows: list[Row]) -> list[Column]:
     """Every result any row has, grouped by kind in registry order, names in order of first appearance."""
     columns: list[Column] = []
-    for name, kind in RESULT_KINDS.items():
+    for kind in RESULT_KINDS:
+        name = kind.name
         seen: list[str] = []
         for r in rows:
             for key in r.values:

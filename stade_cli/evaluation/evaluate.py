@@ -252,6 +252,29 @@ def evaluate_model(
     return results
 
 
+def evaluate_spec(
+    spec: str,
+    config: EvalConfig,
+    device: torch.device,
+    cache_dir: str | None,
+    tasks: LoadedTasks | None,
+    dtype: str | None = None,
+    max_memory: str | None = None,
+    spread: bool = False,
+) -> dict[str, Any]:
+    """Load MODEL (spread over the devices within `max_memory` where `spread`, the rest read from disk as it
+    runs), evaluate it, and free it before the next one loads."""
+    import tempfile
+
+    from stade_cli.models.dispatch import dispatch_kwargs
+    from stade_cli.models.loading import load_model
+
+    with tempfile.TemporaryDirectory(prefix="stade-offload-") as offload:
+        dispatch = dispatch_kwargs(max_memory, offload) if spread else None
+        loaded = load_model(spec, dtype, device, cache_dir, dispatch=dispatch)
+        return evaluate_model(loaded, config, device, cache_dir, tasks)
+
+
 def results_paths(models: list[str], out: Path) -> list[Path]:
     """`out` itself for one model; for several, out/NAME.json with NAME each model's folder name or hub id."""
     if len(models) == 1:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,20 +218,16 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hf.quiet()
-
     path = resolve_model(spec)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     own_dtype = dtype == "auto"  # the checkpoint's own dtype on any device (prune writes in it)
     torch_dtype = parse_dtype(None if own_dtype else dtype) if isinstance(dtype, str) or dtype is None else dtype
-    try:
+    with _load_errors(spec, path):
         if torch_dtype is None:
             torch_dtype = default_dtype(path, dev, cache_dir, own_dtype)
-        model, files = None, None
-        if lazy:
-            files = WeightFiles.find(path, cache_dir)
-            if files is not None:
-                config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
-                model = build_lazy(config, torch_dtype, files)
+        model, files = None, WeightFiles.find(path, cache_dir) if lazy else None
+        if files is not None:
+            model = build_lazy(AutoConfig.from_pretrained(path, cache_dir=cache_dir), torch_dtype, files)
         if model is None:
             files = None
             model = AutoModelForCausalLM.from_pretrained(
@@ -243,6 +241,17 @@ def load_model(
                 "save the tokenizer with the model (tokenizer.save_pretrained(folder))",
             ) from exc
         own = checkpoint_dtype(path, cache_dir)
+    model.eval()
+    find_blocks(model)  # fail early on architectures without a layer list
+    whole = WHOLE if lazy and files is None else None
+    return LoadedModel(model, tokenizer, spec, path, files, cache_dir=cache_dir, own_dtype=own, whole_reason=whole)
+
+
+@contextlib.contextmanager
+def _load_errors(spec: str, path: str) -> Iterator[None]:
+    """What transformers and safetensors raise for a model that cannot be loaded, as one line with the next step."""
+    try:
+        yield
     except StadeError:
         raise
     except ValueError as exc:
@@ -273,10 +282,6 @@ def load_model(
             f"The weights of model {spec!r} are unreadable: {' '.join(str(exc).split())}.",
             "a .safetensors file is truncated or corrupt: copy or download the model again",
         ) from None
-    model.eval()
-    find_blocks(model)  # fail early on architectures without a layer list
-    whole = WHOLE if lazy and files is None else None
-    return LoadedModel(model, tokenizer, spec, path, files, cache_dir=cache_dir, own_dtype=own, whole_reason=whole)
 
 
 def config_summary(model: PreTrainedModel) -> dict[str, object]:

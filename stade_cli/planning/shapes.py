@@ -37,10 +37,6 @@ class Shapes:
     linear_params: int  # a block's prunable linear weights
 
 
-def size_of(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
-
-
 def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

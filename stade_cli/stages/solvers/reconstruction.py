@@ -163,6 +163,55 @@ def split_windows(
 # ----------------------------------------------------------------------------------------------- block
 
 
+def _trainable(block: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Every linear layer's weight with its mask (True where kept: an exact zero stays zero), and its bias (None:
+    trained everywhere), set to train; everything else in the block frozen."""
+    params: list[torch.Tensor] = []
+    masks: list[torch.Tensor | None] = []
+    for frozen in block.parameters():
+        frozen.requires_grad_(False)
+    for mod in linear_layers(block).values():
+        w, bias = mod.weight, getattr(mod, "bias", None)
+        assert isinstance(w, torch.Tensor)
+        masks.append(w != 0)  # the mask chosen by the pruning stage
+        params.append(w)
+        if isinstance(bias, torch.Tensor):
+            masks.append(None)
+            params.append(bias)
+    for p in params:
+        p.requires_grad_(True)
+    return params, masks
+
+
+def _heldout_loss(block: nn.Module, heldout: list[tuple[int, list[int]]], make: Callable[..., _Chunk]) -> float | None:
+    """Relative squared error of the block on the held-out windows (None where none is held out)."""
+    if not heldout:
+        return None
+    err = tot = 0.0
+    with torch.no_grad():
+        for b, rows in heldout:
+            c = make(b, rows)
+            err += float((_forward(block, c) - c.target).double().square().sum())
+            tot += float(c.target.double().square().sum())
+    return err / max(tot, 1e-30)
+
+
+def _masked_step(block: nn.Module, chunk: _Chunk, params: list, masks: list, opt: Any, sched: Any) -> None:
+    """One Adam step on the squared error, with pruned entries' gradients zeroed and the mask re-applied after."""
+    loss = (_forward(block, chunk) - chunk.target).square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p, m in zip(params, masks, strict=True):
+        if m is not None and p.grad is not None:
+            p.grad.mul_(m)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for p, m in zip(params, masks, strict=True):
+            if m is not None:
+                p.mul_(m)
+
+
 def reconstruct_block(
     block: nn.Module,
     inputs: BlockInputs,
@@ -177,68 +226,28 @@ def reconstruct_block(
     relative: sum of squared errors over the sum of squared targets.
     """
     steps = settings.steps
-    train, heldout = split_windows(
-        [h.shape[0] for h in inputs.hidden], seed, settings.holdout, settings.windows_per_step
-    )
+    sizes = [h.shape[0] for h in inputs.hidden]
+    train, heldout = split_windows(sizes, seed, settings.holdout, settings.windows_per_step)
     if not train:
         raise StadeError("Block reconstruction needs at least one calibration window to train on.", "calibrate more")
     make = _chunk_maker(inputs, targets, device)
-    layers = linear_layers(block)
     storage = _Storage(block)
     block.float()  # float32 master weights for the duration (a no-op for a float32 block)
-    params: list[torch.Tensor] = []
-    masks: list[torch.Tensor | None] = []  # None: a bias, trained everywhere
-    for frozen in block.parameters():
-        frozen.requires_grad_(False)
-    for mod in layers.values():
-        w, bias = mod.weight, getattr(mod, "bias", None)
-        assert isinstance(w, torch.Tensor)
-        masks.append(w != 0)  # the mask chosen by the pruning stage (an exact zero stays zero)
-        params.append(w)
-        if isinstance(bias, torch.Tensor):
-            masks.append(None)
-            params.append(bias)
-    for p in params:
-        p.requires_grad_(True)
-
-    def heldout_loss() -> float | None:
-        if not heldout:
-            return None
-        err = tot = 0.0
-        with torch.no_grad():
-            for b, rows in heldout:
-                c = make(b, rows)
-                err += float((_forward(block, c) - c.target).double().square().sum())
-                tot += float(c.target.double().square().sum())
-        return err / max(tot, 1e-30)
-
+    params, masks = _trainable(block)
     opt = torch.optim.Adam(params, lr=settings.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
-    before = best = heldout_loss()
+    before = best = _heldout_loss(block, heldout, make)
     best_state = [p.detach().clone() for p in params] if heldout else None
     best_step, since, step = 0, 0, 0
     order: list[int] = []
     while step < steps:
         if not order:
             order = torch.randperm(len(train), generator=gen).tolist()
-        b, rows = train[order.pop()]
-        c = make(b, rows)
-        loss = (_forward(block, c) - c.target).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p, m in zip(params, masks, strict=True):
-            if m is not None and p.grad is not None:
-                p.grad.mul_(m)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for p, m in zip(params, masks, strict=True):
-                if m is not None:
-                    p.mul_(m)
+        _masked_step(block, make(*train[order.pop()]), params, masks, opt, sched)
         step += 1
         if heldout and (step % settings.eval_every == 0 or step == steps):
-            now = heldout_loss()
+            now = _heldout_loss(block, heldout, make)
             assert now is not None and best is not None and best_state is not None
             if now < best:
                 best, best_step, since = now, step, 0
@@ -248,8 +257,8 @@ def reconstruct_block(
                 since += 1
                 if since >= settings.patience:
                     break
-    with torch.no_grad():
-        if best_state is not None:
+    if best_state is not None:
+        with torch.no_grad():
             for keep, p in zip(best_state, params, strict=True):
                 p.copy_(keep)
     for p in params:
