@@ -149,12 +149,12 @@ def test_groups_share_one_input(tiny_llama_dir: Path, text_file: Path, tmp_path:
     stats = run_calibrate(tiny_llama_dir, tmp_path / "s", data=str(text_file), nsamples=2, seqlen=16)
     layers = stats.layers
     q, k, v = (layers[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
-    assert q["group"] == k["group"] == v["group"]
-    assert layers["model.layers.0.mlp.gate_proj"]["group"] == layers["model.layers.0.mlp.up_proj"]["group"]
-    assert q["fed_by_norm"] and layers["model.layers.0.mlp.up_proj"]["fed_by_norm"]
-    assert not layers["model.layers.0.self_attn.o_proj"]["fed_by_norm"]
-    assert not layers["model.layers.0.mlp.down_proj"]["fed_by_norm"]
-    assert layers["model.layers.0.mlp.down_proj"]["shape"] == [64, 128]
+    assert q.group == k.group == v.group
+    assert layers["model.layers.0.mlp.gate_proj"].group == layers["model.layers.0.mlp.up_proj"].group
+    assert q.fed_by_norm and layers["model.layers.0.mlp.up_proj"].fed_by_norm
+    assert not layers["model.layers.0.self_attn.o_proj"].fed_by_norm
+    assert not layers["model.layers.0.mlp.down_proj"].fed_by_norm
+    assert layers["model.layers.0.mlp.down_proj"].shape == [64, 128]
 
 
 def test_lazy_loading_gives_the_same_artifact(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
@@ -166,8 +166,12 @@ def test_lazy_loading_gives_the_same_artifact(tiny_model_dir: Path, text_file: P
     eager = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     a = calibrate(lazy, config, tmp_path / "lazy", CPU)
     b = calibrate(eager, config, tmp_path / "eager", CPU)
-    assert a.manifest["model"]["fingerprint"] == b.manifest["model"]["fingerprint"] == fingerprint(eager.model)
-    assert a.manifest["layers"] == b.manifest["layers"]
+    assert (
+        a.manifest.dump()["model"]["fingerprint"]
+        == b.manifest.dump()["model"]["fingerprint"]
+        == fingerprint(eager.model)
+    )
+    assert a.manifest.dump()["layers"] == b.manifest.dump()["layers"]
     for name in a.layers:
         x, y = a.layer(name, hessian=True), b.layer(name, hessian=True)
         assert torch.equal(x.mean, y.mean) and torch.equal(x.m2, y.m2) and torch.equal(x.hessian, y.hessian)
@@ -251,7 +255,7 @@ def test_same_arguments_give_identical_statistics(tiny_llama_dir: Path, text_fil
     common = dict(data=str(text_file), nsamples=4, seqlen=32, seed=3, hessian=True)
     a = run_calibrate(tiny_llama_dir, tmp_path / "a", **common)
     b = run_calibrate(tiny_llama_dir, tmp_path / "b", **common)
-    assert a.manifest["files"] == b.manifest["files"]  # sizes and sha256 of stats, hessians, token ids
+    assert a.manifest.dump()["files"] == b.manifest.dump()["files"]  # sizes and sha256 of stats, hessians, token ids
     assert a.fingerprint == b.fingerprint
     for name in a.layers:
         la, lb = a.layer(name, hessian=True), b.layer(name, hessian=True)
@@ -262,8 +266,8 @@ def test_different_seed_gives_different_token_ids(tiny_llama_dir: Path, text_fil
     a = run_calibrate(tiny_llama_dir, tmp_path / "a", data=str(text_file), nsamples=4, seqlen=32, seed=0)
     b = run_calibrate(tiny_llama_dir, tmp_path / "b", data=str(text_file), nsamples=4, seqlen=32, seed=1)
     assert not torch.equal(a.token_ids(), b.token_ids())
-    assert a.manifest["data"]["token_ids_sha256"] != b.manifest["data"]["token_ids_sha256"]
-    assert a.manifest["data"]["seed"] == 0 and b.manifest["data"]["seed"] == 1
+    assert a.manifest.dump()["data"]["token_ids_sha256"] != b.manifest.dump()["data"]["token_ids_sha256"]
+    assert a.manifest.dump()["data"]["seed"] == 0 and b.manifest.dump()["data"]["seed"] == 1
 
 
 def test_manifest_describes_the_artifact(tiny_llama_dir: Path, text_file: Path, tmp_path: Path) -> None:
@@ -278,7 +282,7 @@ def test_manifest_describes_the_artifact(tiny_llama_dir: Path, text_file: Path, 
     assert m["statistics"] == ["count", "mean", "m2"] and m["count"] == 48
     assert len(m["layers"]) == 14 and all(e["shape"] for e in m["layers"])
     assert set(m["files"]) == {"stats.safetensors", "tokens.safetensors"}
-    assert stats.manifest == m
+    assert stats.manifest.dump() == m
     with pytest.raises(StadeError, match="no Hessians"):
         stats.layer(m["layers"][0]["name"], hessian=True)
 
@@ -434,7 +438,7 @@ def test_token_id_file_is_taken_as_it_is(tiny_llama_dir: Path, tmp_path: Path) -
     assert res.exit_code == 0, res.output
     stats = Statistics.load(tmp_path / "s")
     assert torch.equal(stats.token_ids(), ids)
-    assert stats.manifest["data"]["nsamples"] == 3 and stats.manifest["data"]["seqlen"] == 20
+    assert stats.manifest.dump()["data"]["nsamples"] == 3 and stats.manifest.dump()["data"]["seqlen"] == 20
 
 
 def test_interrupt_during_calibration_leaves_nothing(

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import Result
 
 from stade_cli.base import console
+from stade_cli.base.artifacts import Results
 from stade_cli.base.errors import StadeError
 from stade_cli.evaluation.compare import Comparison, build, compare, load_sources
 from stade_cli.evaluation.evaluate import write_results
@@ -29,22 +30,29 @@ def results_doc(
     sparsity: float,
     ppl: dict[str, float],
     acc: dict[str, float],
-) -> dict[str, Any]:
+) -> Results:
     tasks = {t: {"acc": a, "acc_stderr": 0.01, "acc_norm": a + 0.01, "acc_norm_stderr": 0.01} for t, a in acc.items()}
     mean = {"acc": sum(acc.values()) / len(acc), "acc_norm": sum(acc.values()) / len(acc) + 0.01} if acc else {}
-    pruning = None if method == "dense" else {"kind": "stade-prune-report", "method": method, "pattern": pattern}
-    return {
-        "kind": "stade-results",
-        "schema": 1,
-        "model": {"spec": spec},
-        "pruning": pruning,
-        "method": method,
-        "pattern": pattern,
-        "sparsity": sparsity,
-        "achieved_sparsity": sparsity,
-        "perplexity": {d: {"ppl": v, "windows": 10, "seqlen": 128, "tokens": 1280} for d, v in ppl.items()},
-        "zeroshot": {"tasks": tasks, "mean": mean, "num_fewshot": 0, "limit": None},
-    }
+    return Results.load(
+        {
+            "kind": "stade-results",
+            "schema": 1,
+            "created": "2026-12-03T10:00:00+00:00",
+            "model": {"spec": spec, "path": spec},
+            "method": method,
+            "pattern": pattern,
+            "sparsity": sparsity,
+            "achieved_sparsity": sparsity,
+            "device": "cpu",
+            "config": {"ppl": list(ppl), "tasks": list(acc), "seqlen": 128, "batch_size": 8},
+            "perplexity": {
+                d: {"ppl": v, "mean_nll": 1.0, "windows": 10, "seqlen": 128, "tokens": 1280, "seconds": 1.0}
+                for d, v in ppl.items()
+            },
+            "zeroshot": {"tasks": tasks, "mean": mean, "num_fewshot": 0, "limit": None},
+        },
+        "test",
+    )
 
 
 @pytest.fixture

@@ -30,7 +30,10 @@ REL = 1e-6
 def assert_equal_statistics(got: Statistics, want: Statistics, rel: float = REL) -> None:
     """Same token ids, layers and counts; mean, variance and Hessian within `rel` of the largest entry."""
     assert torch.equal(got.token_ids(), want.token_ids())
-    assert got.manifest["layers"] == want.manifest["layers"] and got.manifest["count"] == want.manifest["count"]
+    assert (
+        got.manifest.dump()["layers"] == want.manifest.dump()["layers"]
+        and got.manifest.dump()["count"] == want.manifest.dump()["count"]
+    )
     hessian = want.has_hessian
     assert got.has_hessian == hessian
     for name in want.layers:
@@ -90,10 +93,10 @@ def test_shards_hold_their_windows(runs: dict[str, Statistics]) -> None:
     ids = runs["whole"].token_ids()
     for i, (start, stop) in enumerate([(0, 2), (2, 4), (4, 7)]):
         shard = runs[f"{i}/3"]
-        w = shard.manifest["windows"]
+        w = shard.manifest.dump()["windows"]
         assert (w["drawn"], w["start"], w["stop"], w["shard"]) == (7, start, stop, [i, 3])
         assert torch.equal(shard.token_ids(), ids[start:stop])
-        assert shard.manifest["count"] == (stop - start) * 24
+        assert shard.manifest.dump()["count"] == (stop - start) * 24
 
 
 def test_merged_shards_equal_the_whole_run(runs: dict[str, Statistics], tmp_path: Path, tiny_llama_dir: Path) -> None:
@@ -102,9 +105,9 @@ def test_merged_shards_equal_the_whole_run(runs: dict[str, Statistics], tmp_path
     assert res.exit_code == 0, res.output
     merged = Statistics.load(tmp_path / "merged")  # passes the manifest checks and the hashes
     assert json.loads(res.stdout)["count"] == 7 * 24
-    assert merged.manifest["windows"] == {**runs["whole"].manifest["windows"]}
-    assert merged.manifest["data"] == runs["whole"].manifest["data"]
-    assert [(m["start"], m["stop"]) for m in merged.manifest["merged_from"]] == [(0, 2), (2, 4), (4, 7)]
+    assert merged.manifest.dump()["windows"] == {**runs["whole"].manifest.dump()["windows"]}
+    assert merged.manifest.dump()["data"] == runs["whole"].manifest.dump()["data"]
+    assert [(m["start"], m["stop"]) for m in merged.manifest.dump()["merged_from"]] == [(0, 2), (2, 4), (4, 7)]
     assert_equal_statistics(merged, runs["whole"])
     model = load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model
     assert check_against_dense(model, merged, hessian=True) == 14  # and against a plain dense forward
@@ -253,8 +256,10 @@ def test_resume_after_sigkill_gives_identical_statistics(deep_llama: Path, text:
     whole = invoke(*args, "--out", tmp_path / "whole")
     assert whole.exit_code == 0, whole.output
     a, b = Statistics.load(out), Statistics.load(tmp_path / "whole")
-    assert a.manifest["files"] == b.manifest["files"], "bitwise the same statistics, Hessians and token ids"
-    assert a.manifest["layers"] == b.manifest["layers"] and len(a.manifest["layers"]) == 4 * 7
+    assert a.manifest.dump()["files"] == b.manifest.dump()["files"], (
+        "bitwise the same statistics, Hessians and token ids"
+    )
+    assert a.manifest.dump()["layers"] == b.manifest.dump()["layers"] and len(a.manifest.dump()["layers"]) == 4 * 7
 
 
 def test_resume_refuses_other_arguments(deep_llama: Path, text: Path, tmp_path: Path) -> None:
@@ -297,9 +302,12 @@ def test_torchrun_two_ranks_equal_one_process(tiny_llama_dir: Path, text: Path, 
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     assert json.loads(res.stdout)["count"] == 7 * 24  # one report, from rank 0
     two = Statistics.load(tmp_path / "two")
-    assert two.manifest["distributed"] == {"world_size": 2, "backend": "gloo", "windows": [[0, 3], [3, 7]]}
+    assert two.manifest.dump()["distributed"] == {"world_size": 2, "backend": "gloo", "windows": [[0, 3], [3, 7]]}
     one = run(tiny_llama_dir, tmp_path / "one", text)
-    assert two.manifest["data"] == one.manifest["data"] and two.manifest["windows"] == one.manifest["windows"]
+    assert (
+        two.manifest.dump()["data"] == one.manifest.dump()["data"]
+        and two.manifest.dump()["windows"] == one.manifest.dump()["windows"]
+    )
     assert_equal_statistics(two, one)
 
 
@@ -407,8 +415,10 @@ def test_merged_moe_shards_count_each_experts_tokens(text: Path, tmp_path: Path)
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     whole = run(tmp_path / "model", tmp_path / "whole", text, nsamples=6)
     shards = [run(tmp_path / "model", tmp_path / f"s{i}", text, nsamples=6, shard=f"{i}/2") for i in range(2)]
-    expert = next(e for e in whole.manifest["layers"] if "count" in e and e["count"] != whole.manifest["count"])
-    counts = [next(e["count"] for e in s.manifest["layers"] if e["name"] == expert["name"]) for s in shards]
+    expert = next(
+        e for e in whole.manifest.dump()["layers"] if "count" in e and e["count"] != whole.manifest.dump()["count"]
+    )
+    counts = [next(e["count"] for e in s.manifest.dump()["layers"] if e["name"] == expert["name"]) for s in shards]
     assert sum(counts) == expert["count"] and counts[0] != counts[1]
     merged = merge_statistics([s.path for s in shards], tmp_path / "merged")
     assert_equal_statistics(Statistics.load(merged.path), whole)

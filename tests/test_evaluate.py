@@ -87,7 +87,7 @@ def test_c4_keeps_the_first_256_windows(tiny_llama_dir: Path, monkeypatch: pytes
     loaded = load_model(str(tiny_llama_dir))
     c4 = dataset_perplexity(loaded, "c4", 4, 64, torch.device("cpu"))
     other = dataset_perplexity(loaded, "other.txt", 4, 64, torch.device("cpu"))
-    assert c4["windows"] == 256 and other["windows"] == 300
+    assert c4.windows == 256 and other.windows == 300
 
 
 def test_cut_windows_drops_the_remainder_and_refuses_short_text() -> None:
@@ -98,28 +98,23 @@ def test_cut_windows_drops_the_remainder_and_refuses_short_text() -> None:
 
 
 def test_results_artifact_of_a_pruned_folder(tiny_llama_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    from stade_cli.base.artifacts import PruneRecord
+
+    from helpers import calibrate
+
+    stats = calibrate(tiny_llama_dir, tmp_path / "stats", seqlen=32)
     pruned = tmp_path / "pruned"
-    shutil.copytree(tiny_llama_dir, pruned)
-    report = {
-        "kind": "stade-prune-report",
-        "method": "wanda",
-        "pattern": "2:4",
-        "sparsity": 0.5,
-        "achieved_sparsity": 0.5,
-        "bias_update": False,
-        "sequential": False,
-        "statistics": {"fingerprint": "abc123"},
-        "versions": {"stade": "0.1.0"},
-    }
-    (pruned / "stade.json").write_text(json.dumps(report))
+    prune = ["prune", str(tiny_llama_dir), "--stats", str(stats), "--method", "wanda", "--pattern", "2:4"]
+    assert invoke(*prune, "--device", "cpu", "--out", pruned).exit_code == 0
+    report = json.loads((pruned / "stade.json").read_text())
     out = tmp_path / "r.json"
     args = [str(pruned), "--ppl", str(text_file), "--tasks", "stade_cloze", "--limit", "3", "--seqlen", "64"]
     res = run_eval(*args, "--out", str(out), "--json")
     assert res.exit_code == 0, res.output
-    data = load_results(out)
-    assert json.loads(res.stdout) == data
+    data = json.loads(out.read_text())
+    assert json.loads(res.stdout) == data == load_results(out).dump()
     assert data["kind"] == "stade-results" and data["schema"] == 1
-    assert data["pruning"] == report
+    assert data["pruning"] == report and PruneRecord.load(report, "stade.json").dump() == report
     assert (data["method"], data["pattern"], data["sparsity"]) == ("wanda", "2:4", 0.5)
     assert data["model"]["spec"] == str(pruned) and data["device"] == "cpu"
     task = data["zeroshot"]["tasks"]["stade_cloze"]
@@ -139,7 +134,7 @@ def test_dense_model_is_marked_dense(tiny_llama_dir: Path, text_file: Path, tmp_
     res = run_eval(*args)
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
-    assert data["pruning"] is None and data["method"] == "dense" and data["sparsity"] == 0.0
+    assert "pruning" not in data and data["method"] == "dense" and data["sparsity"] == 0.0
     assert data["zeroshot"]["tasks"] == {}
     assert run_eval(*args, "--force").exit_code == 0
 
@@ -156,8 +151,8 @@ def test_several_models_in_one_call(tiny_llama_dir: Path, text_file: Path, tmp_p
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted([f"{tiny_llama_dir.name}.json", "other.json"])
     alone = tmp_path / "alone.json"
     assert run_eval(str(other), *common, "--out", str(alone)).exit_code == 0
-    ppl = load_results(tmp_path / "all" / "other.json")["perplexity"][str(text_file)]["ppl"]
-    assert ppl == load_results(alone)["perplexity"][str(text_file)]["ppl"]
+    ppl = load_results(tmp_path / "all" / "other.json").perplexity[str(text_file)].ppl
+    assert ppl == load_results(alone).perplexity[str(text_file)].ppl
 
     clash = run_eval(str(other), str(tmp_path / "x" / "other"), *common, "--out", str(tmp_path / "c"))
     assert clash.exit_code == 1 and "would both write other.json" in said(clash)
@@ -221,15 +216,23 @@ def test_unknown_task_against_lm_evals_own_index(tiny_llama_dir: Path, tmp_path:
 
 
 def test_results_files_are_checked(tmp_path: Path) -> None:
+    """A newer schema, another kind, or a field of the wrong type is refused by name; nothing is overwritten."""
     path = tmp_path / "r.json"
-    write_results(path, {"kind": "stade-results", "schema": 99})
-    with pytest.raises(StadeError, match="schema 99"):
+    path.write_text(json.dumps({"kind": "stade-results", "schema": 99}))
+    with pytest.raises(StadeError, match="schema 99; this stade reads schema 1"):
         load_results(path)
-    with pytest.raises(StadeError, match="already exists"):
-        write_results(path, {"kind": "stade-results", "schema": 1})
-    write_results(path, {"kind": "other"}, force=True)
+    path.write_text(json.dumps({"kind": "other"}))
     with pytest.raises(StadeError, match="not a stade results file"):
         load_results(path)
+    doc = {"kind": "stade-results", "schema": 1, "created": "x", "model": {"spec": "m", "path": "m"}, "device": "cpu"}
+    doc["config"] = {"ppl": ["a"], "tasks": [], "seqlen": 8, "batch_size": "eight"}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StadeError, match=r"'config\.batch_size' of the wrong type"):
+        load_results(path)
+    doc["config"]["batch_size"] = 8
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StadeError, match="already exists"):
+        write_results(path, load_results(path))
 
 
 def test_config_from_strings() -> None:

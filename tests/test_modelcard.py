@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from stade_cli.base.artifacts import PruneRecord
 from stade_cli.base.modelcard import RESULTS_END, RESULTS_START, render
 from stade_cli.cli import app
 
@@ -97,25 +98,46 @@ def test_dense_model_folder_gets_no_card(tiny_llama_dir: Path, pruned: tuple[Pat
     assert not (tiny_llama_dir / "README.md").exists()
 
 
+def _record(spec: str) -> PruneRecord:
+    """A stade.json of a 2:4 SparseGPT prune of `spec` (calibrated on C4 as published)."""
+    stage = {"name": "none"}
+    return PruneRecord.load(
+        {
+            "schema": 2,
+            "kind": "stade-prune-report",
+            "method": "sparsegpt",
+            "stages": {
+                "score": None,
+                "update": {"name": "obs"},
+                "allocation": {"name": "uniform"},
+                "reconstruct": stage,
+            },
+            "pattern": "2:4",
+            "sparsity": 0.5,
+            "achieved_sparsity": 0.5,
+            "bias_update": False,
+            "sequential": True,
+            "seed": 0,
+            "route": "streaming",
+            "dtype": "bfloat16",
+            "model": {"spec": spec, "path": spec},
+            "statistics": {"path": "s", "fingerprint": "abc", "data": "c4", "nsamples": 128, "seqlen": 2048},
+            "device": "cuda:0",
+            "layers": [],
+        },
+        "stade.json",
+    )
+
+
 def test_hub_base_model_in_front_matter() -> None:
-    report = {
-        "model": {"spec": "meta-llama/Llama-3.2-1B", "path": "meta-llama/Llama-3.2-1B"},
-        "method": "sparsegpt",
-        "pattern": "2:4",
-        "sparsity": 0.5,
-        "achieved_sparsity": 0.5,
-        "statistics": {"data": "c4", "nsamples": 128, "seqlen": 2048},
-        "dtype": "bfloat16",
-    }
+    report = _record("meta-llama/Llama-3.2-1B")
     card = render(report, "stade prune meta-llama/Llama-3.2-1B --stats s --method sparsegpt --pattern 2:4 --out p")
     meta = front_matter(card)
     assert meta["base_model"] == "meta-llama/Llama-3.2-1B"
     assert "2of4-sparsity" in meta["tags"]
     assert "[meta-llama/Llama-3.2-1B](https://huggingface.co/meta-llama/Llama-3.2-1B)" in card
     assert "| calibration data | `c4`, 128 windows x 2048 tokens |" in card
-    builtin = render({**report, "model": {"spec": "smollm2-135m", "path": "/x"}})
+    builtin = render(_record("smollm2-135m"))
     assert front_matter(builtin)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     snapshot = "/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abc"
-    assert front_matter(render({**report, "model": {"spec": snapshot, "path": snapshot}}))["base_model"] == (
-        "Qwen/Qwen2.5-0.5B"
-    )
+    assert front_matter(render(_record(snapshot)))["base_model"] == ("Qwen/Qwen2.5-0.5B")

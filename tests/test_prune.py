@@ -163,7 +163,7 @@ def test_checkpoint_reloads_with_same_logits(
         in_memory = loaded.model(ids).logits
         reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(ids).logits
     assert torch.allclose(in_memory, reloaded, atol=1e-5, rtol=1e-5)
-    biased = [layer["name"] for layer in report["layers"] if layer["bias_updated"]]
+    biased = [layer.name for layer in report.layers if layer.bias_updated]
     if method == "stade":
         assert len(biased) == 14
     if method == "stadew":

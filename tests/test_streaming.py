@@ -106,9 +106,9 @@ def test_streaming_writes_the_in_memory_checkpoint(
         whole = load_model(str(model), "auto", cpu)
         saved = prune_checkpoints(whole, stats, sweep, tmp_path / "mem" / mode, cpu, dtype=dtype, save_pretrained=True)
         for (_, ra), (_, rb), (_, rc) in zip(saved, streamed, shards, strict=True):
-            assert (ra["route"], rb["route"], rc["route"]) == ("in-memory", "streaming", "in-memory")
+            assert (ra.route, rb.route, rc.route) == ("in-memory", "streaming", "in-memory")
             for key in ("layers", "achieved_sparsity", "bias_update", "statistics", "stages", "block_sparsity"):
-                assert ra.get(key) == rb.get(key) == rc.get(key)
+                assert getattr(ra, key) == getattr(rb, key) == getattr(rc, key)
     a, b, c = (files_digest(tmp_path / d) for d in ("mem", "str", "shards"))
     assert a == b == c
     files = [n for n in a if n.endswith(".safetensors")]

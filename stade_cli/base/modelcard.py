@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from stade_cli.base.artifacts import PruneRecord, Results
 from stade_cli.base.files import atomic_write
 
 CARD_FILE = "README.md"
@@ -53,19 +54,19 @@ def _front_matter(base: str | None, method: str, pattern: str) -> list[str]:
     ]
 
 
-def _facts(report: dict[str, Any], base_text: str) -> list[tuple[str, str]]:
-    cal = report["statistics"]
+def _facts(report: PruneRecord, base_text: str) -> list[tuple[str, str]]:
+    cal = report.statistics
     return [
         ("base model", base_text),
-        ("method", f"`{report['method']}`"),
-        ("pattern", report["pattern"]),
-        ("target sparsity", _percent(report["sparsity"])),
-        ("achieved sparsity", f"{_percent(report['achieved_sparsity'])} of the decoder blocks' linear weights"),
-        ("bias update", "yes" if report.get("bias_update") else "no"),
-        ("sequential", "yes" if report.get("sequential") else "no (one-shot, from the dense statistics)"),
-        ("calibration data", f"`{cal['data']}`, {cal['nsamples']} windows x {cal['seqlen']} tokens"),
-        ("saved dtype", str(report.get("dtype", "—"))),
-        ("stade", str(report.get("versions", {}).get("stade", "—"))),
+        ("method", f"`{report.method}`"),
+        ("pattern", report.pattern),
+        ("target sparsity", _percent(report.sparsity)),
+        ("achieved sparsity", f"{_percent(report.achieved_sparsity)} of the decoder blocks' linear weights"),
+        ("bias update", "yes" if report.bias_update else "no"),
+        ("sequential", "yes" if report.sequential else "no (one-shot, from the dense statistics)"),
+        ("calibration data", f"`{cal.data}`, {cal.nsamples} windows x {cal.seqlen} tokens"),
+        ("saved dtype", str(report.dtype or "—")),
+        ("stade", str(report.versions.get("stade", "—"))),
     ]
 
 
@@ -82,18 +83,18 @@ USE = [
 ]
 
 
-def render(report: dict[str, Any], command: str | None = None) -> str:
+def render(report: PruneRecord, command: str | None = None) -> str:
     """The card for a checkpoint described by its stade.json `report` (results section empty)."""
-    spec = report["model"]["spec"]
+    spec = report.model.spec
     base = hub_base(spec)
-    method, pattern = report["method"], report["pattern"]
+    method, pattern = report.method, report.pattern
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{spec}`"
     if base and base != spec:
         base_text += f" (given as `{spec}`)"
     lines = [
         *_front_matter(base, method, pattern),
         "",
-        f"# {Path(spec.rstrip('/')).name or spec}, pruned with {method} ({pattern}, {_percent(report['sparsity'])})",
+        f"# {Path(spec.rstrip('/')).name or spec}, pruned with {method} ({pattern}, {_percent(report.sparsity)})",
         "",
         f"{base_text} pruned after training, with no retraining, by [stade](https://pypi.org/project/stade/). "
         "Pruned weights are stored as zeros in an ordinary checkpoint: plain `transformers` loads it.",
@@ -121,30 +122,30 @@ def render(report: dict[str, Any], command: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: Path, report: dict[str, Any], command: str | None = None) -> Path:
+def write_card(folder: Path, report: PruneRecord, command: str | None = None) -> Path:
     path = folder / CARD_FILE
     atomic_write(path, render(report, command))
     return path
 
 
-def result_rows(results: dict[str, Any]) -> dict[str, str]:
+def result_rows(results: Results) -> dict[str, str]:
     """One table row per result of a results document, keyed by the result's name."""
     rows: dict[str, str] = {}
-    for source, r in results.get("perplexity", {}).items():
-        settings = f"{r['windows']} windows x {r['seqlen']} tokens"
-        if r.get("notes"):
-            settings += "; " + "; ".join(r["notes"])
-        rows[f"perplexity {source}"] = f"{r['ppl']:.3f} | {settings}"
-    zs = results.get("zeroshot", {})
-    for task, r in zs.get("tasks", {}).items():
-        items = f"{r.get('items')} items" + (f" (--limit {zs['limit']})" if zs.get("limit") else "")
-        for metric in ("acc", "acc_norm"):
-            if metric in r:
-                rows[f"{metric} {task}"] = f"{100 * r[metric]:.2f} | 0-shot, {items}"
+    for source, r in results.perplexity.items():
+        settings = f"{r.windows} windows x {r.seqlen} tokens"
+        if r.notes:
+            settings += "; " + "; ".join(r.notes)
+        rows[f"perplexity {source}"] = f"{r.ppl:.3f} | {settings}"
+    zs = results.zeroshot
+    for task, entry in zs.tasks.items():
+        items = f"{entry.get('items')} items" + (f" (--limit {zs.limit})" if zs.limit else "")
+        for kind in ("acc", "acc_norm"):
+            if kind in entry:
+                rows[f"{kind} {task}"] = f"{100 * entry[kind]:.2f} | 0-shot, {items}"
     return rows
 
 
-def add_results(folder: Path, results: dict[str, Any]) -> bool:
+def add_results(folder: Path, results: Results) -> bool:
     """Put `results` into the card's results section (a result measured again replaces its row; the rest stays).
 
     Returns False, changing nothing, where the folder has no card written by stade.

@@ -7,7 +7,6 @@ range of them, so that the parts' statistics merge back, in window order, into t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from stade_cli.base.errors import StadeError
 
@@ -48,22 +47,3 @@ class Part:
     def all_bounds(self, n: int) -> list[list[int]]:
         """Every part's [start, stop) of the same split (a torchrun manifest records them)."""
         return [list(Part(i, self.count).bounds(n)) for i in range(self.count)]
-
-
-def windows_record(n: int, drawn_sha256: str, start: int, stop: int, shard: Part | None) -> dict[str, Any]:
-    """The manifest's `windows` entry: what was drawn, and which of those windows this artifact holds."""
-    return {
-        "drawn": n,
-        "drawn_sha256": drawn_sha256,
-        "start": start,
-        "stop": stop,
-        "shard": [shard.index, shard.count] if shard is not None else None,
-    }
-
-
-def windows_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The `windows` entry of a manifest; an artifact from before shards holds every window it drew."""
-    if isinstance(manifest.get("windows"), dict):
-        return manifest["windows"]
-    n = int(manifest["data"]["nsamples"])
-    return windows_record(n, str(manifest["data"].get("token_ids_sha256", "")), 0, n, None)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from stade_cli.base.artifacts import Results
 
 from stade_cli.cli.options import (
     BatchOpt,
@@ -133,10 +136,10 @@ def eval_(
         if not as_json:
             render_results(results)
     if as_json:
-        print_json(documents[0] if len(documents) == 1 else documents)
+        print_json(documents[0].dump() if len(documents) == 1 else [d.dump() for d in documents])
 
 
-def _save(path: Path, results: dict, force: bool) -> None:
+def _save(path: Path, results: Results, force: bool) -> None:
     """The results file, and the model card's results where `stade prune` wrote the model; nothing computed is lost
     when the results cannot be written: they go to stdout."""
     from stade_cli.base.console import err
@@ -147,11 +150,11 @@ def _save(path: Path, results: dict, force: bool) -> None:
     try:
         write_results(path, results, force)
     except StadeError as exc:
-        print_json(results)
+        print_json(results.dump())
         raise StadeError(exc.message, "the results are printed above on stdout; save them from there") from None
-    if results["pruning"] is not None:  # a folder `stade prune` wrote: its model card gets the results
+    if results.pruning is not None:  # a folder `stade prune` wrote: its model card gets the results
         try:
-            add_results(Path(results["model"]["path"]), results)
+            add_results(Path(results.model.path), results)
         except OSError as exc:
             err.print(f"Warning: the model card was not updated ({exc.strerror}).", style="yellow", highlight=False)
 

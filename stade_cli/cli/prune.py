@@ -104,8 +104,8 @@ def prune(
         dev,
         None,
         cache_dir,
-        nsamples=stats_art.manifest["data"]["nsamples"],
-        seqlen=stats_art.manifest["data"]["seqlen"],
+        nsamples=stats_art.manifest.data.nsamples,
+        seqlen=stats_art.manifest.data.seqlen,
         configs=tuple(configs),
         batch_size=batch_size,
         saved_dtype=dtype.value if dtype else None,
@@ -129,11 +129,8 @@ def prune(
     if not results:  # another rank than 0 under torchrun: rank 0 reports
         return
     if as_json:
-        print_json(
-            [{"path": str(p), **r} for p, r in results]
-            if len(results) > 1
-            else {"path": str(results[0][0]), **results[0][1]}
-        )
+        docs = [{"path": str(p), **r.dump()} for p, r in results]
+        print_json(docs if len(docs) > 1 else docs[0])
     elif len(results) == 1:
         render_prune(str(results[0][0]), results[0][1])
     else:

@@ -10,6 +10,7 @@ from rich.table import Table
 from stade_cli.base.console import out
 
 if TYPE_CHECKING:
+    from stade_cli.base.artifacts import LayerResult, PruneRecord, Results
     from stade_cli.evaluation.compare import Comparison
     from stade_cli.stats.artifact import Statistics
 
@@ -57,48 +58,45 @@ def render_methods(rows: list[dict]) -> None:
     out.print(table)
 
 
-def _stages(report: dict) -> str:
+def _stages(report: PruneRecord) -> str:
     """The stages a run changed from its method's own: ' (update admm, allocation owl: 0.42-0.58)'."""
-    stages = report.get("stages")
-    if not stages:
-        return ""
-    parts = [f"update {stages['update']['name']}"]
-    if stages["allocation"]["name"] != "uniform":
-        ratios = report.get("block_sparsity", {}).values()
-        span = f": blocks {min(ratios):.3f}-{max(ratios):.3f}" if ratios else ""
-        parts.append(f"allocation {stages['allocation']['name']}{span}")
+    stages = report.stages
+    parts = [f"update {stages.update.name}"]
+    if report.block_sparsity:
+        ratios = report.block_sparsity.values()
+        parts.append(f"allocation {stages.allocation.name}: blocks {min(ratios):.3f}-{max(ratios):.3f}")
+    if stages.reconstruct.settings is not None:
+        parts.append(f"reconstruct {stages.reconstruct.name}")
     return f" ({', '.join(parts)})"
 
 
-def render_prune(path: str, report: dict) -> None:
+def render_prune(path: str, report: PruneRecord) -> None:
     """Per-block sparsity and estimated relative output error of one pruned checkpoint."""
-    blocks: dict[str, list[dict]] = {}
-    for layer in report["layers"]:
-        blocks.setdefault(_block_of(layer["name"]), []).append(layer)
-    mode = "sequential" if report["sequential"] else "one-shot"
-    timings = report["timings"]
+    blocks: dict[str, list[LayerResult]] = {}
+    for layer in report.layers:
+        blocks.setdefault(_block_of(layer.name), []).append(layer)
+    mode = "sequential" if report.sequential else "one-shot"
     table = Table(
-        title=f"{report['method']}{_stages(report)} {report['pattern']} {report['sparsity']:g} ({mode}) "
-        f"→ {escape(path)}",
-        caption=f"achieved sparsity {report['achieved_sparsity']:.4f}; "
-        f"prune {timings.get('prune_s', 0):.1f}s, write {timings.get('write_s', 0):.1f}s",
+        title=f"{report.method}{_stages(report)} {report.pattern} {report.sparsity:g} ({mode}) → {escape(path)}",
+        caption=f"achieved sparsity {report.achieved_sparsity:.4f}; "
+        f"prune {report.timings.get('prune_s', 0):.1f}s, write {report.timings.get('write_s', 0):.1f}s",
     )
     for col in ("block", "layers", "sparsity", "rel. output error (mean)", "rel. output error (max)", "bias updated"):
         table.add_column(col, justify="right")
     for block, layers in blocks.items():
-        numel = sum(entry["shape"][0] * entry["shape"][1] for entry in layers)
-        sparsity = sum(entry["sparsity"] * entry["shape"][0] * entry["shape"][1] for entry in layers) / numel
-        errors = [entry["rel_error"] for entry in layers]
+        numel = sum(entry.shape[0] * entry.shape[1] for entry in layers)
+        sparsity = sum(entry.sparsity * entry.shape[0] * entry.shape[1] for entry in layers) / numel
+        errors = [entry.rel_error for entry in layers]
         table.add_row(
             block,
             str(len(layers)),
             f"{sparsity:.4f}",
             f"{sum(errors) / len(errors):.4g}",
             f"{max(errors):.4g}",
-            str(sum(entry["bias_updated"] for entry in layers)),
+            str(sum(entry.bias_updated for entry in layers)),
         )
     out.print(table)
-    for w in report.get("warnings", []):
+    for w in report.warnings:
         out.print(f"[yellow]warning:[/] {escape(w)}")
 
 
@@ -110,71 +108,63 @@ def _block_of(name: str) -> str:
     return name
 
 
-def render_sweep(results: list[tuple[str, dict]]) -> None:
+def render_sweep(results: list[tuple[str, PruneRecord]]) -> None:
     table = Table(title="Pruned checkpoints")
     for col in ("method", "pattern", "sparsity", "achieved", "mode", "bias update", "prune s", "path"):
         table.add_column(col)
     for path, r in results:
         table.add_row(
-            r["method"],
-            r["pattern"],
-            f"{r['sparsity']:g}",
-            f"{r['achieved_sparsity']:.4f}",
-            "sequential" if r["sequential"] else "one-shot",
-            "yes" if r["bias_update"] else "no",
-            f"{r['timings'].get('prune_s', 0):.1f}",
+            r.method,
+            r.pattern,
+            f"{r.sparsity:g}",
+            f"{r.achieved_sparsity:.4f}",
+            "sequential" if r.sequential else "one-shot",
+            "yes" if r.bias_update else "no",
+            f"{r.timings.get('prune_s', 0):.1f}",
             escape(path),
         )
     out.print(table)
 
 
-def render_results(results: dict) -> None:
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+def render_results(results: Results) -> None:
     """One `stade eval` results document: the model, its pruning, perplexities and zero-shot accuracies."""
-    model = results["model"]
-    pattern = f", {results['pattern']}" if results.get("pattern") else ""
-    target = results.get("sparsity") or 0.0
+    model = results.model
+    pattern = f", {results.pattern}" if results.pattern else ""
     out.print(
-        f"[bold]Results[/] [cyan]{escape(model['spec'])}[/] "
-        f"({model['architecture']}, {model['dtype']}, {results['device']}): "
-        f"{results['method']}{pattern}, target {100 * target:.1f}% / "
-        f"measured {100 * model['measured_sparsity']:.1f}% sparse"
+        f"[bold]Results[/] [cyan]{escape(model.spec)}[/] ({model.architecture}, {model.dtype}, {results.device}): "
+        f"{results.method}{pattern}, target {100 * (results.sparsity or 0.0):.1f}% / "
+        f"measured {100 * (model.measured_sparsity or 0.0):.1f}% sparse"
     )
-    if results["perplexity"]:
+    if results.perplexity:
         table = Table(title="Perplexity")
         for col in ("dataset", "ppl", "windows", "seqlen", "tokens", "seconds"):
             table.add_column(col, justify="left" if col == "dataset" else "right")
-        for name, r in results["perplexity"].items():
+        for name, r in results.perplexity.items():
             table.add_row(
-                escape(name),
-                f"{r['ppl']:.4f}",
-                str(r["windows"]),
-                str(r["seqlen"]),
-                str(r["tokens"]),
-                f"{r['seconds']:.1f}",
+                escape(name), f"{r.ppl:.4f}", str(r.windows), str(r.seqlen), str(r.tokens), f"{r.seconds:.1f}"
             )
         out.print(table)
-    zs = results["zeroshot"]
-    if zs["tasks"]:
-        limit = f", limit {zs['limit']} per task" if zs["limit"] else ""
-        table = Table(title=f"Zero-shot accuracy (%), {zs['num_fewshot']}-shot{limit}")
+    zs = results.zeroshot
+    if zs.tasks:
+        limit = f", limit {zs.limit} per task" if zs.limit else ""
+        table = Table(title=f"Zero-shot accuracy (%), {zs.num_fewshot}-shot{limit}")
         for col in ("task", "acc", "± stderr", "acc_norm", "± stderr ", "items"):
             table.add_column(col, justify="left" if col == "task" else "right")
-
-        def pct(x: float | None) -> str:
-            return "" if x is None else f"{100 * x:.2f}"
-
-        for name, e in zs["tasks"].items():
+        for name, e in zs.tasks.items():
             table.add_row(
                 escape(name),
-                pct(e.get("acc")),
-                pct(e.get("acc_stderr")),
-                pct(e.get("acc_norm")),
-                pct(e.get("acc_norm_stderr")),
+                _pct(e.get("acc")),
+                _pct(e.get("acc_stderr")),
+                _pct(e.get("acc_norm")),
+                _pct(e.get("acc_norm_stderr")),
                 str(e.get("items") or ""),
             )
-        mean = zs["mean"]
         table.add_section()
-        table.add_row("[bold]mean[/]", pct(mean.get("acc")), "", pct(mean.get("acc_norm")), "", "")
+        table.add_row("[bold]mean[/]", _pct(zs.mean.get("acc")), "", _pct(zs.mean.get("acc_norm")), "", "")
         out.print(table)
 
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
+from stade_cli.base.artifacts import DataRecord, Distributed, LayerEntry, ModelRecord, StatsManifest, Windows
 from stade_cli.base.console import progress
 from stade_cli.base.dtypes import HESSIAN_DTYPES, dtype_name, parse_dtype
 from stade_cli.base.errors import StadeError, at_least
 from stade_cli.base.files import atomic_dir, check_writable
 from stade_cli.base.heap import bound_heap
-from stade_cli.base.shards import Part, windows_record
+from stade_cli.base.shards import Part
 from stade_cli.base.tensorfiles import SafetensorsWriter
 from stade_cli.base.versions import library_versions
 from stade_cli.data.sources import (
@@ -32,7 +33,7 @@ from stade_cli.models.experts import FALLBACK, MIN_EXPERT_TOKENS, prunable_layer
 from stade_cli.models.layers import get_weight, in_features, layer_kind
 from stade_cli.models.loading import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
 from stade_cli.models.weights import outside_on_disk
-from stade_cli.stats.artifact import ARTIFACT_KIND, HESSIAN_FILE, SCHEMA_VERSION, Statistics
+from stade_cli.stats.artifact import HESSIAN_FILE, Statistics
 from stade_cli.stats.collect import collect_block
 from stade_cli.stats.collectors import LayerCollector, norm_feed_warnings
 from stade_cli.stats.distributed import Group
@@ -127,21 +128,26 @@ def calibrate(
         tensors = log.finish()  # the committed blocks become the artifact's files
         kept = windows.input_ids[start:stop]
         manifest = _manifest(loaded, config, device, windows, kept, (start, stop, shard), layers, warnings, group)
-        manifest["timings"] |= {
+        manifest.timings |= {
             "data_s": round(t_data, 3),
             "calibrate_s": round(t_run, 3),
             "commit_s": round(log.commit_s, 3),
         }
         if log.hessians is not None:
-            manifest |= {"hessian_dtype": config.hessian_dtype, "hessian_sha256": log.hessians.hashes}
+            manifest.hessian_dtype, manifest.hessian_sha256 = config.hessian_dtype, log.hessians.hashes
         manifest = Statistics.write_files(tmp, manifest, tensors, kept)
     return Statistics(out, manifest)
 
 
 def _block_log(
-    tmp: Path, loaded: LoadedModel, config: CalibrationConfig, windows: Any, bounds: tuple[int, int],
-    mine: torch.Tensor, resume: bool,
-) -> BlockLog:  # fmt: skip
+    tmp: Path,
+    loaded: LoadedModel,
+    config: CalibrationConfig,
+    windows: Any,
+    bounds: tuple[int, int],
+    mine: torch.Tensor,
+    resume: bool,
+) -> BlockLog:
     """The run's commit log, keyed by everything that must match for a resume, and its Hessians file."""
     key = {
         "model": loaded.fingerprint(),
@@ -161,44 +167,53 @@ def _block_log(
 
 
 def _manifest(
-    loaded: LoadedModel, config: CalibrationConfig, device: torch.device, windows: Any, kept: torch.Tensor,
-    part: tuple[int, int, Part | None], layers: list[dict], warnings: list[str], group: Group | None,
-) -> dict[str, Any]:  # fmt: skip
+    loaded: LoadedModel,
+    config: CalibrationConfig,
+    device: torch.device,
+    windows: Any,
+    kept: torch.Tensor,
+    part: tuple[int, int, Part | None],
+    layers: list[LayerEntry],
+    warnings: list[str],
+    group: Group | None,
+) -> StatsManifest:
     """The statistics manifest, but for its files (Statistics.write_files adds them)."""
     start, stop, shard = part
-    manifest: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "kind": ARTIFACT_KIND,
-        "versions": library_versions(),
-        "model": {
-            "spec": loaded.spec,
-            "path": loaded.path,
-            "fingerprint": loaded.fingerprint(),
-            **config_summary(loaded.model),
-        },
-        "dtype": dtype_name(loaded.dtype),
-        "device": str(device),
-        "data": {
-            "source": windows.source,
-            "source_sha256": windows.source_sha256,
-            "token_ids_sha256": ids_sha256(kept),
-            "nsamples": int(kept.shape[0]),
-            "seqlen": int(kept.shape[1]),
-            "seed": config.seed,
-            "notes": windows.notes,
-        },
-        "windows": windows_record(windows.input_ids.shape[0], windows.sha256, start, stop, shard),
-        "statistics": ["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
-        "count": kept.numel(),
-        "layers": layers,
-        "experts": {"min_tokens": MIN_EXPERT_TOKENS, "fallback": FALLBACK},
-        "warnings": warnings,
-        "timings": {},
-    }
+    drawn = windows.input_ids.shape[0]
+    manifest = StatsManifest(
+        versions=library_versions(),
+        model=ModelRecord(
+            spec=loaded.spec, path=loaded.path, fingerprint=loaded.fingerprint(), **config_summary(loaded.model)
+        ),
+        dtype=dtype_name(loaded.dtype),
+        device=str(device),
+        data=DataRecord(
+            source=windows.source,
+            source_sha256=windows.source_sha256,
+            token_ids_sha256=ids_sha256(kept),
+            nsamples=int(kept.shape[0]),
+            seqlen=int(kept.shape[1]),
+            seed=config.seed,
+            notes=windows.notes,
+        ),
+        windows=Windows(
+            drawn=drawn,
+            drawn_sha256=windows.sha256,
+            start=start,
+            stop=stop,
+            shard=[shard.index, shard.count] if shard else None,
+        ),
+        statistics=["count", "mean", "m2"] + (["hessian"] if config.hessian else []),
+        count=kept.numel(),
+        layers=layers,
+        experts={"min_tokens": MIN_EXPERT_TOKENS, "fallback": FALLBACK},
+        warnings=warnings,
+        files={},
+    )
     if group is not None:
-        ranks = group.part.all_bounds(windows.input_ids.shape[0])
-        manifest["distributed"] = {"world_size": group.world, "backend": group.backend, "windows": ranks}
-        manifest["timings"] |= {"collectives_s": round(group.collective_s, 3), "wait_s": round(group.wait_s, 3)}
+        ranks = group.part.all_bounds(drawn)
+        manifest.distributed = Distributed(world_size=group.world, backend=group.backend, windows=ranks)
+        manifest.timings |= {"collectives_s": round(group.collective_s, 3), "wait_s": round(group.wait_s, 3)}
     return manifest
 
 
@@ -212,7 +227,9 @@ def hessian_room(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return SafetensorsWriter.room_for(entries)
 
 
-def _block_record(prefix: str, index: int, collector: LayerCollector) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _block_record(
+    prefix: str, index: int, collector: LayerCollector
+) -> tuple[dict[str, torch.Tensor], list[LayerEntry]]:
     """A block's statistics by group (each group's once; its Hessian as `hessian:<group>`) and its manifest entries."""
     tensors: dict[str, torch.Tensor] = {}
     layers = []
@@ -223,16 +240,12 @@ def _block_record(prefix: str, index: int, collector: LayerCollector) -> tuple[d
             tensors[f"{group}.mean"], tensors[f"{group}.m2"] = st.mean.cpu(), st.m2.cpu()
             if st.hessian is not None:
                 tensors[f"{HESSIAN_PREFIX}{group}"] = st.hessian.cpu()
+        shape = list(get_weight(mod).shape)  # (out, in)
+        kind = layer_kind(full)
         layers.append(
-            {
-                "name": full,
-                "block": index,
-                "shape": list(get_weight(mod).shape),  # (out, in)
-                "fed_by_norm": st.fed_by_norm,
-                "group": group,
-                "kind": layer_kind(full),
-                "count": st.count,
-            }
+            LayerEntry(
+                name=full, block=index, shape=shape, fed_by_norm=st.fed_by_norm, group=group, kind=kind, count=st.count
+            )
         )
     return tensors, layers
 
@@ -245,7 +258,7 @@ def collect(
     batch_size: int,
     log: BlockLog | None,
     group: Group | None = None,
-) -> tuple[list[dict], list[str], float]:
+) -> tuple[list[LayerEntry], list[str], float]:
     """One dense pass, block by block: every linear layer's and expert's input statistics, committed block by
     block to `log`, and warnings where a layer's measured norm feed contradicts its name.
 
@@ -261,7 +274,7 @@ def collect(
         hidden = log.hidden(inputs.hidden[0].device)
         assert hidden is not None and len(hidden) == len(inputs.hidden)
         inputs.hidden = hidden
-    layers: list[dict] = list(log.layers) if log is not None else []
+    layers: list[LayerEntry] = list(log.layers) if log is not None else []
     warnings: list[str] = []
     n_blocks = len(list(iterate_blocks(model)))
     lead = group is None or group.lead

@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stade_cli.base.artifacts import REPORT_FILE, REPORT_KIND
+from stade_cli.base.artifacts import (
+    REPORT_FILE,
+    LayerResult,
+    ModelRecord,
+    PruneRecord,
+    StagesRecord,
+    StatisticsRef,
+    WeightCount,
+)
 from stade_cli.base.dtypes import dtype_name
 from stade_cli.base.errors import StadeError
 from stade_cli.base.files import write_json
@@ -28,7 +36,7 @@ if TYPE_CHECKING:
 
 def uses_bias(stats: Statistics, config: PruneConfig) -> bool:
     """Whether pruning with `config` adds STADE's bias update to some layer (decided by the manifest alone)."""
-    return any(config.bias_layer(bool(e["fed_by_norm"])) for e in stats.manifest["layers"])
+    return any(config.bias_layer(e.fed_by_norm) for e in stats.manifest.layers)
 
 
 def bias_plan(model: PreTrainedModel, stats: Statistics, configs: list[PruneConfig]) -> dict[str, bool]:
@@ -39,10 +47,10 @@ def bias_plan(model: PreTrainedModel, stats: Statistics, configs: list[PruneConf
     layers = {f"{p}.{n}": mod for _i, p, block in iterate_blocks(model) for n, mod in prunable_layers(block).items()}
     needed = sorted(
         {
-            e["name"]
+            e.name
             for c in configs
-            for e in stats.manifest["layers"]
-            if c.bias_layer(bool(e["fed_by_norm"])) and bias_param(layers[e["name"]]) is None
+            for e in stats.manifest.layers
+            if c.bias_layer(e.fed_by_norm) and bias_param(layers[e.name]) is None
         }
     )
     if not needed:
@@ -66,50 +74,52 @@ def bias_plan(model: PreTrainedModel, stats: Statistics, configs: list[PruneConf
 
 def prune_record(
     loaded: LoadedModel, report: PruneReport, stats: Statistics, device: torch.device, dtype: torch.dtype
-) -> dict[str, Any]:
+) -> PruneRecord:
     """stade.json: how the checkpoint was made, every layer's sparsity and estimated error."""
     c = report.config
-    data = stats.manifest["data"]
-    return {
-        "schema": 1,
-        "kind": REPORT_KIND,
-        "method": c.method,
-        "stages": c.record(),
-        "pattern": c.pattern,
-        "sparsity": c.ratio,
-        "achieved_sparsity": round(report.achieved_sparsity, 6),
-        "bias_update": c.bias_update and report.bias_updated,
-        "sequential": c.sequential,
-        "seed": c.seed,
-        "route": report.route,
-        "dtype": dtype_name(dtype),  # as saved
-        "model": {"spec": loaded.spec, "path": loaded.path},
-        "statistics": {
-            "path": str(stats.path),
-            "fingerprint": stats.fingerprint,
-            "data": data["source"],
-            "nsamples": data["nsamples"],
-            "seqlen": data["seqlen"],
+    data = stats.manifest.data
+    fallback = [r.name for r in report.layers if r.fallback]
+    return PruneRecord(
+        method=c.method,
+        stages=StagesRecord.parse(c.record()),
+        pattern=c.pattern,
+        sparsity=c.ratio,
+        achieved_sparsity=round(report.achieved_sparsity, 6),
+        bias_update=c.bias_update and report.bias_updated,
+        sequential=c.sequential,
+        seed=c.seed,
+        route=report.route,
+        dtype=dtype_name(dtype),  # as saved
+        model=ModelRecord(spec=loaded.spec, path=loaded.path),
+        statistics=StatisticsRef(
+            path=str(stats.path),
+            fingerprint=stats.fingerprint,
+            data=data.source,
+            nsamples=data.nsamples,
+            seqlen=data.seqlen,
+        ),
+        versions=library_versions(),
+        device=str(device),
+        timings=report.timings,
+        warnings=report.warnings,
+        weights={
+            k: WeightCount(**v)
+            for k, v in kind_counts([(r.name, r.shape, r.sparsity) for r in report.layers], report.routers).items()
         },
-        "versions": library_versions(),
-        "device": str(device),
-        "timings": report.timings,
-        "warnings": report.warnings,
-        "weights": kind_counts([(r.name, r.shape, r.sparsity) for r in report.layers], report.routers),
-        "expert_fallback": {
+        expert_fallback={
             "rule": f"experts reached by fewer than {MIN_EXPERT_TOKENS} calibration tokens are pruned by {FALLBACK}",
-            "layers": [r.name for r in report.layers if r.fallback],
+            "layers": fallback,
         },
-        **({"block_sparsity": report.block_sparsity} if report.block_sparsity else {}),
-        **({"reconstruction": report.reconstruction} if report.reconstruction else {}),
-        "layers": [r.as_dict() for r in report.layers],
-    }
+        block_sparsity=report.block_sparsity or None,
+        reconstruction=report.reconstruction or None,
+        layers=[LayerResult(**r.as_dict()) for r in report.layers],
+    )
 
 
-def finish_checkpoint(folder: Path, loaded: LoadedModel, record: dict[str, Any], command: str | None) -> None:
+def finish_checkpoint(folder: Path, loaded: LoadedModel, record: PruneRecord, command: str | None) -> None:
     """What every checkpoint holds beside its weights and config: the tokenizer, stade.json and a README.md model
     card naming `command`, the command line that made it."""
     tokenizer: Any = loaded.tokenizer
     tokenizer.save_pretrained(folder)
-    write_json(folder / REPORT_FILE, record)
+    write_json(folder / REPORT_FILE, record.dump())
     write_card(folder, record, command)

@@ -77,7 +77,7 @@ def calibration_warnings(stats: Statistics, config: PruneConfig) -> list[str]:
     """The statistics' warnings, for a run that prunes from them (a sequential one measures anew)."""
     if config.sequential and config.needs:
         return []
-    return [f"calibration: {w}" for w in stats.manifest.get("warnings", [])]
+    return [f"calibration: {w}" for w in stats.manifest.warnings]
 
 
 def allocate_blocks(

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from stade_cli.base.artifacts import SWEEP_SUMMARY, PruneRecord, SweepRun, SweepSummary
 from stade_cli.base.errors import StadeError
 from stade_cli.base.files import atomic_dir, check_space, check_writable, write_json
-from stade_cli.base.shards import windows_of
 from stade_cli.driver.checkpoint import bias_plan, finish_checkpoint, prune_record, uses_bias
 from stade_cli.driver.dense import Snapshot, outside_tensors
 from stade_cli.driver.loop import Run, Sink, prune_blocks, refuse_unsupported, start_runs
@@ -34,7 +33,6 @@ from stade_cli.stages.pattern import check_divisible
 from stade_cli.stats.artifact import Statistics
 from stade_cli.stats.distributed import Group
 
-SWEEP_SUMMARY = "summary.json"  # a sweep's index of its checkpoints, in the --out folder
 IN_MEMORY = "so it is pruned in memory (the whole model in host RAM)"
 
 
@@ -66,10 +64,20 @@ def check_outputs(out: Path, configs: list[PruneConfig], force: bool) -> dict[Pr
     return paths
 
 
-def sweep_summary(results: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+def sweep_summary(results: list[tuple[Path, PruneRecord]]) -> SweepSummary:
     """summary.json of a sweep: one line per checkpoint."""
-    keys = ("method", "pattern", "sparsity", "achieved_sparsity", "sequential")
-    return {"kind": "stade-prune-sweep", "runs": [{"path": str(p), **{k: r[k] for k in keys}} for p, r in results]}
+    runs = [
+        SweepRun(
+            path=str(p),
+            method=r.method,
+            pattern=r.pattern,
+            sparsity=r.sparsity,
+            achieved_sparsity=r.achieved_sparsity,
+            sequential=r.sequential,
+        )
+        for p, r in results
+    ]
+    return SweepSummary(runs=runs)
 
 
 def checkpoint_bytes(model: nn.Module, dtype: torch.dtype | None) -> int:
@@ -82,22 +90,22 @@ def checkpoint_bytes(model: nn.Module, dtype: torch.dtype | None) -> int:
 
 
 def check_fingerprint(stats: Statistics, model_fingerprint: str) -> None:
-    if stats.manifest["model"]["fingerprint"] != model_fingerprint:
+    if stats.manifest.model.fingerprint != model_fingerprint:
         raise StadeError(
             f"The statistics in {str(stats.path)!r} were computed on another model "
-            f"({stats.manifest['model']['spec']!r}; weights fingerprint differs).",
+            f"({stats.manifest.model.spec!r}; weights fingerprint differs).",
             "run `stade calibrate` on this model",
         )
 
 
 def check_whole(stats: Statistics) -> None:
     """A shard holds some of the run's windows: pruning from it would silently use a fraction of the data."""
-    windows = windows_of(stats.manifest)
-    if windows["shard"] is not None:
-        index, count = windows["shard"]
+    windows = stats.manifest.whole_windows
+    if windows.shard is not None:
+        index, count = windows.shard
         raise StadeError(
             f"The statistics in {str(stats.path)!r} are shard {index}/{count} of a calibration "
-            f"(windows {windows['start']}-{windows['stop'] - 1} of {windows['drawn']}).",
+            f"(windows {windows.start}-{windows.stop - 1} of {windows.drawn}).",
             "merge every shard first: stade stats merge SHARD... --out stats/",
         )
 
@@ -113,7 +121,7 @@ def check_compatible(loaded: LoadedModel, stats: Statistics, configs: list[Prune
         for name, mod in prunable_layers(block).items():
             full = f"{prefix}.{name}"
             shape = list(get_weight(mod).shape)
-            if full not in layers or layers[full]["shape"] != shape:
+            if full not in layers or layers[full].shape != shape:
                 raise StadeError(
                     f"The statistics do not match this model's layer {full} {shape} (block {i}).",
                     "run `stade calibrate` on this model",
@@ -177,7 +185,7 @@ def prune_checkpoints(
     command: str | None = None,
     group: Group | None = None,
     save_pretrained: bool = False,
-) -> list[tuple[Path, dict[str, Any]]]:
+) -> list[tuple[Path, PruneRecord]]:
     """Prune and write every config's checkpoint; returns (path, stade.json) for each.
 
     Streamed into its shards block by block (from the files where the model was loaded lazily, else from memory),
@@ -223,14 +231,20 @@ def prune_checkpoints(
                 _finish(loaded, stats, r, paths[r.config], device, dtype, command, planned) for r in runs if lead
             ]
     if len(configs) > 1 and lead:
-        write_json(out / SWEEP_SUMMARY, sweep_summary(results))
+        write_json(out / SWEEP_SUMMARY, sweep_summary(results).dump())
     return results
 
 
 def _finish(
-    loaded: LoadedModel, stats: Statistics, run: Run, path: Path, device: torch.device, dtype: torch.dtype,
-    command: str | None, planned_bias: bool,
-) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    loaded: LoadedModel,
+    stats: Statistics,
+    run: Run,
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    command: str | None,
+    planned_bias: bool,
+) -> tuple[Path, PruneRecord]:
     """Close a run's sink (its weights and config), then write its tokenizer, stade.json and model card."""
     sink = run.sink
     assert sink is not None

@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stade_cli.base.artifacts import Results
 from stade_cli.base.errors import StadeError
-from stade_cli.base.registry import Registry
 from stade_cli.base.files import read_json
-from stade_cli.evaluation.evaluate import RESULTS_KIND, load_results
+from stade_cli.base.registry import Registry
+from stade_cli.evaluation.evaluate import load_results
 
 COMPARISON_KIND = "stade-comparison"
 
@@ -27,7 +28,7 @@ class ResultKind:
     name: str
     label: str
     higher_is_better: bool
-    extract: Callable[[dict[str, Any]], dict[str, float]]  # results -> {dataset or task: value}
+    extract: Callable[[Results], dict[str, float]]  # results -> {dataset or task: value}
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.higher_is_better else a < b
@@ -41,27 +42,27 @@ def register_result(name: str, label: str, higher_is_better: bool) -> Callable[[
     return RESULT_KINDS.register(name, lambda fn: ResultKind(name, label, higher_is_better, fn))
 
 
-def _task_result(results: dict[str, Any], name: str) -> dict[str, float]:
-    zs = results.get("zeroshot") or {}
-    values = {t: e[name] for t, e in (zs.get("tasks") or {}).items() if isinstance(e.get(name), int | float)}
-    mean = (zs.get("mean") or {}).get(name)
+def _task_result(results: Results, name: str) -> dict[str, float]:
+    zs = results.zeroshot
+    values = {t: e[name] for t, e in zs.tasks.items() if isinstance(e.get(name), int | float)}
+    mean = zs.mean.get(name)
     if values and isinstance(mean, int | float):
         values["mean"] = mean
     return values
 
 
 @register_result("ppl", "ppl", higher_is_better=False)
-def _ppl(results: dict[str, Any]) -> dict[str, float]:
-    return {d: e["ppl"] for d, e in (results.get("perplexity") or {}).items() if isinstance(e.get("ppl"), int | float)}
+def _ppl(results: Results) -> dict[str, float]:
+    return {d: e.ppl for d, e in results.perplexity.items()}
 
 
 @register_result("acc", "acc", higher_is_better=True)
-def _acc(results: dict[str, Any]) -> dict[str, float]:
+def _acc(results: Results) -> dict[str, float]:
     return _task_result(results, "acc")
 
 
 @register_result("acc_norm", "acc_norm", higher_is_better=True)
-def _acc_norm(results: dict[str, Any]) -> dict[str, float]:
+def _acc_norm(results: Results) -> dict[str, float]:
     # Per task acc_norm would double the table's width; its mean rides along with acc's.
     values = _task_result(results, "acc_norm")
     return {"mean": values["mean"]} if "mean" in values else {}
@@ -78,7 +79,7 @@ def results_files(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_dir():
             # a folder may hold other JSON (a pruned model's config.json, stade.json, ...)
             files = sorted(f for f in p.rglob("*.json") if f.is_file())
-            found.extend(f for f in files if read_json(f, "JSON file").get("kind") == RESULTS_KIND)
+            found.extend(f for f in files if read_json(f, "JSON file").get("kind") == Results.KIND)
         elif p.exists():
             found.append(p)
         else:
@@ -89,9 +90,17 @@ def results_files(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def load_sources(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Every results document named by paths; each gets a `_source` key with its file."""
-    return [{**load_results(f), "_source": str(f)} for f in results_files(paths)]
+@dataclass(frozen=True)
+class Source:
+    """A results document and the file it came from."""
+
+    results: Results
+    path: str
+
+
+def load_sources(paths: Iterable[str | Path]) -> list[Source]:
+    """Every results document named by paths, with its file."""
+    return [Source(load_results(f), str(f)) for f in results_files(paths)]
 
 
 # ----------------------------------------------------------------------------------------------- the comparison
@@ -203,34 +212,34 @@ def format_cell(row: Row, column: Column) -> str:
     return text
 
 
-def _row(doc: dict[str, Any]) -> Row:
-    values = {f"{kind.name}:{key}": float(v) for kind in RESULT_KINDS for key, v in kind.extract(doc).items()}
-    model = doc.get("model") or {}
-    spec = str(model.get("spec") or doc["_source"])
+def _row(doc: Source) -> Row:
+    r = doc.results
+    values = {f"{kind.name}:{key}": float(v) for kind in RESULT_KINDS for key, v in kind.extract(r).items()}
+    spec = r.model.spec or doc.path
     return Row(
         label=Path(spec.rstrip("/")).name or spec,
-        source=doc["_source"],
-        method=str(doc.get("method") or "dense"),
-        pattern=doc.get("pattern"),
-        sparsity=doc.get("sparsity"),
-        achieved_sparsity=doc.get("achieved_sparsity"),
+        source=doc.path,
+        method=r.method or "dense",
+        pattern=r.pattern,
+        sparsity=r.sparsity,
+        achieved_sparsity=r.achieved_sparsity,
         values=values,
     )
 
 
-def _protocol(doc: dict[str, Any], kind: str, name: str) -> str | None:
+def _protocol(doc: Source, kind: str, name: str) -> str | None:
     """What a result was measured under, where that changes the number: a perplexity's seqlen and window
     count, a task's item limit. Other results: None."""
     if kind == "ppl":
-        entry = (doc.get("perplexity") or {}).get(name) or {}
-        return f"seqlen {entry.get('seqlen')}, {entry.get('windows')} windows"
+        entry = doc.results.perplexity.get(name)
+        return f"seqlen {entry.seqlen}, {entry.windows} windows" if entry else None
     if kind in ("acc", "acc_norm"):
-        zs = doc.get("zeroshot") or {}
-        return f"limit {zs['limit']}" if zs.get("limit") else "all items"
+        limit = doc.results.zeroshot.limit
+        return f"limit {limit}" if limit else "all items"
     return None
 
 
-def _split_protocols(docs: list[dict[str, Any]], rows: list[Row]) -> list[str]:
+def _split_protocols(docs: list[Source], rows: list[Row]) -> list[str]:
     """Give results measured under different protocols their own columns (a delta between them would mislead)."""
     notes = []
     keys = list(dict.fromkeys(k for r in rows for k in r.values))
@@ -250,10 +259,10 @@ def _split_protocols(docs: list[dict[str, Any]], rows: list[Row]) -> list[str]:
     return notes
 
 
-def _model_identity(doc: dict[str, Any]) -> tuple[Any, ...]:
+def _model_identity(doc: Source) -> tuple[Any, ...]:
     """The architecture and shape a result's model has: results of different models get no deltas."""
-    model = doc.get("model") or {}
-    return tuple(model.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size"))
+    m = doc.results.model
+    return (m.model_type, m.num_hidden_layers, m.hidden_size)
 
 
 def _describe(identity: tuple[Any, ...]) -> str:
@@ -297,26 +306,24 @@ def _sort_key(column: str, columns: list[Column]) -> Callable[[Row], Any]:
     return lambda r: (col.key not in r.values, sign * r.values.get(col.key, 0.0))
 
 
-def build(
-    docs: list[dict[str, Any]],
-    baseline: dict[str, Any] | None = None,
-    sort: str | None = None,
-) -> Comparison:
+def _baseline(rows: list[Row], baseline: Source | None, notes: list[str]) -> Row | None:
+    """The given baseline's row, else the dense model's (the first, with a note where there are several)."""
+    if baseline is not None:
+        return next(r for r in rows if r.source == baseline.path)
+    dense = [r for r in rows if r.method == "dense"]
+    if len(dense) > 1:
+        notes.append(f"{len(dense)} dense results; the baseline is {dense[0].source} (choose with --baseline)")
+    return dense[0] if dense else None
+
+
+def build(docs: list[Source], baseline: Source | None = None, sort: str | None = None) -> Comparison:
     """The comparison of loaded results; the baseline is the given one, else the dense model when there is one."""
     notes: list[str] = []
-    if baseline is not None and not any(d["_source"] == baseline["_source"] for d in docs):
+    if baseline is not None and not any(d.path == baseline.path for d in docs):
         docs = [baseline, *docs]
     rows = [_row(d) for d in docs]
     notes += _split_protocols(docs, rows)
-    base_row: Row | None = None
-    if baseline is not None:
-        base_row = next(r for r in rows if r.source == baseline["_source"])
-    else:
-        dense = [r for r in rows if r.method == "dense"]
-        if dense:
-            base_row = dense[0]
-            if len(dense) > 1:
-                notes.append(f"{len(dense)} dense results; the baseline is {base_row.source} (choose with --baseline)")
+    base_row = _baseline(rows, baseline, notes)
     columns = _columns(rows)
     if base_row is not None:
         base_row.is_baseline = True

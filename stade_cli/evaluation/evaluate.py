@@ -11,7 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from stade_cli.base.artifacts import REPORT_FILE, REPORT_KIND
+from stade_cli.base.artifacts import (
+    REPORT_FILE,
+    EvalSettings,
+    ModelRecord,
+    PerplexityResult,
+    PruneRecord,
+    Results,
+    ZeroShot,
+)
+from stade_cli.base.dtypes import dtype_name
 from stade_cli.base.errors import StadeError, at_least
 from stade_cli.base.files import check_writable, read_json, write_json
 from stade_cli.base.versions import library_versions
@@ -24,8 +33,6 @@ from stade_cli.models.layers import find_blocks, get_weight
 from stade_cli.models.loading import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
 from stade_cli.models.weights import WeightFiles
 
-RESULTS_KIND = "stade-results"
-RESULTS_SCHEMA = 1
 C4_MAX_WINDOWS = 256  # the published code keeps the first 256 * seqlen validation tokens of C4
 DEFAULT_PPL = ("wikitext2",)
 
@@ -67,7 +74,7 @@ def dataset_perplexity(
     device: torch.device,
     cache_dir: str | None = None,
     max_windows: int | None = None,
-) -> dict[str, Any]:
+) -> PerplexityResult:
     """Perplexity of one --ppl source, with where its ids came from."""
     from stade_cli.data.sources import check_token_ids, eval_ids, ids_sha256
 
@@ -81,10 +88,9 @@ def dataset_perplexity(
         ids = ids[:, : max_windows * seqlen]
         notes.append(f"first {max_windows} windows only (--max-windows): not the published protocol")
     result = perplexity(loaded.model, ids, seqlen, batch_size, device, description=source)
-    entry = {**result.to_dict(), "source_sha256": sha, "ids_sha256": ids_sha256(ids), "batch_size": batch_size}
-    if notes:
-        entry["notes"] = notes
-    return entry
+    return PerplexityResult(
+        **result.to_dict(), source_sha256=sha, ids_sha256=ids_sha256(ids), batch_size=batch_size, notes=notes or None
+    )
 
 
 def prepare(config: EvalConfig, cache_dir: str | None = None) -> LoadedTasks | None:
@@ -104,18 +110,18 @@ def prepare(config: EvalConfig, cache_dir: str | None = None) -> LoadedTasks | N
 # ----------------------------------------------------------------------------------------------- model facts
 
 
-def prune_report(path: str) -> dict[str, Any] | None:
+def prune_report(path: str) -> PruneRecord | None:
     """The `stade.json` a pruned folder carries, checked; None for a model `stade prune` did not write."""
     report_path = Path(path) / REPORT_FILE
     if not report_path.is_file():
         return None
-    report = read_json(report_path, "Pruning report")
-    if report.get("kind") != REPORT_KIND:
+    data = read_json(report_path, "Pruning report")
+    if data.get("kind") != PruneRecord.KIND:
         raise StadeError(
-            f"{str(report_path)!r} is not a stade pruning report (kind {report.get('kind')!r}).",
+            f"{str(report_path)!r} is not a stade pruning report (kind {data.get('kind')!r}).",
             "remove or rename it, or re-run `stade prune`",
         )
-    return report
+    return PruneRecord.load(data, str(report_path))
 
 
 def measured_sparsity(model: nn.Module, files: WeightFiles | None = None) -> float:
@@ -173,22 +179,17 @@ def _fingerprint(loaded: LoadedModel, files: WeightFiles | None) -> str:
     return fingerprint(model, samples)
 
 
-def model_summary(loaded: LoadedModel) -> dict[str, Any]:
-    report = prune_report(loaded.path)
+def model_record(loaded: LoadedModel) -> ModelRecord:
+    """The evaluated model: where it is, its dtype and identity, its measured sparsity and architecture."""
     files = _offloaded_files(loaded)
-    summary = {
-        "spec": loaded.spec,
-        "path": loaded.path,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "fingerprint": _fingerprint(loaded, files),
-        "measured_sparsity": measured_sparsity(loaded.model, files),
+    return ModelRecord(
+        spec=loaded.spec,
+        path=loaded.path,
+        dtype=dtype_name(loaded.dtype),
+        fingerprint=_fingerprint(loaded, files),
+        measured_sparsity=measured_sparsity(loaded.model, files),
         **config_summary(loaded.model),
-    }
-    if report is None:
-        pruning = {"method": "dense", "pattern": None, "sparsity": 0.0, "achieved_sparsity": 0.0}
-    else:
-        pruning = {k: report.get(k) for k in ("method", "pattern", "sparsity", "achieved_sparsity")}
-    return {"model": summary, "pruning": report, **pruning}
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the stage
@@ -200,7 +201,7 @@ def evaluate_model(
     device: torch.device,
     cache_dir: str | None = None,
     tasks: LoadedTasks | None = None,
-) -> dict[str, Any]:
+) -> Results:
     """Perplexity on every config.ppl source, then zero-shot on config.tasks; the results document.
 
     `tasks`: the config's tasks from `prepare` (loaded once for many models); None loads them here, first.
@@ -211,44 +212,44 @@ def evaluate_model(
     check_seqlen(model, seqlen)
     if config.tasks and tasks is None:
         tasks = load_tasks(resolve_tasks(config.tasks, check_names=False))  # a task that cannot load fails first
-    results: dict[str, Any] = {
-        "kind": RESULTS_KIND,
-        "schema": RESULTS_SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **model_summary(loaded),
-        "device": str(device),
-        "config": {
-            "ppl": list(config.ppl),
-            "tasks": list(config.tasks),
-            "seqlen": seqlen,
-            "batch_size": config.batch_size,
-            "limit": config.limit,
-            "max_windows": config.max_windows,
-        },
-        "versions": library_versions(),
-    }
+    report = prune_report(loaded.path)
+    settings = EvalSettings(
+        ppl=list(config.ppl),
+        tasks=list(config.tasks),
+        seqlen=seqlen,
+        batch_size=config.batch_size,
+        limit=config.limit,
+        max_windows=config.max_windows,
+    )
+    results = Results(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=model_record(loaded),
+        pruning=report,
+        method=report.method if report else "dense",
+        pattern=report.pattern if report else None,
+        sparsity=report.sparsity if report else 0.0,
+        achieved_sparsity=report.achieved_sparsity if report else 0.0,
+        device=str(device),
+        config=settings,
+        versions=library_versions(),
+    )
     spread = placement(model)
     if spread is None:
         module: nn.Module = model  # PreTrainedModel.to is wrapped by functools.wraps, whose stub leaves self unbound
         module.to(device)
     else:  # accelerate placed the layers and moves activations (and offloaded weights) between devices
-        results["device"] = f"device_map: {spread}"
-    timings: dict[str, float] = {}
-    ppl: dict[str, Any] = {}
+        results.device = f"device_map: {spread}"
     for source in config.ppl:
-        ppl[source] = dataset_perplexity(
-            loaded, source, seqlen, config.batch_size, device, cache_dir, config.max_windows
-        )
-        timings[f"ppl:{source}"] = ppl[source]["seconds"]
-    results["perplexity"] = ppl
+        entry = dataset_perplexity(loaded, source, seqlen, config.batch_size, device, cache_dir, config.max_windows)
+        results.perplexity[source] = entry
+        results.timings[f"ppl:{source}"] = entry.seconds
     if config.tasks and tasks is not None:
         t0 = time.perf_counter()
-        results["zeroshot"] = zero_shot(loaded, tasks, config.batch_size, config.limit)
-        timings["zeroshot"] = round(time.perf_counter() - t0, 3)
+        results.zeroshot = ZeroShot(**zero_shot(loaded, tasks, config.batch_size, config.limit))
+        results.timings["zeroshot"] = round(time.perf_counter() - t0, 3)
     else:
-        results["zeroshot"] = {"tasks": {}, "mean": {}, "num_fewshot": 0, "limit": config.limit}
-    timings["total"] = round(time.perf_counter() - t_start, 3)
-    results["timings"] = timings
+        results.zeroshot = ZeroShot(limit=config.limit)
+    results.timings["total"] = round(time.perf_counter() - t_start, 3)
     return results
 
 
@@ -261,7 +262,7 @@ def evaluate_spec(
     dtype: str | None = None,
     max_memory: str | None = None,
     spread: bool = False,
-) -> dict[str, Any]:
+) -> Results:
     """Load MODEL (spread over the devices within `max_memory` where `spread`, the rest read from disk as it
     runs), evaluate it, and free it before the next one loads."""
     import tempfile
@@ -300,33 +301,18 @@ def results_paths(models: list[str], out: Path) -> list[Path]:
     return [out / f"{name}.json" for name in names]
 
 
-def write_results(path: str | Path, results: dict[str, Any], force: bool = False) -> Path:
+def write_results(path: str | Path, results: Results, force: bool = False) -> Path:
     """Write results.json atomically; an existing file stays unless force."""
     path = Path(path)
     check_writable(path, force)
     if path.is_dir():
         raise StadeError(f"Output {str(path)!r} is a folder.", "give a file name such as results.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, results)
+    write_json(path, results.dump())
     return path
 
 
-def check_results(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """A loaded results document, refused when it is not one or comes from a newer schema."""
-    if data.get("kind") != RESULTS_KIND:
-        raise StadeError(
-            f"{where!r} is not a stade results file (kind {data.get('kind')!r}).", "give files written by `stade eval`"
-        )
-    schema = data.get("schema")
-    if not isinstance(schema, int) or not 1 <= schema <= RESULTS_SCHEMA:
-        raise StadeError(
-            f"{where!r} has results schema {schema!r}; this stade reads schema {RESULTS_SCHEMA} and older.",
-            "upgrade stade: pip install -U stade",
-        )
-    return data
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
+def load_results(path: str | Path) -> Results:
     """One results file, checked (compare's reader too)."""
     path = Path(path)
-    return check_results(read_json(path, "Results file"), str(path))
+    return Results.load(read_json(path, "Results file"), str(path))

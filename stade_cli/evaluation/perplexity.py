@@ -22,7 +22,7 @@ MAX_EXP = math.log(1.7976931348623157e308)  # math.exp overflows above this (~70
 
 
 @dataclass
-class PerplexityResult:
+class PerplexityRun:
     ppl: float
     windows: int
     seqlen: int
@@ -124,7 +124,7 @@ def perplexity(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     description: str = "perplexity",
-) -> PerplexityResult:
+) -> PerplexityRun:
     """exp(mean over windows of mean token NLL); batching changes the speed, not the figure."""
     windows = cut_windows(ids, seqlen, description)  # (n, T)
     n = windows.shape[0]
@@ -146,4 +146,4 @@ def perplexity(
     seconds = time.perf_counter() - t0
     mean_nll = sum(nlls) / n
     ppl = math.exp(mean_nll) if mean_nll < MAX_EXP else math.inf  # a broken model's NLL can pass exp's range
-    return PerplexityResult(ppl=ppl, windows=n, seqlen=seqlen, tokens=n * seqlen, window_nll=nlls, seconds=seconds)
+    return PerplexityRun(ppl=ppl, windows=n, seqlen=seqlen, tokens=n * seqlen, window_nll=nlls, seconds=seconds)

@@ -284,7 +284,7 @@ def _load_errors(spec: str, path: str) -> Iterator[None]:
         ) from None
 
 
-def config_summary(model: PreTrainedModel) -> dict[str, object]:
+def config_summary(model: PreTrainedModel) -> dict[str, Any]:
     cfg = model.config
     return {
         "model_type": cfg.model_type,

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
+from stade_cli.base.artifacts import MANIFEST_FILE, FileEntry, LayerEntry, StatsManifest
 from stade_cli.base.errors import StadeError
 from stade_cli.base.files import read_json, sha256_file, write_json
+from stade_cli.base.schema import Invalid
 from stade_cli.stats.accumulators import LayerStats
 
-SCHEMA_VERSION = 1
-ARTIFACT_KIND = "stade-statistics"
 STATS_FILE = "stats.safetensors"
 HESSIAN_FILE = "hessians.safetensors"
 TOKENS_FILE = "tokens.safetensors"
@@ -29,7 +29,7 @@ class Statistics:
     """A calibration artifact folder: manifest.json, statistics, optional Hessians, and the token ids."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: StatsManifest
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _recent: tuple[tuple, tuple] | None = field(default=None, repr=False)
     _hash_on_read: bool = field(default=False, repr=False)
@@ -47,15 +47,7 @@ class Statistics:
             )
         if not path.is_dir():
             raise StadeError(f"Statistics folder {str(path)!r} does not exist.", "run `stade calibrate` first")
-        manifest = read_json(path / "manifest.json", "Statistics manifest")
-        if manifest.get("kind") != ARTIFACT_KIND:
-            raise StadeError(f"{str(path)!r} is not a stade statistics folder.", "run `stade calibrate` to make one")
-        if manifest.get("schema", 0) > SCHEMA_VERSION:
-            raise StadeError(
-                f"Statistics in {str(path)!r} use schema {manifest['schema']}, newer than this stade understands.",
-                "upgrade stade",
-            )
-        check_manifest(path, manifest)
+        manifest = read_manifest(path)
         stats = cls(path, manifest, _hash_on_read=verify)
         if verify:
             stats.verify()
@@ -67,14 +59,14 @@ class Statistics:
         Hashes are checked as files are read (`_check_hash`): a 70B model's Hessians are hundreds of GB,
         and a run that does not read them (wanda) must not hash them.
         """
-        for fname, meta in self.manifest["files"].items():
+        for fname, meta in self.manifest.files.items():
             f = self.path / fname
             if not f.exists():
                 raise StadeError(f"Statistics file {str(f)!r} is missing.", "re-run `stade calibrate`")
-            if f.stat().st_size != meta["bytes"]:
+            if f.stat().st_size != meta.bytes:
                 raise StadeError(
                     f"Statistics file {str(f)!r} is corrupted or truncated: {f.stat().st_size} bytes, the manifest "
-                    f"says {meta['bytes']}.",
+                    f"says {meta.bytes}.",
                     "re-run `stade calibrate --force`",
                 )
 
@@ -89,7 +81,7 @@ class Statistics:
         if not self._hash_on_read or fname in self._hashed:
             return
         f = self.path / fname
-        if sha256_file(f) != self.manifest["files"][fname]["sha256"]:
+        if sha256_file(f) != self.manifest.files[fname].sha256:
             raise self._corrupted(repr(str(f)))
         self._hashed.add(fname)
 
@@ -112,7 +104,7 @@ class Statistics:
         larger than the model, and mapped pages would stay resident next to the copy."""
         from stade_cli.base.tensorfiles import read_tensors
 
-        per_tensor = self.manifest.get("hessian_sha256")
+        per_tensor = self.manifest.hessian_sha256
         if per_tensor is None:
             self._check_hash(HESSIAN_FILE)  # an artifact from before per-tensor hashes: the whole file, once
         try:
@@ -128,16 +120,16 @@ class Statistics:
 
     @property
     def has_hessian(self) -> bool:
-        return "hessian" in self.manifest["statistics"]
+        return "hessian" in self.manifest.statistics
 
     @cached_property
-    def layers(self) -> dict[str, dict[str, Any]]:
+    def layers(self) -> dict[str, LayerEntry]:
         """Manifest entries by layer name, built once (every per-layer lookup reads it)."""
-        return {entry["name"]: entry for entry in self.manifest["layers"]}
+        return {entry.name: entry for entry in self.manifest.layers}
 
     def layer(self, name: str, hessian: bool = False, device: torch.device | str = "cpu") -> LayerStats:
         entry = self.layers[name]
-        group = entry["group"]
+        group = entry.group
         key = (group, hessian, str(device))
         if self._recent is None or self._recent[0] != key:  # q/k/v (gate/up) come in a row: read their group once
             self._recent = None  # the last group's Hessian goes before the next one is read
@@ -149,8 +141,8 @@ class Statistics:
                 h = self._read_hessian(group).to(device)
             self._recent = (key, (f.get_tensor(f"{group}.mean").to(device), f.get_tensor(f"{group}.m2").to(device), h))
         mean, m2, h = self._recent[1]
-        count = int(entry.get("count", self.manifest["count"]))  # an expert's own tokens, else every token
-        return LayerStats(count, mean, m2, bool(entry["fed_by_norm"]), h, group)
+        count = entry.count if entry.count is not None else self.manifest.count  # an expert's own tokens, else all
+        return LayerStats(count, mean, m2, entry.fed_by_norm, h, group)
 
     def summary(self) -> dict[str, Any]:
         return summary(self)
@@ -162,14 +154,14 @@ class Statistics:
     def fingerprint(self) -> str:
         """Identity of this artifact: what every prune report records."""
         return hashlib.sha256(
-            "".join(f"{k}:{v['sha256']}" for k, v in sorted(self.manifest["files"].items())).encode()
+            "".join(f"{k}:{v.sha256}" for k, v in sorted(self.manifest.files.items())).encode()
         ).hexdigest()
 
     # -- writing
     @staticmethod
     def write_files(
-        folder: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], input_ids: torch.Tensor
-    ) -> dict[str, Any]:
+        folder: Path, manifest: StatsManifest, tensors: dict[str, torch.Tensor], input_ids: torch.Tensor
+    ) -> StatsManifest:
         """Write the statistics, the token ids and, last, the manifest with every data file's size and hash.
 
         `folder` is the artifact's temporary folder; Hessians, when asked for, are already in it.
@@ -179,71 +171,40 @@ class Statistics:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / STATS_FILE))
         save_file({"input_ids": input_ids.contiguous()}, str(folder / TOKENS_FILE))
         files = [f for f in (STATS_FILE, TOKENS_FILE, HESSIAN_FILE) if (folder / f).exists()]
-        manifest = {
-            **manifest,
-            "files": {f: {"bytes": (folder / f).stat().st_size, "sha256": sha256_file(folder / f)} for f in files},
+        manifest.files = {
+            f: FileEntry(bytes=(folder / f).stat().st_size, sha256=sha256_file(folder / f)) for f in files
         }
-        write_json(folder / "manifest.json", manifest)
+        write_json(folder / MANIFEST_FILE, manifest.dump())
         return manifest
 
 
-MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "files": dict,
-    "layers": list,
-    "count": int,
-    "model": dict,
-    "data": dict,
-    "statistics": list,
-    "dtype": str,
-}
-LAYER_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "name": str,
-    "block": int,
-    "shape": list,
-    "fed_by_norm": bool,
-    "group": str,
-}
-
-
-def check_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """The manifest has every field stade reads, of the right type, and accounts for every data file.
-
-    A hand-edited manifest would otherwise fail deep inside pruning (KeyError, ValueError), and a
-    data file left out of `files` would silently escape the hash check.
-    """
-    where = str(path / "manifest.json")
+def read_manifest(path: Path) -> StatsManifest:
+    """The manifest of the artifact in `path`, checked: every field stade reads, of the right type, and every data
+    file accounted for (a hand-edited manifest would otherwise fail deep inside pruning, and a data file left out
+    of `files` would silently escape the hash check)."""
+    where = str(path / MANIFEST_FILE)
+    data = read_json(path / MANIFEST_FILE, "Statistics manifest")
+    if data.get("kind") != StatsManifest.KIND:
+        raise StadeError(f"{str(path)!r} is not a stade statistics folder.", "run `stade calibrate` to make one")
     hint = "the manifest was edited or damaged: re-run `stade calibrate --force`"
-
-    def bad(what: str) -> StadeError:
-        return StadeError(f"Statistics manifest {where!r} {what}.", hint)
-
-    for key, kind in MANIFEST_FIELDS.items():
-        if key not in manifest:
-            raise bad(f"has no {key!r}")
-        if not isinstance(manifest[key], kind) or (kind is int and isinstance(manifest[key], bool)):
-            raise bad(f"has a {key!r} of the wrong type ({type(manifest[key]).__name__})")
-    if not isinstance(manifest["model"].get("fingerprint"), str):
-        raise bad("has no model fingerprint")
-    for key in ("source", "nsamples", "seqlen"):
-        if key not in manifest["data"]:
-            raise bad(f"has no data {key!r}")
-    for i, entry in enumerate(manifest["layers"]):
-        if not isinstance(entry, dict):
-            raise bad(f"has a layer entry {i} that is not an object")
-        for key, kind in LAYER_FIELDS.items():
-            if not isinstance(entry.get(key), kind):
-                raise bad(f"has a layer entry {i} without a valid {key!r}")
-    for fname, meta in manifest["files"].items():
-        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
-            raise bad(f"has no size and hash for {fname!r}")
-    hashes = manifest.get("hessian_sha256", {})
-    if not (isinstance(hashes, dict) and all(isinstance(v, str) for v in hashes.values())):
-        raise bad("has a 'hessian_sha256' that is not a map of hashes")
-    needed = {STATS_FILE, TOKENS_FILE} | ({HESSIAN_FILE} if "hessian" in manifest["statistics"] else set())
+    try:
+        manifest = StatsManifest.parse(data) if data.get("schema", 1) <= StatsManifest.SCHEMA else None
+    except Invalid as exc:
+        raise StadeError(f"Statistics manifest {where!r} {exc}.", hint) from None
+    if manifest is None:
+        manifest = StatsManifest.load(data, where)  # refuses the newer schema, naming it
+    if manifest.model.fingerprint is None:
+        raise StadeError(f"Statistics manifest {where!r} has no model fingerprint.", hint)
+    needed = {STATS_FILE, TOKENS_FILE} | ({HESSIAN_FILE} if "hessian" in manifest.statistics else set())
     present = {f.name for f in path.iterdir() if f.is_file() and f.suffix == ".safetensors"}
     for fname in sorted(needed | present):
-        if fname not in manifest["files"]:
-            raise bad(f"does not account for the data file {fname!r} (no size and hash for it)")
+        if fname not in manifest.files:
+            raise StadeError(
+                f"Statistics manifest {where!r} does not account for the data file {fname!r} (no size and hash "
+                "for it).",
+                hint,
+            )
+    return manifest
 
 
 def block_summary(stats: Statistics) -> list[dict[str, Any]]:
@@ -253,11 +214,11 @@ def block_summary(stats: Statistics) -> list[dict[str, Any]]:
     weights differently, and the bias update matters.
     """
     groups: dict[int, list[str]] = {}
-    for entry in stats.manifest["layers"]:
-        groups.setdefault(entry["block"], [])
-        if entry["group"] not in groups[entry["block"]]:
-            groups[entry["block"]].append(entry["group"])
-    by_group = {e["group"]: e["name"] for e in stats.manifest["layers"]}
+    for entry in stats.manifest.layers:
+        groups.setdefault(entry.block, [])
+        if entry.group not in groups[entry.block]:
+            groups[entry.block].append(entry.group)
+    by_group = {e.group: e.name for e in stats.manifest.layers}
     rows = []
     for block, gs in sorted(groups.items()):
         means, stds = [], []
@@ -282,16 +243,17 @@ def block_summary(stats: Statistics) -> list[dict[str, Any]]:
 
 
 def summary(stats: Statistics) -> dict[str, Any]:
+    """What `stats show` reports: the artifact's identity, model, data and per-block ranges."""
     m = stats.manifest
     return {
         "path": str(stats.path),
         "fingerprint": stats.fingerprint,
-        "model": m["model"],
-        "dtype": m["dtype"],
-        "data": m["data"],
-        "statistics": m["statistics"],
-        "count": m["count"],
-        "layers": len(m["layers"]),
-        "warnings": m.get("warnings", []),
+        "model": m.model.dump(),
+        "dtype": m.dtype,
+        "data": m.data.dump(),
+        "statistics": m.statistics,
+        "count": m.count,
+        "layers": len(m.layers),
+        "warnings": m.warnings,
         "blocks": block_summary(stats),
     }

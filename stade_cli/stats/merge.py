@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from stade_cli.base.artifacts import MergedFrom, StatsManifest, Windows
 from stade_cli.base.errors import StadeError
 from stade_cli.base.files import atomic_dir, check_apart, check_writable
-from stade_cli.base.shards import windows_of
 from stade_cli.base.tensorfiles import SafetensorsWriter
 from stade_cli.data.sources import ids_sha256
 from stade_cli.stats.accumulators import Moments
@@ -39,51 +39,55 @@ def check_mergeable(arts: list[Statistics]) -> list[Statistics]:
     m0 = first.manifest
     for art in arts[1:]:
         m = art.manifest
-        fa, fb = m0["model"]["fingerprint"], m["model"]["fingerprint"]
+        fa, fb = m0.model.fingerprint or "", m.model.fingerprint or ""
         if fa != fb:
             raise _differs(first, art, "model (weights fingerprint)", fa[:12], fb[:12])
         checks = [
-            ("seqlen", m0["data"]["seqlen"], m["data"]["seqlen"]),
-            ("data source", m0["data"]["source"], m["data"]["source"]),
-            ("data source content (sha256)", m0["data"].get("source_sha256"), m["data"].get("source_sha256")),
-            ("seed", m0["data"].get("seed"), m["data"].get("seed")),
-            ("number of windows drawn (--nsamples)", windows_of(m0)["drawn"], windows_of(m)["drawn"]),
-            ("windows drawn (token ids)", windows_of(m0)["drawn_sha256"], windows_of(m)["drawn_sha256"]),
-            ("statistics kept (--hessian)", m0["statistics"], m["statistics"]),
-            ("model dtype", m0["dtype"], m["dtype"]),
-            ("Hessian dtype", m0.get("hessian_dtype"), m.get("hessian_dtype")),
-            ("layers", [e["name"] for e in m0["layers"]], [e["name"] for e in m["layers"]]),
+            ("seqlen", m0.data.seqlen, m.data.seqlen),
+            ("data source", m0.data.source, m.data.source),
+            ("data source content (sha256)", m0.data.source_sha256, m.data.source_sha256),
+            ("seed", m0.data.seed, m.data.seed),
+            ("number of windows drawn (--nsamples)", m0.whole_windows.drawn, m.whole_windows.drawn),
+            ("windows drawn (token ids)", m0.whole_windows.drawn_sha256, m.whole_windows.drawn_sha256),
+            ("statistics kept (--hessian)", m0.statistics, m.statistics),
+            ("model dtype", m0.dtype, m.dtype),
+            ("Hessian dtype", m0.hessian_dtype, m.hessian_dtype),
+            ("layers", [e.name for e in m0.layers], [e.name for e in m.layers]),
         ]
         for what, x, y in checks:
             if x != y:
                 raise _differs(first, art, what, x, y) if what != "layers" else _differs(first, art, what, "…", "…")
-    ordered = sorted(arts, key=lambda a: (windows_of(a.manifest)["start"], windows_of(a.manifest)["stop"]))
-    drawn = windows_of(m0)["drawn"]
+    ordered = sorted(arts, key=lambda a: (a.manifest.whole_windows.start, a.manifest.whole_windows.stop))
+    _check_coverage(ordered, m0.whole_windows.drawn)
+    return ordered
+
+
+def _check_coverage(ordered: list[Statistics], drawn: int) -> None:
+    """The artifacts' windows, in order, cover the windows drawn exactly once."""
     covered = 0
     prev: Statistics | None = None
     for art in ordered:
-        w = windows_of(art.manifest)
-        if w["start"] < covered:
+        w = art.manifest.whole_windows
+        if w.start < covered:
             assert prev is not None
-            pw = windows_of(prev.manifest)
+            pw = prev.manifest.whole_windows
             raise StadeError(
-                f"{str(prev.path)!r} (windows {pw['start']}-{pw['stop'] - 1}) and {str(art.path)!r} (windows "
-                f"{w['start']}-{w['stop'] - 1}) overlap on windows {w['start']}-{min(covered, w['stop']) - 1}.",
+                f"{str(prev.path)!r} (windows {pw.start}-{pw.stop - 1}) and {str(art.path)!r} (windows "
+                f"{w.start}-{w.stop - 1}) overlap on windows {w.start}-{min(covered, w.stop) - 1}.",
                 "give each shard once, from one split (the same N in every --shard I/N)",
             )
-        if w["start"] > covered:
+        if w.start > covered:
             raise StadeError(
-                f"Windows {covered}-{w['start'] - 1} of the {drawn} drawn are in none of the artifacts (a gap "
+                f"Windows {covered}-{w.start - 1} of the {drawn} drawn are in none of the artifacts (a gap "
                 f"before {str(art.path)!r}).",
                 "give every shard of the run; calibrate the missing one with its --shard I/N",
             )
-        covered, prev = w["stop"], art
+        covered, prev = w.stop, art
     if covered < drawn:
         raise StadeError(
             f"Windows {covered}-{drawn - 1} of the {drawn} drawn are in none of the artifacts (a gap at the end).",
             "give every shard of the run; calibrate the missing one with its --shard I/N",
         )
-    return ordered
 
 
 def merge_moments(parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -115,50 +119,64 @@ def merge_statistics(paths: list[Path], out: Path, force: bool = False) -> Stati
     t0 = time.perf_counter()
     arts = check_mergeable([Statistics.load(p) for p in paths])
     first = arts[0]
-    counts = [int(a.manifest["count"]) for a in arts]
-    by_group: dict[str, str] = {}
-    for entry in first.manifest["layers"]:
-        by_group.setdefault(entry["group"], entry["name"])
     ids = torch.cat([a.token_ids() for a in arts])
-    w0 = windows_of(first.manifest)
-    if ids_sha256(ids) != w0["drawn_sha256"]:
+    if ids_sha256(ids) != first.manifest.whole_windows.drawn_sha256:
         raise StadeError(
             "The shards' token ids, put together, are not the windows the run drew (their hash differs).",
             "re-run the shards with the same stade version and arguments",
         )
-    hdtype = torch.bfloat16 if first.manifest.get("hessian_dtype") == "bfloat16" else torch.float32
-    room = SafetensorsWriter.room_for({e["group"]: (hdtype, [e["shape"][1]] * 2) for e in first.manifest["layers"]})
+    hdtype = torch.bfloat16 if first.manifest.hessian_dtype == "bfloat16" else torch.float32
+    room = SafetensorsWriter.room_for({e.group: (hdtype, [e.shape[1]] * 2) for e in first.manifest.layers})
     with atomic_dir(out, force) as tmp:
         hessians = SafetensorsWriter(tmp / HESSIAN_FILE, room) if first.has_hessian else None
-        tensors: dict[str, torch.Tensor] = {}
-        for group, name in by_group.items():
-            layer = [a.layer(name, hessian=hessians is not None) for a in arts]  # counts: an expert's own tokens
-            fed = [st for st in layer if st.count] or layer[:1]  # an expert no shard routed a token to: as it is
-            _n, mean, m2 = merge_moments([(st.count, st.mean, st.m2) for st in fed])
-            tensors[f"{group}.mean"], tensors[f"{group}.m2"] = mean, m2
-            if hessians is not None:
-                hs = [(st.count, st.hessian) for st in fed if st.hessian is not None]
-                hessians.add(group, merge_hessians(hs).to(hdtype))
-            del layer
+        tensors = _merge_groups(arts, hessians, hdtype)
+        manifest = _merged_manifest(arts, ids)
+        manifest.timings = {"merge_s": round(time.perf_counter() - t0, 3)}
         if hessians is not None:
             hessians.close()
-        manifest = {k: copy.deepcopy(v) for k, v in first.manifest.items() if k != "files"}
-        manifest["data"].update(nsamples=int(ids.shape[0]), token_ids_sha256=ids_sha256(ids))
-        manifest["count"] = sum(counts)
-        for k, entry in enumerate(manifest["layers"]):
-            if "count" in entry:  # an expert's tokens: summed over the shards
-                entry["count"] = sum(int(a.manifest["layers"][k]["count"]) for a in arts)
-        manifest["windows"] = {**w0, "start": 0, "stop": w0["drawn"], "shard": None}
-        manifest["merged_from"] = [
-            {
-                "path": str(a.path),
-                "fingerprint": a.fingerprint,
-                **{k: windows_of(a.manifest)[k] for k in ("start", "stop")},
-            }
-            for a in arts
-        ]
-        manifest["timings"] = {"merge_s": round(time.perf_counter() - t0, 3)}
-        if hessians is not None:
-            manifest["hessian_sha256"] = hessians.hashes
+            manifest.hessian_sha256 = hessians.hashes
         manifest = Statistics.write_files(tmp, manifest, tensors, ids)
     return Statistics(out, manifest)
+
+
+def _merge_groups(
+    arts: list[Statistics], hessians: SafetensorsWriter | None, hdtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Every group's merged mean and m2 (returned) and Hessian (written to `hessians`, one at a time)."""
+    by_group: dict[str, str] = {}
+    for entry in arts[0].manifest.layers:
+        by_group.setdefault(entry.group, entry.name)
+    tensors: dict[str, torch.Tensor] = {}
+    for group, name in by_group.items():
+        layer = [a.layer(name, hessian=hessians is not None) for a in arts]  # counts: an expert's own tokens
+        fed = [st for st in layer if st.count] or layer[:1]  # an expert no shard routed a token to: as it is
+        _n, mean, m2 = merge_moments([(st.count, st.mean, st.m2) for st in fed])
+        tensors[f"{group}.mean"], tensors[f"{group}.m2"] = mean, m2
+        if hessians is not None:
+            hs = [(st.count, st.hessian) for st in fed if st.hessian is not None]
+            hessians.add(group, merge_hessians(hs).to(hdtype))
+        del layer
+    return tensors
+
+
+def _merged_manifest(arts: list[Statistics], ids: torch.Tensor) -> StatsManifest:
+    """The first shard's manifest, made the whole run's: all windows, token counts summed, where it came from."""
+    manifest = copy.deepcopy(arts[0].manifest)
+    manifest.files = {}
+    manifest.data.nsamples, manifest.data.token_ids_sha256 = int(ids.shape[0]), ids_sha256(ids)
+    manifest.count = sum(a.manifest.count for a in arts)
+    for k, entry in enumerate(manifest.layers):
+        if entry.count is not None:  # an expert's tokens: summed over the shards
+            entry.count = sum(a.manifest.layers[k].count or 0 for a in arts)
+    w0 = arts[0].manifest.whole_windows
+    manifest.windows = Windows(drawn=w0.drawn, drawn_sha256=w0.drawn_sha256, start=0, stop=w0.drawn, shard=None)
+    manifest.merged_from = [
+        MergedFrom(
+            path=str(a.path),
+            fingerprint=a.fingerprint,
+            start=a.manifest.whole_windows.start,
+            stop=a.manifest.whole_windows.stop,
+        )
+        for a in arts
+    ]
+    return manifest

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from stade_cli.base.artifacts import LayerEntry
 from stade_cli.base.console import err
 from stade_cli.base.errors import StadeError
 from stade_cli.base.files import read_json, write_json
@@ -41,7 +42,7 @@ class BlockLog:
         self.folder = folder
         self.key = key
         self.done = 0
-        self.layers: list[dict[str, Any]] = []
+        self.layers: list[LayerEntry] = []
         self.hidden_file: str | None = None
         self.commit_s = 0.0  # time spent committing: the cost of being resumable
         progress = self._load() if resume else None
@@ -78,7 +79,7 @@ class BlockLog:
                     "run without --resume to start again",
                 )
         self.done = int(progress["blocks_done"])
-        self.layers = list(progress["layers"])
+        self.layers = [LayerEntry.parse(e) for e in progress["layers"]]
         self.hidden_file = progress["hidden"]
         err.print(f"Resuming after block {self.done - 1}: {self.done} block(s) were committed.", highlight=False)
         return progress
@@ -91,7 +92,7 @@ class BlockLog:
         return [saved[f"hidden.{b}"].to(device) for b in range(len(saved))]
 
     def commit(
-        self, block: int, tensors: dict[str, torch.Tensor], layers: list[dict[str, Any]], hidden: list[torch.Tensor]
+        self, block: int, tensors: dict[str, torch.Tensor], layers: list[LayerEntry], hidden: list[torch.Tensor]
     ) -> None:
         """Block `block` is done: its statistics, Hessians and outputs are on disk before progress.json says so."""
         t0 = time.perf_counter()
@@ -116,7 +117,7 @@ class BlockLog:
             "hidden": hidden_name,
             "files": {f: (self.folder / f).stat().st_size for f in files},
             "hessians": hessians,
-            "layers": self.layers,
+            "layers": [e.dump() for e in self.layers],
         }
         write_json(self.folder / PROGRESS_FILE, record, durable=True)
         if previous is not None:
