@@ -42,6 +42,7 @@ lint: install
 	$(VENV)/bin/ruff check stade_cli tests bench
 	$(VENV)/bin/ruff format --check stade_cli tests bench
 	$(VENV)/bin/mypy stade_cli
+	$(VENV)/bin/lint-imports --no-cache  # the layers' import contract in pyproject.toml
 
 completions: install
 	$(PY) -m stade_cli.cli.completions completions

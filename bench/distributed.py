@@ -71,7 +71,7 @@ def main() -> None:
         for k, n in enumerate(order):
             out = Path(tmp) / f"p{n}-{k}"
             all_walls[n].append(calibrate(n, out))
-            timings[n].append(Statistics.load(out).manifest["timings"])
+            timings[n].append(Statistics.load(out).manifest.timings)
         one = Statistics.load(Path(tmp) / f"p1-{order.index(1)}")
         two = Statistics.load(Path(tmp) / f"p2-{order.index(2)}")
         diff = max_rel_diff(two, one)

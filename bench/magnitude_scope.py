@@ -1,9 +1,9 @@
 """Why `magnitude` differs from the Wanda repository's figures: comparison group and ties.
 
-- 50% unstructured: method.md prunes the lowest |W| in each output row; the Wanda repository's
+- 50% unstructured: docs/methods.md prunes the lowest |W| in each output row; the Wanda repository's
   magnitude baseline uses one threshold per layer.
 - 2:4: both pick the 2 lowest of every 4, but SmolLM2's weights come from a Q4_1 GGUF (16 levels per
-  block of 32), so |W| often ties inside a group of 4. stade breaks ties by column index (method.md);
+  block of 32), so |W| often ties inside a group of 4. stade breaks ties by column index (docs/methods.md#masks);
   the repository takes whatever torch.topk(largest=False) returns.
 This evaluates the repository's variants (`--all`: stade's too) on the reference held-out ids (all 147
 windows of 512) and counts the ties.
@@ -49,7 +49,7 @@ def prune(model: torch.nn.Module, variant: str) -> float:
             ):  # one threshold for the whole layer, as the Wanda repository's prune_magnitude
                 thresh = torch.sort(w.abs().flatten())[0][int(w.numel() * 0.5)]
                 w[w.abs() <= thresh] = 0
-            else:  # method.md: exactly half of every row, ties by index
+            else:  # docs/methods.md: exactly half of every row, ties by index
                 idx = torch.sort(w.abs(), dim=1, stable=True).indices[:, : w.shape[1] // 2]
                 w.scatter_(1, idx, 0.0)
     return tied / groups if groups else 0.0
@@ -64,8 +64,8 @@ def main() -> None:
     }
     if "--all" in sys.argv:
         variants = {
-            "per-row (stade, method.md)": "unstructured",
-            "2:4 ties by index (stade, method.md)": "2:4",
+            "per-row (stade, docs/methods.md)": "unstructured",
+            "2:4 ties by index (stade, docs/methods.md)": "2:4",
             **variants,
         }
     rows = {}

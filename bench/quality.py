@@ -41,6 +41,7 @@ from stade_cli.driver.sweep import prune_model
 from stade_cli.evaluation.perplexity import perplexity
 from stade_cli.models.loading import LoadedModel, load_model
 from stade_cli.stages.config import PruneConfig
+from stade_cli.stages.reconstructions.block import BlockSettings
 from stade_cli.stats.artifact import Statistics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def rows() -> list[Row]:
             _row("wanda+admm", pat, "seq", update="admm"),
             _row("admm+block", pat, "seq", wiki=True, reconstruct="block"),
             _row("sparsegpt+block", pat, "seq", wiki=True, reconstruct="block"),
-            _row("admm+block10", pat, "seq", reconstruct="block", reconstruct_steps=10),
+            _row("admm+block10", pat, "seq", reconstruct="block", settings=(BlockSettings(steps=10),)),
             _row("wanda+admm+block", pat, "seq", update="admm", reconstruct="block"),
             _row("wanda+block", pat, "seq", reconstruct="block"),
         ]

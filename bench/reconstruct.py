@@ -29,6 +29,8 @@ from stade_cli.driver.sweep import prune_model
 from stade_cli.evaluation.perplexity import perplexity
 from stade_cli.models.loading import load_model
 from stade_cli.stages.config import PruneConfig
+from stade_cli.stages.reconstructions.block import BlockSettings
+from stade_cli.stages.stage import RECONSTRUCTIONS
 from stade_cli.stats.artifact import Statistics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +47,8 @@ def parse_row(spec: str, steps: int) -> tuple[PruneConfig, PruneConfig]:
     method, rest = parts[0], parts[1:]
     pattern, ratio = ("unstructured", float(rest[0])) if len(rest) == 1 else (f"{rest[0]}:{rest[1]}", None)
     plain = PruneConfig(method, ratio, pattern, sequential=seq)
-    return plain, PruneConfig(method, ratio, pattern, sequential=seq, reconstruct="block", reconstruct_steps=steps)
+    block = (BlockSettings(steps=steps),)
+    return plain, PruneConfig(method, ratio, pattern, sequential=seq, reconstruct="block", settings=block)
 
 
 def reused(cfg: PruneConfig) -> float | None:
@@ -103,7 +106,7 @@ def main() -> int:
                     "pattern": cfg.pattern,
                     "mode": "sequential" if cfg.sequential else "one-shot",
                     "reconstruct": cfg.reconstruct,
-                    "steps": cfg.reconstruct_steps if blocks else 0,
+                    "steps": cfg.settings_for(RECONSTRUCTIONS.get(cfg.reconstruct)).steps if blocks else 0,
                     "ppl": ppl,
                     "ppl_from": source,
                     "windows": heldout.shape[1] // 512,

@@ -1,6 +1,6 @@
 """Where sequential `sparsegpt` and `stadew` at 2:4 land 1.5-1.9% from the published code, and why.
 
-stade follows method.md, with accurate arithmetic: statistics merged with Chan's update in float64,
+stade follows docs/methods.md, with accurate arithmetic: statistics merged with Chan's update in float64,
 H = 2/n sum_t x_t x_t^T, calibration forwards in batches, ties by index. The published code computes
 the same quantities with other float arithmetic:
 - it runs each block one sequence at a time;

@@ -56,7 +56,8 @@ from stade_cli.stages.config import PruneConfig
 from stade_cli.stats.artifact import Statistics
 model, stats, out = sys.argv[1:4]
 loaded = load_model(model, "auto", "cpu")
-prune_checkpoints(loaded, Statistics.load(stats), [PruneConfig("wanda", 0.5)], out, torch.device("cpu"))
+stats = Statistics.load(stats)
+prune_checkpoints(loaded, stats, [PruneConfig("wanda", 0.5)], out, torch.device("cpu"), save_pretrained=True)
 """
 
 

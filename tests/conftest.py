@@ -52,7 +52,7 @@ def save_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
 
 
 MOE_EXPERTS, MOE_TOP_K, MOE_HIDDEN, MOE_INTER, MOE_BLOCKS = 5, 2, 64, 32, 2
-MIN_EXPERT_TOKENS = 16  # experts.MIN_EXPERT_TOKENS, restated: the README's documented fallback rule
+MIN_EXPERT_TOKENS = 16  # experts.MIN_EXPERT_TOKENS, restated: docs/methods.md#mixture-of-experts-models
 
 
 def moe_config(family: str):

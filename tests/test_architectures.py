@@ -291,7 +291,7 @@ def expert_weights(moes: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 def wanda_sequential_by_hand(path: Path, blocks: str, ids: torch.Tensor, sparsity: float) -> tuple[nn.Module, set[str]]:
     """Block k is pruned from hooks in a full forward of the model whose blocks 0..k-1 are already pruned:
     its linear layers by Wanda, each expert by Wanda on its routed tokens, or by magnitude where fewer than
-    MIN_EXPERT_TOKENS tokens reach it (README, "Mixture-of-experts models"); routers are not touched.
+    MIN_EXPERT_TOKENS tokens reach it (docs/methods.md#mixture-of-experts-models); routers are not touched.
     Returns the model and the experts pruned by magnitude."""
     from transformers import AutoModelForCausalLM
 

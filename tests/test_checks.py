@@ -1,5 +1,5 @@
 """Defects found in review (issue 9): SparseGPT's N:M groups at block edges, a --sparsity list that contradicts an
-N:M pattern, and stadew's "fed by a norm" checked against method.md's layer names."""
+N:M pattern, and stadew's "fed by a norm" checked against the layer names of docs/methods.md."""
 
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ def test_nm_pattern_refuses_contradicting_sparsity_list(tiny_llama_dir: Path, tm
 
 
 class _Block(nn.Module):
-    """q_proj reads the raw input (method.md says norm-fed), o_proj reads a norm's output (says not),
-    gate_proj reads a norm's output (agrees), mystery is a name method.md does not list."""
+    """q_proj reads the raw input (docs/methods.md says norm-fed), o_proj reads a norm's output (says not),
+    gate_proj reads a norm's output (agrees), mystery is a name docs/methods.md does not list."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ def calibrate(model: Path, out: Path) -> tuple[str, dict]:
 def test_calibrate_warns_only_where_names_disagree(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Llama agrees with method.md everywhere: no warning. Declare q_proj not norm-fed by name, and each
+    """Llama agrees with docs/methods.md everywhere: no warning. Declare q_proj not norm-fed by name, and each
     block's q_proj is reported in the output, the manifest, and the stade.json of a prune from it."""
     from stade_cli.models import layers
 

@@ -25,7 +25,8 @@ PARAGRAPH = (
 
 
 def reference_ppl(model: torch.nn.Module, ids: torch.Tensor, seqlen: int) -> float:
-    """method.md, written out plainly: batch 1, non-overlapping windows, mean NLL of seqlen-1 tokens each."""
+    """docs/methods.md#evaluation, written out plainly: batch 1, non-overlapping windows, mean NLL of seqlen-1
+    tokens each."""
     n = ids.shape[1] // seqlen
     nlls = []
     for i in range(n):

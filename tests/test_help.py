@@ -70,7 +70,7 @@ def test_help_says_what_each_option_means() -> None:
     prune = flat(render("prune"))
     for phrase in (
         "Ratio(s) in [0, 1), comma-separated. [default: N/M for an N:M pattern]",
-        "Seed of the random method's noise",
+        "Seed of the random method's scores and of the reconstruction's held-out split",
         "The dtype the checkpoint is saved in. [default: the checkpoint's own]",
         "run in float32 on CPU",
     ):

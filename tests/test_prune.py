@@ -1,4 +1,5 @@
-"""The prune stage: masks recomputed independently from method.md, STADE's bias, SparseGPT, checkpoints, errors."""
+"""The prune stage: masks recomputed independently of the tool from docs/methods.md, STADE's bias, SparseGPT,
+checkpoints, errors."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def artifact_stats(stats_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def expected_scores(method: str, w: np.ndarray, mean: np.ndarray, m2: np.ndarray, n: int, norm_fed: bool) -> np.ndarray:
-    """Scores straight from method.md, float32 like the tool (statistics derived in float64 first)."""
+    """Scores straight from docs/methods.md#scores, float32 like the tool (statistics derived in float64 first)."""
     var = m2 / (n - 1)
     if method == "stadew":
         method = "wanda" if norm_fed else "stade"

@@ -48,7 +48,10 @@ def prune(
     bias_update: Annotated[
         bool, typer.Option("--bias-update/--no-bias-update", help="STADE's bias compensation (stade, stadew).")
     ] = True,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random method's noise (no other method draws).")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option("--seed", help="Seed of the random method's scores and of the reconstruction's held-out split."),
+    ] = 0,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: Annotated[

@@ -4,7 +4,7 @@ transformers 5 keeps the experts of one MoE layer fused, as 3-D parameters of on
 (`gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) in Mixtral, Qwen2/3-MoE, ...). Each expert's
 (out, in) slice is a layer of its own here: it is scored, masked and solved alone, on the statistics of
 exactly the tokens the router sends to that expert, with the expert's own input (for `down_proj`, the
-activated intermediate of those tokens). Routers are never pruned (method.md).
+activated intermediate of those tokens). Routers are never pruned (docs/methods.md#mixture-of-experts-models).
 
 An expert that saw fewer than MIN_EXPERT_TOKENS calibration tokens has no statistics worth the name;
 it is pruned by magnitude instead (FALLBACK), which needs none, and every such layer is named in stade.json.

@@ -85,10 +85,11 @@ def is_norm(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------------- layer names
 
 # A mixture-of-experts router picks the experts of each token: pruning it changes the routing itself, so it
-# is never pruned (method.md): Mixtral/Qwen-MoE `mlp.gate`, Qwen2-MoE `shared_expert_gate`, `router` and
+# is never pruned (docs/methods.md#masks): Mixtral/Qwen-MoE `mlp.gate`, Qwen2-MoE `shared_expert_gate`, `router` and
 # whatever a `router` module holds (DBRX's `router.layer`).
 ROUTER_NAME = re.compile(r"(^|\.)(gate|shared_expert_gate|router)$|(^|\.)router\.")
-# method.md's layer names: those whose input is a normalisation layer's output, and those whose input is not.
+# The layer names of docs/methods.md#presets: those whose input is a normalisation layer's output, and those
+# whose input is not.
 NORM_FED_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj")
 NORM_FED_NAMES += ("fc1", "query_key_value", "c_attn", "c_fc", "w1", "w3", "in_proj")
 NOT_NORM_FED_NAMES = ("o_proj", "out_proj", "dense", "down_proj", "fc2", "c_proj", "w2", "dense_4h_to_h")
@@ -110,7 +111,8 @@ def layer_kind(name: str) -> str:
 
 
 def named_fed_by_norm(name: str) -> bool | None:
-    """Whether method.md's names say the layer's input is a norm's output; None for a name it does not list."""
+    """Whether the names of docs/methods.md#presets say the layer's input is a norm's output; None for a name it
+    does not list."""
     last = name.rsplit(".", 1)[-1]
     if last in NORM_FED_NAMES:
         return True

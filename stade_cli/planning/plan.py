@@ -83,7 +83,12 @@ class Plan:
     shapes: Shapes
     stages: dict[str, StagePlan]
     notes: list[str]
-    checkpoint_bytes: int = 0  # one pruned checkpoint's weight files (the first run's), exactly
+    checkpoints: dict[str, int]  # each prune run's weight files, exactly, by its folder name
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """The first run's weight files, exactly."""
+        return next(iter(self.checkpoints.values()))
 
     @property
     def artifact_bytes(self) -> int:
@@ -113,6 +118,7 @@ class Plan:
             "blocks": self.shapes.n_blocks,
             "artifact_bytes": self.artifact_bytes,
             "checkpoint_bytes": self.checkpoint_bytes,
+            "checkpoints": self.checkpoints,
             "stages": {
                 k: {
                     "device_bytes": s.device_bytes,
@@ -184,10 +190,9 @@ def make_plan(spec: str, config: PlanConfig, device: torch.device, cache_dir: st
         notes.append("planned for a GPU that is not on this machine: not timed; block inputs counted in host RAM")
     if config.timed and not absent:
         notes.append(_time_stages(ctx, config, stages, device))
-    ckpt = weight_files_bytes(ctx, config.runs[0])
-    return Plan(
-        spec, str(device), dtype_name(ctx.compute), config.nsamples, ctx.seqlen, ctx.shapes, stages, notes, ckpt
-    )
+    checkpoints = {c.name: weight_files_bytes(ctx, c) for c in config.runs}
+    compute = dtype_name(ctx.compute)
+    return Plan(spec, str(device), compute, config.nsamples, ctx.seqlen, ctx.shapes, stages, notes, checkpoints)
 
 
 def _time_stages(ctx: Context, config: PlanConfig, stages: dict[str, StagePlan], device: torch.device) -> str:

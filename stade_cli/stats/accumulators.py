@@ -66,7 +66,8 @@ class Hessian:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """What the scores and updates read for one linear layer; every derived statistic follows method.md."""
+    """What the scores and updates read for one linear layer; every derived statistic follows
+    docs/methods.md#input-statistics."""
 
     count: int
     mean: torch.Tensor  # (in,) float64

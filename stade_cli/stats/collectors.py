@@ -104,15 +104,15 @@ class LayerCollector:
 
 
 def norm_feed_warnings(prefix: str, fed_by_norm: dict[str, bool]) -> list[str]:
-    """Where the measured "fed by a norm" (tensor identity) contradicts method.md's layer names: stadew's
-    choice of score for that layer rests on the measurement, and the user should know."""
+    """Where the measured "fed by a norm" (tensor identity) contradicts the layer names of docs/methods.md#presets:
+    stadew's choice of score for that layer rests on the measurement, and the user should know."""
     out = []
     for name, measured in fed_by_norm.items():
         named = named_fed_by_norm(name)
         if named is not None and named != measured:
             out.append(
-                f"{prefix}.{name}: its input is {'' if measured else 'not '}a norm's output, but method.md's name "
+                f"{prefix}.{name}: its input is {'' if measured else 'not '}a norm's output, but its name "
                 f"{name.rsplit('.', 1)[-1]!r} says it is {'not ' if measured else ''}norm-fed; stadew follows the "
-                "measurement"
+                "measurement (docs/methods.md#presets)"
             )
     return out

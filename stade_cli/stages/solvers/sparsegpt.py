@@ -1,4 +1,4 @@
-"""The SparseGPT solver for one layer (method.md): pure tensor maths, no hooks, no state."""
+"""The SparseGPT solver for one layer (docs/methods.md#sparsegpt-solver): pure tensor maths, no hooks, no state."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def sparsegpt_prune(
     segments: list[int] | None = None,
 ) -> SolverResult:
     """Prune `weight` (out, in) with the OBS update of the kept weights, columns in blocks of `blocksize`
-    (for an N:M pattern rounded down to a multiple of M, as method.md says).
+    (for an N:M pattern rounded down to a multiple of M, as docs/methods.md#sparsegpt-solver says).
 
     `segments`: row counts of layers stacked into `weight` (sharing one Hessian); each layer's
     unstructured mask is chosen within its own rows, so stacking changes nothing but speed.
