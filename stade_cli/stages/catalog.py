@@ -10,9 +10,8 @@ from stade_cli.stages.stage import SCORES, UPDATES, all_stages, option_flag
 
 
 def _bias_update(u_norm_fed: str, u_other: str) -> str:
-    if u_norm_fed == u_other == "bias":
-        return "all layers"
-    return "layers not fed by a norm" if u_other == "bias" else "no"
+    norm_fed, other = UPDATES.get(u_norm_fed).adds_bias, UPDATES.get(u_other).adds_bias
+    return "all layers" if norm_fed and other else "layers not fed by a norm" if other else "no"
 
 
 def stage_rows() -> list[dict[str, Any]]:

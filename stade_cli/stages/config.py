@@ -13,6 +13,7 @@ from typing import Any
 from stade_cli.base.errors import StadeError
 from stade_cli.stages.pattern import Pattern, parse_pattern, resolve_sparsity
 from stade_cli.stages.presets import PRESETS, Preset
+from stade_cli.stages.updates.none import NO_UPDATE
 from stade_cli.stages.stage import (
     ALLOCATIONS,
     INPUTS,
@@ -91,12 +92,12 @@ class PruneConfig:
         return (self._applied(self.update or self.preset.update),)
 
     def _applied(self, update: str) -> str:
-        """The update as run: STADE's bias compensation is no update under --no-bias-update."""
-        return "none" if update == "bias" and not self.bias_update else update
+        """The update as run: an update that adds biases (STADE's) is no update under --no-bias-update."""
+        return NO_UPDATE if UPDATES.get(update).adds_bias and not self.bias_update else update
 
     def bias_layer(self, fed_by_norm: bool) -> bool:
-        """Whether a layer gets STADE's bias compensation (so the checkpoint needs a bias there)."""
-        return self.layer_stages(fed_by_norm)[1] == "bias"
+        """Whether a layer gets a bias update (so the checkpoint needs a bias there)."""
+        return UPDATES.get(self.layer_stages(fed_by_norm)[1]).adds_bias
 
     # -- what it needs
     @property

@@ -140,6 +140,7 @@ class Update(Stage):
 
     selects_mask: bool = False  # can choose the mask itself (then no score is needed)
     takes_mask: bool = True  # can update the weights on a mask a score chose
+    adds_bias: bool = False  # changes biases (the checkpoint needs one per layer it updates; --no-bias-update skips it)
     kind: ClassVar[str] = "update"
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     "bias",
     "b_i += sum over pruned j of W_ij mean_j, from the original weights (STADE)",
     needs=("mean",),
+    adds_bias=True,
     paper="bias-compensation",
 )
 def bias_update(ws: list[torch.Tensor], masks: list[torch.Tensor] | None, st: LayerStats, _job: UpdateJob) -> list:
