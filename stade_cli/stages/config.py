@@ -13,7 +13,6 @@ from typing import Any
 from stade_cli.base.errors import StadeError
 from stade_cli.stages.pattern import Pattern, parse_pattern, resolve_sparsity
 from stade_cli.stages.presets import PRESETS, Preset
-from stade_cli.stages.updates.none import NO_UPDATE
 from stade_cli.stages.stage import (
     ALLOCATIONS,
     INPUTS,
@@ -25,6 +24,7 @@ from stade_cli.stages.stage import (
     Stage,
     Update,
 )
+from stade_cli.stages.updates.none import NO_UPDATE
 
 
 @dataclass(frozen=True)
