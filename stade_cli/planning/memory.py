@@ -16,7 +16,7 @@ from stade_cli.base.dtypes import BY_NAME, size_of
 from stade_cli.models import hf
 from stade_cli.planning.shapes import Shapes, activation_bytes, hessian_bytes, peak_phase
 from stade_cli.stages.config import PruneConfig
-from stade_cli.stages.stage import Stage, Workload
+from stade_cli.stages.stage import INPUTS, Stage, Workload
 
 TEXT_SOURCE = 14 * 10**6  # heap a text source leaves after sampling windows (sample-wiki, measured by bench/plan.py)
 HEADER_ENTRY = 200  # bytes of safetensors header per tensor, at most (name, dtype, shape, offsets)
@@ -86,22 +86,33 @@ class Context:
             terms["the embeddings in the checkpoint's dtype"] = self.shapes.input_embedding_params * size_of(self.own)
         return terms
 
-    def workload(self, elem: int) -> Workload:
-        """The widest layer group (by its working set) as a stage's memory estimate reads it."""
-        rows, cols, widest = max(
-            ((sum(o for o, _i in m), m[0][1], max(o * i for o, i in m)) for m in self.shapes.groups.values()),
-            key=lambda g: g[0] * g[1] + g[1] ** 2,
-        )
+    def workloads(self, elem: int) -> list[Workload]:
+        """Every layer group of a block as a stage's memory estimate reads it (the stage's own formula says which
+        group needs the most)."""
         one = activation_bytes(self.shapes, self.seqlen, elem, False)
-        return Workload(rows, cols, widest, self.shapes.block_params, self.shapes.linear_params, self.tokens,
-                        self.seqlen, self.shapes.hidden, elem, one)  # fmt: skip
+        return [
+            Workload(
+                sum(o for o, _i in m),
+                m[0][1],
+                max(o * i for o, i in m),
+                self.shapes.block_params,
+                self.shapes.linear_params,
+                self.tokens,
+                self.seqlen,
+                self.shapes.hidden,
+                elem,
+                one,
+            )
+            for m in self.shapes.groups.values()
+        ]
 
 
-def stage_memory(stage: Stage, config: PruneConfig, work: Workload) -> int:
-    """What `stage` states it needs on top of the block (driver.prune's masking where it states nothing)."""
+def stage_memory(stage: Stage, config: PruneConfig, works: list[Workload]) -> int:
+    """What `stage` states it needs on top of the block for its most demanding layer group (driver.prune's masking
+    where it states nothing)."""
     if stage.memory is not None:
-        return stage.memory(work, config.settings_for(stage))
-    return work.masked if stage.kind == "update" else 0
+        return max(stage.memory(w, config.settings_for(stage)) for w in works)
+    return max(w.masked for w in works) if stage.kind == "update" else 0
 
 
 def calibrate_plan(ctx: Context, hessian: bool, hessian_dtype: str, text: int) -> StagePlan:
@@ -149,43 +160,55 @@ def artifact_bytes(ctx: Context, hessian: bool, hessian_dtype: str, text: int) -
     )
 
 
-def _loop_work(ctx: Context, configs: tuple[PruneConfig, ...], work: Workload) -> dict[str, int]:
-    """One block's working set in the block loop: the block, the most demanding run's stages, a dense copy for a
-    sweep, and the block inputs of every run that keeps them."""
+def _loop_phases(ctx: Context, configs: tuple[PruneConfig, ...], works: list[Workload]) -> list[dict[str, int]]:
+    """The phases of one block in the block loop, each with what lives in it: the block (and its dense copy in a
+    sweep) and every run's own block inputs throughout; then a sequential run's collection (one batch's activations
+    and the block's Hessians); the pruning (the most demanding run's update and reconstruction, with the dense
+    block's outputs a reconstruction tunes to); and the run of the block that makes the next inputs (one more set of
+    hidden states while the old ones live, and a batch's activations)."""
     e = ctx.elem_prune
-    terms = {"block": ctx.shapes.block_params * e}
-    terms["layer group work"] = max(
-        sum(stage_memory(st, c, work) for st in c.stages if st.kind in ("update", "reconstruct")) for c in configs
-    )
+    held = {"block": ctx.shapes.block_params * e}
     if len(configs) > 1:
-        terms["dense copy of the block"] = ctx.shapes.block_params * e
+        held["dense copy of the block"] = ctx.shapes.block_params * e
     keeping = [c for c in configs if c.needs_inputs]
-    if keeping:
-        terms["hidden states"] = ctx.hidden(e, copies=len(keeping) + 1)  # each run's own, and one block's outputs
+    tuned = [c for c in keeping if any(INPUTS in st.needs for st in c.stages)]  # keeps the dense outputs as targets
+    stages = ("update", "reconstruct")
+    work = max(sum(stage_memory(st, c, works) for st in c.stages if st.kind in stages) for c in configs)
+    if not keeping:
+        return [{**held, "layer group work": work}]
+    copies = len(keeping)
+    prune = {**held, "hidden states": ctx.hidden(e, copies + bool(tuned)), "layer group work": work}
+    advance_copies = copies + 1 + any(c.sequential for c in tuned)
+    advance = {**held, "hidden states": ctx.hidden(e, advance_copies)}
+    phases = [prune, {**advance, "activations": activation_bytes(ctx.shapes, ctx.batch_tokens, e, False)}]
     if any(c.sequential and c.needs for c in keeping):
-        terms["activations"] = activation_bytes(ctx.shapes, ctx.batch_tokens, e, True)
+        collect = {**held, "hidden states": ctx.hidden(e, copies)}
+        collect["activations"] = activation_bytes(ctx.shapes, ctx.batch_tokens, e, True)
         if any("hessian" in c.needs for c in keeping if c.sequential):
-            terms["hessians"] = hessian_bytes(ctx.shapes)
-    return terms
+            collect["hessians"] = hessian_bytes(ctx.shapes)
+        phases.append(collect)
+    return phases
 
 
 def prune_plan(ctx: Context, configs: tuple[PruneConfig, ...]) -> StagePlan:
-    """prune (driver.loop): everything outside the blocks (read whole, written to every output, then dropped);
-    an allocation's pass over the blocks; then the block loop. The disk: every checkpoint's weight files, exactly,
-    and a bound on each one's small files and a sweep's summary."""
+    """prune (driver.loop): everything outside the blocks (read whole, written to every output), with an
+    allocation's pass over the blocks; then, with those dropped, the block loop's phases. The disk: every
+    checkpoint's weight files, exactly, and a bound on each one's small files and a sweep's summary."""
     e = ctx.elem_prune
-    work = ctx.workload(e)
-    loop = _loop_work(ctx, configs, work)
+    works = ctx.workloads(e)
     allocation = max(
-        (stage_memory(st, c, work) for c in configs for st in c.stages if st.kind == "allocation"), default=0
+        (stage_memory(st, c, works) for c in configs for st in c.stages if st.kind == "allocation"), default=0
     )
-    passes = {"block": ctx.shapes.block_params * e, "allocation pass": allocation} if allocation else {}
+    outside = ctx.outside(e)
+    if allocation:  # before the loop: each block read while the weights outside the blocks are still in memory
+        outside |= {"block (allocation)": ctx.shapes.block_params * e, "allocation pass": allocation}
+    loop = peak_phase(*_loop_phases(ctx, configs, works))
     plan = StagePlan(disk=sum(weight_files_bytes(ctx, c) + SMALL_FILES for c in configs))
     if ctx.gpu:
-        plan.device = peak_phase(loop, passes)
-        plan.host = {**ctx.common, **peak_phase(ctx.outside(e), {"block (read)": ctx.shapes.block_params * e})}
+        plan.device = loop
+        plan.host = {**ctx.common, **peak_phase(outside, {"block (read)": ctx.shapes.block_params * e})}
     else:
-        plan.host = {**ctx.common, **peak_phase(ctx.outside(e), loop, passes)}
+        plan.host = {**ctx.common, **peak_phase(outside, loop)}
         plan.device = dict(plan.host)
     return plan
 

@@ -45,8 +45,7 @@ class BlockSettings(Settings):
         (4 * w.block if w.elem != 4 else 0)  # float32 master weights
         + 4 * 4 * w.linear  # Adam's two moments, the gradients, the best weights so far
         + 3 * w.activation_bytes * 4 // w.elem  # one window's forward kept for the backward, in float32
-        + w.tokens * w.hidden * w.elem
-    ),  # the dense block's outputs: the targets
+    ),  # the dense targets are block inputs of the run: the plan counts them with those
 )
 def reconstruct(
     block: Any, inputs: Any, targets: Any, device: Any, settings: BlockSettings, seed: int
