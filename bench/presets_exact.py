@@ -121,11 +121,12 @@ def main() -> int:
     ap.add_argument("--ref", default=REF_COMMIT, help="the earlier commit to compare with")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (same for both: sums depend on them)")
     ap.add_argument("--only", choices=("ref", "now"), help="run one side only (fills its cache)")
+    ap.add_argument("--now", type=Path, default=ROOT, help="the checkout of the new side (default: this one)")
     opts = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     git = ["git", "rev-parse", "--short"]
     ref_id = subprocess.run([*git, opts.ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    now_id = subprocess.run([*git, "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    now_id = subprocess.run([*git, "HEAD"], cwd=opts.now, capture_output=True, text=True, check=True).stdout.strip()
     ref: dict[str, dict] = {}
     if opts.only != "now":
         ref_tree = WORK / "ref-checkout"
@@ -141,7 +142,8 @@ def main() -> int:
                 subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, check=False)
     if opts.only == "ref":
         return 0
-    now = side(ROOT, "now", now_id, opts.threads, cache=False)
+    cached = opts.only is None and (WORK / f"now-{now_id}-t{opts.threads}.json").exists()  # a run of --only now
+    now = side(opts.now, "now", now_id, opts.threads, cache=cached)
     if opts.only == "now":
         return 0
     rows = []
