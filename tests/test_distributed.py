@@ -267,13 +267,23 @@ def test_resume_refuses_other_arguments(deep_llama: Path, text: Path, tmp_path: 
     out = tmp_path / "stats"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["calibrate", str(deep_llama), "--data", str(text), "--nsamples", "4", "--seqlen", "24", "-b", "2"]
-    args += ["--device", "cpu", "--out", str(out)]
+    args += ["--hessian", "--device", "cpu", "--out", str(out)]
     killed = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True)
     assert killed.returncode == -9
     res = invoke(*args[:-2], "--seed", "5", "--out", out, "--resume")
     assert res.exit_code == 1
     assert "started with seed 0, this run has 5" in " ".join(res.stderr.split()), res.output
-    assert (tmp_path / "stats.incomplete" / "progress.json").exists(), "a refused resume keeps the progress"
+    # The committed Hessians are float32 in the artifact's own file: a bfloat16 run must not append to it.
+    res = invoke(*args[:-2], "--hessian-dtype", "bfloat16", "--out", out, "--resume")
+    assert res.exit_code == 1
+    assert "started with hessian_dtype 'float32', this run has 'bfloat16'" in " ".join(res.stderr.split())
+    progress = tmp_path / "stats.incomplete" / "progress.json"
+    assert progress.exists(), "a refused resume keeps the progress"
+    older = json.loads(progress.read_text())
+    del older["version"]  # what stade 0.1.0 committed: its Hessians in the block files
+    progress.write_text(json.dumps(older))
+    res = invoke(*args[:-2], "--out", out, "--resume")
+    assert res.exit_code == 1 and "another version of stade started it" in " ".join(res.stderr.split())
 
 
 def test_resume_with_nothing_to_resume_starts_afresh(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:

@@ -371,6 +371,18 @@ def test_an_in_memory_sweep_keeps_one_dense_block_not_a_second_model(
             assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest(), (c.name, f)
 
 
+def test_prune_model_refuses_a_model_whose_blocks_are_on_disk(tiny_llama_dir: Path, llama_stats: Path) -> None:
+    from stade_cli.base.errors import StadeError
+    from stade_cli.driver.sweep import prune_model
+    from stade_cli.models.loading import load_model
+    from stade_cli.stages.config import PruneConfig
+    from stade_cli.stats.artifact import Statistics
+
+    lazy = load_model(str(tiny_llama_dir), "auto", "cpu", lazy=True)
+    with pytest.raises(StadeError, match="blocks are on disk"):
+        prune_model(lazy, Statistics.load(llama_stats), PruneConfig("wanda", 0.5), torch.device("cpu"))
+
+
 def test_bad_inputs_are_refused_before_any_work(tiny_llama_dir: Path, llama_stats: Path, tmp_path: Path) -> None:
     from conftest import save_tiny_model
 

@@ -189,6 +189,13 @@ def test_stages_from_the_cli_are_recorded(tiny_llama_dir: Path, tmp_path: Path) 
     fails("--method", "wanda", "--update", "obs", "--sparsity", "0.5", expect="chooses its own mask")
     fails("--method", "wanda", "--update", "admn", "--sparsity", "0.5", expect="did you mean 'admm'")
     fails("--method", "wanda", "--allocation", "owls", "--sparsity", "0.5", expect="did you mean 'owl'")
+    fails(
+        "--method", "wanda", "--allocation", "owl", "--owl-lambda", "-1", "--sparsity", "0.5", expect="lambda -1 >= 0"
+    )
+    # The options of a stage the run does not use are not read (as before stages described themselves).
+    args = ["--method", "wanda", "--sparsity", "0.5", "--owl-lambda", "-1", "--out", tmp_path / "unused"]
+    ok = invoke("prune", tiny_llama_dir, "--stats", stats, *args)
+    assert ok.exit_code == 0, ok.output
 
 
 def test_stade_with_update_none_is_stade_without_bias() -> None:

@@ -159,8 +159,8 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
     """Write `path` whole or not at all: a temporary file renamed into place.
 
     The durability policy: `durable` writes are flushed to the disk before the rename and the folder after it,
-    for what a crash must not lose (resume progress, a finished artifact's last file); the others rely on the
-    rename alone.
+    for what a crash must not lose (resume progress); a finished artifact folder is flushed whole before it takes its
+    name (atomic_dir); other single files rely on the rename alone.
     """
     tmp = path.with_name(path.name + ".incomplete")
     try:

@@ -48,10 +48,10 @@ class Registry(Generic[T]):
 
     def _load(self) -> dict[str, T]:
         if not self._discovered:
-            self._discovered = True
             package = importlib.import_module(self._discover or "")
             for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
                 importlib.import_module(f"{package.__name__}.{info.name}")
+            self._discovered = True  # after: a module that failed to import is tried again, not skipped
         return self._entries
 
     def get(self, name: str) -> T:

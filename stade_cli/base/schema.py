@@ -63,7 +63,10 @@ class Artifact(Record):
         assert issubclass(cls, Artifact)
         schema = data.get("schema", 1) if isinstance(data, dict) else None
         if isinstance(schema, int) and schema < cls.SCHEMA:
-            data = cls.upgrade(dict(data), schema)
+            try:
+                data = cls.upgrade(dict(data), schema)
+            except (KeyError, AttributeError, TypeError, ValueError):
+                raise Invalid(f"of schema {schema} cannot be read: its fields are damaged") from None
         return super().parse(data, where)
 
     @classmethod

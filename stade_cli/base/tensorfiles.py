@@ -69,8 +69,12 @@ class PlannedSafetensors:
         head, self.slots, size = planned_header(entries, metadata)
         self._base = 8 + len(head)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        _write_at(self._fd, struct.pack("<Q", len(head)) + head, 0)
-        os.ftruncate(self._fd, self._base + size)
+        try:
+            _write_at(self._fd, struct.pack("<Q", len(head)) + head, 0)
+            os.ftruncate(self._fd, self._base + size)
+        except BaseException:
+            self.abort()
+            raise
         self._missing = set(entries)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

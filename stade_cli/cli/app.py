@@ -1,7 +1,8 @@
 """The `stade` command line: parse, build a config, make one library call, render. Nothing else lives here.
 
-The commands live one group per module (cmd_calibrate, cmd_stats, cmd_prune, cmd_plan, cmd_evaluate), their shared
-options and error handling in cliutil; this module makes the `stade` app and registers them, in help order.
+The commands live one group per module (calibrate, stats, prune, plan, evaluate), their shared options and error
+handling in options.py, the generated stage options in stages.py; this module makes the `stade` app and registers the
+commands, in help order.
 """
 
 from __future__ import annotations

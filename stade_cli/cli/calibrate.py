@@ -47,7 +47,7 @@ def calibrate(
     ] = None,
     seed: SeedOpt = 0,
     hessian: Annotated[
-        bool, typer.Option("--hessian", help="Also keep the second-moment matrices sparsegpt needs.")
+        bool, typer.Option("--hessian", help="Also keep the second-moment matrices H (sparsegpt, admm).")
     ] = False,
     hessian_dtype: Annotated[
         str,

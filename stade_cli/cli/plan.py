@@ -28,7 +28,7 @@ def plan(
     ] = "sample-wiki",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.", min=1)] = 128,
     seqlen: Annotated[int | None, typer.Option(help="Tokens per window.", show_default="min(context, 2048)")] = None,
-    hessian: Annotated[bool, typer.Option("--hessian", help="Plan calibrate with Hessians (sparsegpt).")] = False,
+    hessian: Annotated[bool, typer.Option("--hessian", help="Plan calibrate with Hessians (sparsegpt, admm).")] = False,
     hessian_dtype: Annotated[str, typer.Option("--hessian-dtype", help="float32 or bfloat16.")] = "float32",
     method: Annotated[str, typer.Option("--method", "-m", help="Method(s) to prune with, comma-separated.")] = "wanda",
     pattern: Annotated[str, typer.Option("--pattern", "-p", help="unstructured or N:M, comma-separated.")] = (
@@ -88,7 +88,7 @@ def plan(
 
 @cli_errors
 def methods(as_json: JsonOpt = False) -> None:
-    """List the methods (presets) and every pruning stage: scores, updates, allocations.
+    """List the methods (presets) and every pruning stage: scores, updates, allocations, reconstructions.
 
     Example: stade methods --json
     """

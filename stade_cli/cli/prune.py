@@ -46,7 +46,10 @@ def prune(
         bool, typer.Option("--sequential", help="Recalibrate each block on the pruned blocks' outputs (published).")
     ] = False,
     bias_update: Annotated[
-        bool, typer.Option("--bias-update/--no-bias-update", help="STADE's bias compensation (stade, stadew).")
+        bool,
+        typer.Option(
+            "--bias-update/--no-bias-update", help="The bias update of the methods that have one (stade, stadew)."
+        ),
     ] = True,
     seed: Annotated[
         int,

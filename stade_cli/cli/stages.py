@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -88,14 +89,16 @@ def prune_configs(
                 f"{sparsity!r} is not a comma-separated list of numbers.", param_hint="--sparsity"
             ) from None
     chosen = {kind: stages[kind] for kind in SELECTORS}
-    settings = settings_from({k: v for k, v in stages.items() if k not in SELECTORS})
+    values = {k: v for k, v in stages.items() if k not in SELECTORS}
     configs: list[PruneConfig] = []
     for m in split_csv(method, "--method"):
         for p in split_csv(pattern, "--pattern"):
             for r in ratios:  # an N:M pattern fixes the ratio: every --sparsity given must agree with it
                 if r is None and not parse_pattern(p).structured:
                     r = default_ratio
-                c = PruneConfig(m, r, p, **common, **chosen, settings=settings)
+                plain = PruneConfig(m, r, p, **common, **chosen)  # which stages run: only their options are read
+                used = {st.name for st in plain.stages}
+                c = replace(plain, settings=settings_from(values, used)) if values else plain
                 if not (parse_pattern(p).structured and c in configs):
                     configs.append(c)
     return configs

@@ -1,2 +1,2 @@
-"""The driver: the one block loop that runs calibrate and prune over a model's blocks, where the blocks come from
-and where the pruned checkpoints go."""
+"""The driver: calibrate, and prune's one block loop with where the pruned checkpoints go; both run each block
+through the one collector loop (stats/collect.py)."""

@@ -29,10 +29,11 @@ from stade_cli.data.sources import (
     load_token_file,
 )
 from stade_cli.models.blocks import capture_inputs, iterate_blocks, on_device
-from stade_cli.models.experts import FALLBACK, MIN_EXPERT_TOKENS, prunable_layers
+from stade_cli.models.experts import prunable_layers
 from stade_cli.models.layers import get_weight, in_features, layer_kind
 from stade_cli.models.loading import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
 from stade_cli.models.weights import outside_on_disk
+from stade_cli.stages.presets import FALLBACK, MIN_EXPERT_TOKENS
 from stade_cli.stats.artifact import HESSIAN_FILE, Statistics
 from stade_cli.stats.collect import collect_block
 from stade_cli.stats.collectors import LayerCollector, norm_feed_warnings
@@ -122,7 +123,12 @@ def calibrate(
         start, stop = 0, drawn
     with atomic_dir(out, force, keep=resume) if lead else contextlib.nullcontext(None) as tmp:
         log = None if tmp is None else _block_log(tmp, loaded, config, windows, (start, stop), mine, resume)
-        layers, warnings, t_run = collect(loaded, mine, device, config.hessian, config.batch_size, log, group)
+        try:
+            layers, warnings, t_run = collect(loaded, mine, device, config.hessian, config.batch_size, log, group)
+        except BaseException:
+            if log is not None:
+                log.abort()
+            raise
         if tmp is None or log is None:
             return None
         tensors = log.finish()  # the committed blocks become the artifact's files
@@ -156,6 +162,7 @@ def _block_log(
         "source_sha256": windows.source_sha256,
         "seed": config.seed,
         "hessian": config.hessian,
+        "hessian_dtype": config.hessian_dtype if config.hessian else None,
         "batch_size": config.batch_size,
         "windows": list(bounds),
         "token_ids_sha256": ids_sha256(mine),  # last: any other difference is named first

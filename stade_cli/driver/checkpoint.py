@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,10 +24,11 @@ from stade_cli.base.versions import library_versions
 from stade_cli.driver.reports import PruneReport
 from stade_cli.models import hf
 from stade_cli.models.blocks import iterate_blocks
-from stade_cli.models.experts import FALLBACK, MIN_EXPERT_TOKENS, ExpertLayer, kind_counts, prunable_layers
+from stade_cli.models.experts import ExpertLayer, kind_counts, prunable_layers
 from stade_cli.models.layers import bias_param
 from stade_cli.models.loading import LoadedModel
 from stade_cli.stages.config import PruneConfig
+from stade_cli.stages.presets import FALLBACK, MIN_EXPERT_TOKENS
 from stade_cli.stats.artifact import Statistics
 
 if TYPE_CHECKING:
@@ -116,10 +117,8 @@ def prune_record(
     )
 
 
-def finish_checkpoint(folder: Path, loaded: LoadedModel, record: PruneRecord, command: str | None) -> None:
-    """What every checkpoint holds beside its weights and config: the tokenizer, stade.json and a README.md model
-    card naming `command`, the command line that made it."""
-    tokenizer: Any = loaded.tokenizer
-    tokenizer.save_pretrained(folder)
+def finish_checkpoint(folder: Path, record: PruneRecord, command: str | None) -> None:
+    """What every checkpoint holds beside its weights, config and tokenizer: stade.json and a README.md model card
+    naming `command`, the command line that made it."""
     write_json(folder / REPORT_FILE, record.dump())
     write_card(folder, record, command)

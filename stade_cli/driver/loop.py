@@ -2,8 +2,8 @@
 checkpoint's files), pruned once per run with the dense weights put back in between, and handed to each run's sink.
 
 Whatever the route (in memory or streamed, one process or torchrun), the sweep, the sequential protocol, the
-allocation, the reconstruction and MoE experts all go through `prune_blocks`: its refusals, progress and timings are
-the only ones.
+allocation, the reconstruction and MoE experts all go through `prune_blocks`: its progress and timings are the only
+ones, and what the driver cannot do is refused here (refuse_unsupported), the rest in sweep.check_compatible.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Run:
     inputs: BlockInputs | None = None  # sequential or reconstructing: the current block's inputs
     sink: Sink | None = None
     seconds: float = field(default=0.0, compare=False)  # spent in its own pruning steps
+    prepared: float = field(default=0.0, compare=False)  # shared: capturing the block inputs, the allocations
 
 
 def refuse_unsupported(configs: list[PruneConfig], distributed: bool) -> None:
@@ -86,7 +87,7 @@ def allocate_blocks(
     """The config each block is pruned with: the run's own at the allocation stage's ratio for that block."""
     stage = ALLOCATIONS.get(config.allocation)
     ratios = stage.fn(loaded, stats, config.ratio, config.parsed_pattern, config.settings_for(stage), device)
-    if all(r == config.ratio for r in ratios.values()):
+    if config.allocation == PruneConfig.allocation:  # the default: every block at the run's ratio
         return lambda _prefix: config
     report.block_sparsity = {p: round(r, 6) for p, r in ratios.items()}
     uniform = PruneConfig.allocation  # the field's default: once allocated, each block has one ratio
@@ -105,6 +106,7 @@ def start_runs(
 ) -> list[Run]:
     """A Run per config: its report, its allocation, and (where it runs the blocks) the captured block inputs,
     captured once and copied for each further run (each run advances its own through its own pruned blocks)."""
+    t0 = time.perf_counter()
     route = "streaming" if loaded.lazy else "in-memory"
     routers = router_counts([block for _i, _p, block in iterate_blocks(loaded.model)])
     captured: BlockInputs | None = None
@@ -122,6 +124,8 @@ def start_runs(
                 inputs = BlockInputs(list(captured.hidden), captured.calls)
         block_config = allocate_blocks(loaded, stats, c, report, device)
         runs.append(Run(c, report, block_config, inputs, (sinks or {}).get(c)))
+    for run in runs:
+        run.prepared = time.perf_counter() - t0
     return runs
 
 
@@ -176,5 +180,6 @@ def prune_blocks(
             bar.update(task, advance=1, info=_heldout(runs))
     shared = time.perf_counter() - t0 - sum(r.seconds for r in runs)  # reading and holding the blocks
     for run in runs:
-        run.report.timings["prune_s"] = round(shared + run.seconds, 3)  # what this run would have taken alone
+        # what this run would have taken alone: the shared capture, allocations and reading, and its own steps
+        run.report.timings["prune_s"] = round(run.prepared + shared + run.seconds, 3)
         run.report.note_damping()

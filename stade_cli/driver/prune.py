@@ -17,10 +17,11 @@ from torch import nn
 from stade_cli.base.errors import StadeError
 from stade_cli.driver.reports import LayerReport, PruneReport
 from stade_cli.models.blocks import BlockInputs, run_block
-from stade_cli.models.experts import FALLBACK, prunable_layers, underfed
+from stade_cli.models.experts import prunable_layers, underfed
 from stade_cli.models.layers import bias_param, get_weight, set_weight, weight_param
 from stade_cli.stages.config import PruneConfig
 from stade_cli.stages.masks import mask_from_scores
+from stade_cli.stages.presets import FALLBACK, MIN_EXPERT_TOKENS
 from stade_cli.stages.stage import INPUTS, RECONSTRUCTIONS, SCORES, UPDATES, UpdateJob
 from stade_cli.stats.accumulators import LayerStats
 from stade_cli.stats.artifact import Statistics
@@ -103,13 +104,13 @@ def _input_groups(prefix: str, block: nn.Module, stats_of: Any) -> list[tuple[La
 def prune_block(prefix: str, block: nn.Module, stats_of: Any, config: PruneConfig) -> list[LayerReport]:
     """Prune every linear layer and expert of one block in place (the block is on its device).
 
-    An expert that too few calibration tokens reached is pruned by experts.FALLBACK instead.
+    An expert that too few calibration tokens reached is pruned by presets.FALLBACK instead.
     """
     reports = []
     for st, members in _input_groups(prefix, block, stats_of):
         ws = [get_weight(mod).detach().to(torch.float32) for _, mod in members]
         names = [full for full, _ in members]
-        fallback = FALLBACK if config.needs and underfed(names[0], st.count) else None
+        fallback = FALLBACK if config.needs and underfed(names[0], st.count, MIN_EXPERT_TOKENS) else None
         group_config = replace(config, method=fallback, update=None) if fallback else config
         for (full, mod), w, (w_new, mask, db, damping) in zip(
             members, ws, prune_group(ws, st, group_config, names), strict=True

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stade_cli.models.experts import FALLBACK, MIN_EXPERT_TOKENS
 from stade_cli.stages.config import PruneConfig
+from stade_cli.stages.presets import FALLBACK, MIN_EXPERT_TOKENS
 
 
 @dataclass

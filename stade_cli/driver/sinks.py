@@ -95,10 +95,13 @@ class ShardSink:
     def __init__(self, folder: Path, layout: Layout, switches: dict[str, bool], dtype: torch.dtype) -> None:
         self.folder, self.layout, self.switches, self.dtype = folder, layout, switches, dtype
         self.file_of = {n: f for f, names in layout.files.items() for n in names}
-        self.shards = {
-            f: PlannedSafetensors(folder / f, {n: layout.entries[n] for n in names}, SHARD_METADATA)
-            for f, names in layout.files.items()
-        }
+        self.shards: dict[str, PlannedSafetensors] = {}
+        try:
+            for f, names in layout.files.items():
+                self.shards[f] = PlannedSafetensors(folder / f, {n: layout.entries[n] for n in names}, SHARD_METADATA)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, _shape = self.layout.entries[name]

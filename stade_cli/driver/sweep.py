@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -149,6 +150,11 @@ def prune_model(
 ) -> PruneReport:
     """Prune `loaded.model` in place with one config, block by block on `device`, and write nothing: the library's
     one verb for a model in memory. Under torchrun (`group`, sequential only) each rank runs its own windows."""
+    if loaded.lazy:
+        raise StadeError(
+            "prune_model prunes a model held in memory, and this one's blocks are on disk.",
+            "load it whole (load_model(..., lazy=False)), or write checkpoints with prune_checkpoints",
+        )
     refuse_unsupported([config], group is not None)
     check_compatible(loaded, stats, [config])
     runs = start_runs(loaded, stats, [config], device, batch_size, group)
@@ -164,13 +170,18 @@ def _layouts(
     try:
         return loaded, {c: plan_layout(loaded.model, switched[c], dtype) for c in configs}
     except hf.Renamed as exc:
-        reason = f"{exc}, {IN_MEMORY}"
-    if loaded.lazy:
-        spec = loaded.spec
-        loaded = load_model(loaded.path, loaded.dtype, "cpu", loaded.cache_dir)
-        loaded.spec = spec
-    loaded.whole_reason = reason
-    return loaded, None
+        whole = held_whole(loaded)
+        whole.whole_reason = f"{exc}, {IN_MEMORY}"
+        return whole, None
+
+
+def held_whole(loaded: LoadedModel) -> LoadedModel:
+    """The model held whole in memory (loaded again from its files where its blocks are on disk)."""
+    if not loaded.lazy:
+        return loaded
+    whole = load_model(loaded.path, loaded.dtype, "cpu", loaded.cache_dir)
+    whole.spec = loaded.spec
+    return whole
 
 
 def prune_checkpoints(
@@ -200,7 +211,7 @@ def prune_checkpoints(
     check_compatible(loaded, stats, configs)
     switches = bias_plan(loaded.model, stats, configs)
     switched = {c: switches if uses_bias(stats, c) else {} for c in configs}
-    loaded, layouts = (loaded, None) if save_pretrained else _layouts(loaded, configs, switched, dtype)
+    loaded, layouts = (held_whole(loaded), None) if save_pretrained else _layouts(loaded, configs, switched, dtype)
     lead = group is None or group.lead
     if loaded.whole_reason and lead:
         from stade_cli.base.console import err
@@ -252,7 +263,9 @@ def _finish(
         raise StadeError(f"Internal error: {run.config.name} added biases other than planned.")
     t0 = time.perf_counter()
     sink.close(loaded)
+    tokenizer: Any = loaded.tokenizer
+    tokenizer.save_pretrained(sink.folder)
     run.report.timings["write_s"] = round(time.perf_counter() - t0, 3)
     record = prune_record(loaded, run.report, stats, device, dtype)
-    finish_checkpoint(sink.folder, loaded, record, command)
+    finish_checkpoint(sink.folder, record, command)
     return path, record

@@ -1,4 +1,4 @@
-"""Mixture-of-experts blocks: routed experts as prunable layers, their per-expert statistics, and routers.
+"""Mixture-of-experts blocks: routed experts as prunable layers, and routers (their statistics: stats/collectors.py).
 
 transformers 5 keeps the experts of one MoE layer fused, as 3-D parameters of one module
 (`gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) in Mixtral, Qwen2/3-MoE, ...). Each expert's
@@ -6,8 +6,7 @@ transformers 5 keeps the experts of one MoE layer fused, as 3-D parameters of on
 exactly the tokens the router sends to that expert, with the expert's own input (for `down_proj`, the
 activated intermediate of those tokens). Routers are never pruned (docs/methods.md#mixture-of-experts-models).
 
-An expert that saw fewer than MIN_EXPERT_TOKENS calibration tokens has no statistics worth the name;
-it is pruned by magnitude instead (FALLBACK), which needs none, and every such layer is named in stade.json.
+An expert that saw fewer than stages.presets.MIN_EXPERT_TOKENS calibration tokens is pruned by a fallback preset.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from torch import nn
 from stade_cli.base.errors import StadeError
 from stade_cli.models.layers import is_router, layer_kind, linear_layers
 
-MIN_EXPERT_TOKENS = 16
-FALLBACK = "magnitude"
 FUSED_INPUT = ("gate_up_proj", "up_proj")  # the first projection: gate and up fused, or up alone (has_gate False)
 
 
@@ -100,9 +97,9 @@ def router_counts(blocks: list[nn.Module]) -> tuple[int, int]:
     return len(found), sum(w.numel() for w in found)
 
 
-def underfed(name: str, count: int) -> bool:
-    """Whether an expert layer saw too few tokens for its statistics: then it is pruned by FALLBACK."""
-    return layer_kind(name) == "expert" and count < MIN_EXPERT_TOKENS
+def underfed(name: str, count: int, minimum: int) -> bool:
+    """Whether an expert layer saw fewer than `minimum` tokens, too few for its statistics."""
+    return layer_kind(name) == "expert" and count < minimum
 
 
 def kind_counts(layers: list[tuple[str, tuple[int, int], float]], router: tuple[int, int]) -> dict[str, dict[str, int]]:

@@ -11,10 +11,11 @@ Every memory term is what the code allocates (memory.py):
   hidden states of every window twice, the block's inputs and its outputs, plus the other call arguments (rotary
   tables) of every batch; one batch's activations; the block's float32 Hessian accumulators (scaled in place);
   every layer group's float64 mean and m2 (kept until the artifact is written). The peak is the larger phase.
-- prune (driver.loop): everything outside the blocks (read whole, written to every output, then dropped); an
-  allocation's pass over the blocks; then one block in the checkpoint's own dtype with the most demanding run's
-  stages (the update's and the reconstruction's own working memory), a dense copy of the block for a sweep, and
-  the block inputs of every run that keeps them (sequential, or reconstructing).
+- prune (driver.loop): everything outside the blocks (read whole, written to every output, then dropped), with an
+  allocation's pass over the blocks; then one block (float32 on the CPU, the model's own dtype on a GPU) in each of
+  the loop's phases: a sequential run's collection, the pruning with the most demanding run's stages (the update's
+  and the reconstruction's own working memory), and the run that makes the next inputs; a dense copy of the block
+  for a sweep, and the block inputs of every run that keeps them (sequential, or reconstructing).
 - eval: the whole model on the device, one batch's activations and a chunk of float32 log-probabilities.
 - measured, not derived: the libraries, the tokenizer with the model's skeleton, and the heap that
   sampling windows from a text source leaves behind (constants, from bench/plan.py).

@@ -172,21 +172,3 @@ def hessian_bytes(shapes: Shapes) -> int:
 def peak_phase(*phases: dict[str, int]) -> dict[str, int]:
     """The terms of the phase that needs the most: what lives in one phase is gone in the next."""
     return max(phases, key=lambda terms: sum(terms.values()))
-
-
-def group_work_bytes(shapes: Shapes, elem: int, hessian: bool) -> int:
-    """prune_block's working set for the widest layer group (prune.prune_block, prune.output_error): float32
-    copies of the weights (none where they are float32), the group's new weights and masks, and one layer's
-    change with its square; sparsegpt adds, at its factorisation (sparsegpt.hessian_factor), five float32
-    n x n matrices (H, the inverse, its factor, LAPACK's copies) and the group's stacked weights."""
-    worst = 0
-    for members in shapes.groups.values():
-        weights = sum(o * i for o, i in members)
-        widest = max(o * i for o, i in members)
-        n = members[0][1]
-        copy = 4 * weights if elem != 4 else 0
-        work = copy + (4 + 1) * weights + 2 * 4 * widest
-        if hessian:
-            work = max(work + 4 * n * n, copy + 4 * weights + 5 * 4 * n * n)
-        worst = max(worst, work)
-    return worst

@@ -1,8 +1,8 @@
 """What one prune run is asked to do: a preset, the stages that replace its own, and their settings.
 
 Generic over the stages: each chosen stage is looked up in its registry, checked by its own rules, and carries its
-own settings (given, or its defaults). No stage is named here; the stade.json record, the plan and the command line
-read the stages' own descriptions (stage.py).
+own settings (given, or its defaults). No stage is named here but in the fields' defaults; the stade.json record, the
+plan and the command line read the stages' own descriptions (stage.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class PruneConfig:
             if type(s) in by_class and by_class[type(s)] != s:
                 raise StadeError(f"Two different {type(s).__name__} were given for one run.")
             by_class[type(s)] = s
-        return tuple(by_class[st.settings] for st in self.stages if st.settings in by_class)
+        used = (by_class[st.settings] for st in self.stages if st.settings in by_class)
+        return tuple(s for s in used if s != type(s)())  # a stage's defaults: the same run as none given
 
     # -- the stages
     @property

@@ -30,6 +30,10 @@ class Preset:
 
 
 PRESETS: Registry[Preset] = Registry("method", "--method")
+# An expert that fewer calibration tokens reached has no statistics worth the name: it is pruned by FALLBACK, which
+# needs none, and every such layer is named in stade.json (docs/methods.md#mixture-of-experts-models).
+MIN_EXPERT_TOKENS = 16
+FALLBACK = "magnitude"
 
 
 def preset(

@@ -223,10 +223,11 @@ def options() -> list[Option]:
     return out
 
 
-def settings_from(values: dict[str, Any]) -> tuple[Settings, ...]:
-    """Each stage's settings from the options' values (keyed by Option.param); stages without options are left out."""
+def settings_from(values: dict[str, Any], used: set[str]) -> tuple[Settings, ...]:
+    """The settings of the stages in `used` (their names) from the options' values (keyed by Option.param); the
+    options of a stage the run does not use are not read, as they were not given."""
     fields: dict[type[Settings], dict[str, Any]] = {}
     for opt in options():
-        if opt.param in values:
+        if opt.param in values and opt.stage.name in used:
             fields.setdefault(opt.stage.settings, {})[opt.field] = values[opt.param]
     return tuple(cls(**kw) for cls, kw in fields.items())

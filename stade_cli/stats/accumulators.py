@@ -1,7 +1,7 @@
 """Streaming statistics of each linear layer's inputs: moments and Hessians, and the hooks that feed them.
 
 Shared by `calibrate` (the dense pass), sequential `prune` (each block recalibrated on its pruned
-predecessors' outputs) and `stats merge`; `stats.Statistics` is what they become on disk.
+predecessors' outputs) and `stats merge`; `artifact.Statistics` is what they become on disk.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class Statistics:
         return self._handles[fname]
 
     def _read_hessian(self, group: str) -> torch.Tensor:
-        """One group's Hessian, read rather than mapped (weights.read_tensors): a model's Hessians can be far
+        """One group's Hessian, read rather than mapped (tensorfiles.read_tensors): a model's Hessians can be far
         larger than the model, and mapped pages would stay resident next to the copy."""
         from stade_cli.base.tensorfiles import read_tensors
 
@@ -188,7 +188,8 @@ def read_manifest(path: Path) -> StatsManifest:
         raise StadeError(f"{str(path)!r} is not a stade statistics folder.", "run `stade calibrate` to make one")
     hint = "the manifest was edited or damaged: re-run `stade calibrate --force`"
     try:
-        manifest = StatsManifest.parse(data) if data.get("schema", 1) <= StatsManifest.SCHEMA else None
+        schema = data.get("schema", 1)
+        manifest = StatsManifest.parse(data) if isinstance(schema, int) and schema <= StatsManifest.SCHEMA else None
     except Invalid as exc:
         raise StadeError(f"Statistics manifest {where!r} {exc}.", hint) from None
     if manifest is None:

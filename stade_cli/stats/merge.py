@@ -129,7 +129,12 @@ def merge_statistics(paths: list[Path], out: Path, force: bool = False) -> Stati
     room = SafetensorsWriter.room_for({e.group: (hdtype, [e.shape[1]] * 2) for e in first.manifest.layers})
     with atomic_dir(out, force) as tmp:
         hessians = SafetensorsWriter(tmp / HESSIAN_FILE, room) if first.has_hessian else None
-        tensors = _merge_groups(arts, hessians, hdtype)
+        try:
+            tensors = _merge_groups(arts, hessians, hdtype)
+        except BaseException:
+            if hessians is not None:
+                hessians.abort()
+            raise
         manifest = _merged_manifest(arts, ids)
         manifest.timings = {"merge_s": round(time.perf_counter() - t0, 3)}
         if hessians is not None:

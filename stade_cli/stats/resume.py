@@ -25,10 +25,12 @@ from stade_cli.base.artifacts import LayerEntry
 from stade_cli.base.console import err
 from stade_cli.base.errors import StadeError
 from stade_cli.base.files import read_json, write_json
+from stade_cli.base.schema import Invalid
 from stade_cli.base.tensorfiles import SafetensorsWriter, read_tensors, save_tensors
 
 PROGRESS_FILE = "progress.json"
 PROGRESS_KIND = "stade-calibration-progress"
+PROGRESS_VERSION = 2  # 2: Hessians committed into the artifact's own file (1 kept them in the block files)
 HESSIAN_PREFIX = "hessian:"  # a group's Hessian among a block's tensors
 
 
@@ -50,12 +52,22 @@ class BlockLog:
         if hessians is not None:
             path, room, self.hessian_dtype = hessians
             state = progress.get("hessians") if progress else None
-            if state is not None and (not path.exists() or path.stat().st_size < 8 + state["room"] + state["offset"]):
+            if state is not None and (
+                state["room"] != room + (-room % 8)
+                or not path.exists()
+                or path.stat().st_size < 8 + state["room"] + state["offset"]
+            ):
                 raise StadeError(
-                    f"Cannot resume {str(self.folder)!r}: its committed Hessians are missing or cut short.",
+                    f"Cannot resume {str(self.folder)!r}: its committed Hessians are missing, cut short or laid out "
+                    "for other layers.",
                     "run without --resume to start again",
                 )
             self.hessians = SafetensorsWriter(path, room, resume=state)
+
+    def abort(self) -> None:
+        """Close the Hessians file as it is (a failed run; what was committed stays for --resume)."""
+        if self.hessians is not None:
+            self.hessians.abort()
 
     def _load(self) -> dict[str, Any] | None:
         path = self.folder / PROGRESS_FILE
@@ -63,6 +75,11 @@ class BlockLog:
             err.print("[yellow]note:[/] nothing to resume (no committed block): calibrating from block 0.")
             return None
         progress = read_json(path, "Calibration progress")
+        if progress.get("version") != PROGRESS_VERSION:
+            raise StadeError(
+                f"Cannot resume {str(self.folder)!r}: another version of stade started it.",
+                "run without --resume to start again",
+            )
         old = progress.get("key", {})
         for name, value in self.key.items():
             if old.get(name) != value:
@@ -79,7 +96,12 @@ class BlockLog:
                     "run without --resume to start again",
                 )
         self.done = int(progress["blocks_done"])
-        self.layers = [LayerEntry.parse(e) for e in progress["layers"]]
+        try:
+            self.layers = [LayerEntry.parse(e) for e in progress["layers"]]
+        except Invalid as exc:
+            raise StadeError(
+                f"Cannot resume {str(self.folder)!r}: its progress {exc}.", "run without --resume"
+            ) from None
         self.hidden_file = progress["hidden"]
         err.print(f"Resuming after block {self.done - 1}: {self.done} block(s) were committed.", highlight=False)
         return progress
@@ -112,6 +134,7 @@ class BlockLog:
         files = [f"block-{k:05d}.safetensors" for k in range(self.done)] + [hidden_name]
         record = {
             "kind": PROGRESS_KIND,
+            "version": PROGRESS_VERSION,
             "key": self.key,
             "blocks_done": self.done,
             "hidden": hidden_name,
