@@ -187,3 +187,42 @@ def test_a_gpu_run_is_planned_from_a_machine_without_one(monkeypatch: pytest.Mon
     assert any("not on this machine" in n for n in doc["notes"])
     res = runner.invoke(app, ["calibrate", model, "--device", "cuda", "--out", "unused"])
     assert res.exit_code == 1 and "no CUDA GPU" in res.output
+
+
+def test_a_model_that_is_not_read_block_by_block_is_planned_whole(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint in pytorch_model.bin, or under names transformers renames on load (Mixtral's per-expert
+    tensors), is held whole by calibrate and prune (the loader says so): the plan counts the whole model and keeps it
+    through the loop, and a renamed one's sweep a copy of the dense blocks between its save_pretrained passes."""
+    from conftest import moe_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from stade_cli.models.loading import load_model
+    from stade_cli.stages.config import PruneConfig
+
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.name != "model.safetensors":
+            (binary / f.name).write_bytes(f.read_bytes())
+    torch.save(load_model(str(tiny_llama_dir)).model.state_dict(), binary / "pytorch_model.bin")
+    mixtral = tmp_path / "mixtral"
+    AutoModelForCausalLM.from_config(moe_config("mixtral")).save_pretrained(mixtral)
+    tiny_tokenizer().save_pretrained(mixtral)
+    sweep = (PruneConfig("wanda", 0.5), PruneConfig("wanda", 0.6))
+    plans = {}
+    for name, folder in [("lazy", tiny_llama_dir), ("whole", binary), ("renamed", mixtral)]:
+        assert (load_model(str(folder), lazy=True).whole_reason is None) == (name == "lazy")
+        plans[name] = make_plan(str(folder), PlanConfig(4, 16, configs=sweep, timed=False), CPU)
+    whole = load_model(str(binary), "float32").model
+    params = sum(p.numel() for p in whole.parameters())  # an untied head: every parameter once
+    whole_term = "the model, whole (not read block by block)"
+    for name in ("calibrate", "prune"):
+        lazy, held = plans["lazy"].stages[name].host, plans["whole"].stages[name].host
+        assert held.pop(whole_term) == params * 4  # kept through the loop, its blocks in it rather than read
+        assert held == {k: v for k, v in lazy.items() if k != "block"}
+    prune = plans["renamed"].stages["prune"].host
+    moe = AutoModelForCausalLM.from_config(moe_config("mixtral"))
+    blocks = sum(p.numel() for p in moe.model.layers.parameters())
+    assert prune["the dense blocks (a copy, between passes)"] == blocks * 4
+    assert "dense copy of the block" not in prune  # one checkpoint per pass
+    assert any("MoE" in n for n in plans["renamed"].notes) and not any("MoE" in n for n in plans["lazy"].notes)

@@ -14,10 +14,10 @@ import typer
 from stade_cli.cli.options import split_csv
 
 PANEL = "Stages"
-SELECTORS = {  # kind -> (option, help)
-    "update": ("--update", "Replace the method's weight update"),
-    "allocation": ("--allocation", "Sparsity per block"),
-    "reconstruct": ("--reconstruct", "After masking each block, tune its kept weights"),
+SELECTORS = {  # kind -> help; the option's name is the registry's
+    "update": "Replace the method's weight update",
+    "allocation": "Sparsity per block",
+    "reconstruct": "After masking each block, tune its kept weights",
 }
 
 
@@ -25,13 +25,12 @@ def _selector(kind: str) -> inspect.Parameter:
     from stade_cli.stages.config import PruneConfig
     from stade_cli.stages.stage import KINDS
 
-    flag, what = SELECTORS[kind]
+    registry = KINDS[kind]
     default = getattr(PruneConfig, kind)  # the field's default
     shown = "the method's own" if default is None else default
-    names = ", ".join(KINDS[kind].names())
     option = typer.Option(
-        flag,
-        help=f"{what}: {names} (see `stade methods`). \\[default: {shown}]",
+        registry.option,
+        help=f"{SELECTORS[kind]}: {', '.join(registry.names())} (see `stade methods`). \\[default: {shown}]",
         show_default=False,
         rich_help_panel=PANEL,
     )

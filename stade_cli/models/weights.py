@@ -122,6 +122,28 @@ def _persistent(module: nn.Module) -> list[str]:
     return list(module.state_dict(keep_vars=True).keys())
 
 
+def planned_loading(path: str, model: PreTrainedModel, cache_dir: str | None = None) -> str:
+    """How load_model(lazy=True) will hold the checkpoint at `path`, read from its index or header alone (no
+    weights downloaded), for the plan: "lazy" (blocks read from the files one at a time), "whole" (not in
+    safetensors: loaded whole) or "renamed" (stored under other names, which transformers renames on load and back
+    on save: loaded whole, and written by save_pretrained). `model`: the model built from the config (on meta).
+    A folder with no weights (a config alone) or a hub checkpoint whose names cannot be read without its weights
+    is planned as stored under its own names in safetensors, like nearly every hub checkpoint."""
+    local = Path(path)
+    names: set[str] | None = None
+    index = local / INDEX_FILE if local.is_dir() else hf.hub_file(path, INDEX_FILE, cache_dir)
+    if index is not None and Path(index).is_file():
+        names = set(json.loads(Path(index).read_text())["weight_map"])
+    elif (local / SINGLE_FILE).is_file():
+        names = set(header(local / SINGLE_FILE))
+    elif local.is_dir() and any(local.glob("pytorch_model*.bin")):
+        return "whole"
+    tied = set(_tied_names(model))
+    if names is not None and any(k not in names for k in _persistent(model) if k not in tied):
+        return "renamed"
+    return "lazy"
+
+
 def build_lazy(config: PretrainedConfig, dtype: torch.dtype, files: WeightFiles) -> PreTrainedModel | None:
     """The model with every weight outside the blocks loaded and the blocks left empty (meta), or None
     where the checkpoint's names do not match the model's (older formats that transformers renames on load).

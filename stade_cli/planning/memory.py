@@ -57,6 +57,7 @@ class Context:
     gpu: bool
     hidden_on_device: bool
     common: dict[str, int]  # libraries, tokenizer and skeleton
+    loading: str = "lazy"  # models.weights.planned_loading: "lazy", "whole" or "renamed"
 
     @property
     def elem(self) -> int:
@@ -80,11 +81,21 @@ class Context:
         return copies * self.tokens * self.shapes.hidden * elem + self.tokens * self.shapes.arg_bytes_per_token
 
     def outside(self, elem: int) -> dict[str, int]:
-        """Everything outside the blocks, read whole (and its embeddings in the checkpoint's dtype beside)."""
+        """Everything outside the blocks, read whole (and its embeddings in the checkpoint's dtype beside); the
+        whole model where it is not read block by block."""
         terms = {"embeddings and head": self.shapes.outside_params * elem}
+        if self.loading != "lazy":
+            terms = {"the model, whole (not read block by block)": self.shapes.params * elem}
         if elem != size_of(self.own):
             terms["the embeddings in the checkpoint's dtype"] = self.shapes.input_embedding_params * size_of(self.own)
         return terms
+
+    def beside(self, outside: dict[str, int], loop: dict[str, int]) -> dict[str, int]:
+        """The peak of the weights outside the blocks, dropped before the block loop, and the loop; a model held
+        whole keeps them, and its blocks are in it rather than read."""
+        if self.loading == "lazy":
+            return peak_phase(outside, loop)
+        return {**outside, **{k: v for k, v in loop.items() if k not in ("block", "block (read)")}}
 
     def workloads(self, elem: int) -> list[Workload]:
         """Every layer group of a block as a stage's memory estimate reads it (the stage's own formula says which
@@ -131,9 +142,9 @@ def calibrate_plan(ctx: Context, hessian: bool, hessian_dtype: str, text: int) -
             {"embeddings and head": s.outside_params * e}, {**work, **(kept if ctx.hidden_on_device else {})}
         )
         blocks = {"block (read)": s.block_params * e, **({} if ctx.hidden_on_device else kept)}
-        plan.host = {**ctx.common, "calibration text": text, **peak_phase(ctx.outside(e), blocks)}
+        plan.host = {**ctx.common, "calibration text": text, **ctx.beside(ctx.outside(e), blocks)}
     else:
-        plan.host = {**ctx.common, "calibration text": text, **peak_phase(ctx.outside(e), {**work, **kept})}
+        plan.host = {**ctx.common, "calibration text": text, **ctx.beside(ctx.outside(e), {**work, **kept})}
         plan.device = dict(plan.host)
     return plan
 
@@ -202,13 +213,18 @@ def prune_plan(ctx: Context, configs: tuple[PruneConfig, ...]) -> StagePlan:
     outside = ctx.outside(e)
     if allocation:  # before the loop: each block read while the weights outside the blocks are still in memory
         outside |= {"block (allocation)": ctx.shapes.block_params * e, "allocation pass": allocation}
-    loop = peak_phase(*_loop_phases(ctx, configs, works))
+    if ctx.loading == "renamed":  # driver.sweep's save_pretrained route: a pass per checkpoint
+        loop = max((peak_phase(*_loop_phases(ctx, (c,), works)) for c in configs), key=lambda t: sum(t.values()))
+        if len(configs) > 1:  # driver.dense.Snapshot: the dense blocks, restored between the passes
+            outside["the dense blocks (a copy, between passes)"] = ctx.shapes.block_params * ctx.shapes.n_blocks * e
+    else:
+        loop = peak_phase(*_loop_phases(ctx, configs, works))
     plan = StagePlan(disk=sum(weight_files_bytes(ctx, c) + SMALL_FILES for c in configs))
     if ctx.gpu:
         plan.device = loop
-        plan.host = {**ctx.common, **peak_phase(outside, {"block (read)": ctx.shapes.block_params * e})}
+        plan.host = {**ctx.common, **ctx.beside(outside, {"block (read)": ctx.shapes.block_params * e})}
     else:
-        plan.host = {**ctx.common, **peak_phase(outside, loop)}
+        plan.host = {**ctx.common, **ctx.beside(outside, loop)}
         plan.device = dict(plan.host)
     return plan
 
@@ -223,10 +239,9 @@ def weight_files_bytes(ctx: Context, config: PruneConfig) -> int:
     first = model.get_submodule(ctx.shapes.blocks_name + ".0")
     needs_switch = any(getattr(first.get_submodule(n), "bias", None) is None for n in biased)
     switches = hf.bias_switches(model.config) if needs_switch else {}
-    try:
-        return plan_layout(model, switches, ctx.saved).bytes
-    except hf.Renamed:  # written by save_pretrained: every parameter once
+    if ctx.loading == "renamed":  # written by save_pretrained: every parameter once (and small headers)
         return ctx.shapes.params * size_of(ctx.saved)
+    return plan_layout(model, switches, ctx.saved).bytes
 
 
 def eval_plan(ctx: Context) -> StagePlan:

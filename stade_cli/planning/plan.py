@@ -150,6 +150,7 @@ def _context(spec: str, config: PlanConfig, device: torch.device, cache_dir: str
     from transformers import AutoConfig
 
     from stade_cli.models.loading import default_dtype, default_seqlen
+    from stade_cli.models.weights import planned_loading
 
     path = config_path(spec)
     try:
@@ -164,11 +165,12 @@ def _context(spec: str, config: PlanConfig, device: torch.device, cache_dir: str
         raise StadeError(f"--seqlen {seqlen} is above the model's context of {shapes.context} tokens.")
     hidden_all = 2 * config.nsamples * seqlen * shapes.hidden * size_of(compute)
     gpu = device.type == "cuda"
+    loading = planned_loading(path, model, cache_dir)
     return Context(
         shapes, model, config.nsamples, seqlen, config.batch_size, compute,
         default_dtype(path, device, cache_dir),  # prune: float32 on the CPU, the model's own on a GPU
         own, parse_dtype(config.saved_dtype) or own, gpu, gpu and _fits_on_device(hidden_all, device),
-        {"libraries": LIBRARIES, "tokenizer and skeleton": TOKENIZER_PER_VOCAB * shapes.vocab},
+        {"libraries": LIBRARIES, "tokenizer and skeleton": TOKENIZER_PER_VOCAB * shapes.vocab}, loading,
     )  # fmt: skip
 
 
@@ -186,6 +188,8 @@ def make_plan(spec: str, config: PlanConfig, device: torch.device, cache_dir: st
         if ctx.gpu
         else "memory: peak host RSS estimates from the shapes, libraries included"
     ]
+    if _has_experts(ctx.model):
+        notes.append("MoE: the experts' statistics, Hessians and per-expert work are not in these estimates")
     absent = ctx.gpu and not torch.cuda.is_available()
     if absent:
         notes.append("planned for a GPU that is not on this machine: not timed; block inputs counted in host RAM")
@@ -219,6 +223,13 @@ def _time_stages(ctx: Context, config: PlanConfig, stages: dict[str, StagePlan],
         "time: an ESTIMATE, one block's forward timed on random weights here, times the forward passes "
         "(disk reads and pruning maths not included)"
     )
+
+
+def _has_experts(model: Any) -> bool:
+    from stade_cli.models.experts import fused_experts
+    from stade_cli.models.layers import find_blocks
+
+    return bool(fused_experts(find_blocks(model)[1][0]))
 
 
 def config_path(spec: str) -> str:

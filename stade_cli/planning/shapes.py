@@ -93,11 +93,29 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def _probe(block: nn.Module, lin: dict[str, nn.Module], args: tuple, kwargs: dict) -> Any:
+    """Run `block` on the meta device with calibration's hooks, which record its layer groups."""
+    from stade_cli.models.experts import fused_experts
+    from stade_cli.stats.accumulators import BlockCollector
+
+    collector = BlockCollector(block, lin, torch.device("meta"), False)
+    experts = fused_experts(block)
+    for mod in experts.values():  # routing has no meta kernel; the experts' output has the shape of their input
+        mod.forward = lambda hidden_states, *_a, **_k: hidden_states
+    try:
+        with torch.no_grad():
+            block(*args, **kwargs)
+    finally:
+        collector.remove()
+        for mod in experts.values():
+            del mod.forward
+    return collector
+
+
 def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, Any]:
     """The model's shapes, and its layer groups from block 0 run on the meta device with calibration's hooks."""
     from stade_cli.models.blocks import _to
     from stade_cli.models.loading import max_context
-    from stade_cli.stats.accumulators import BlockCollector
 
     model: Any = _empty_model(config, dtype)
     model.eval()
@@ -117,12 +135,7 @@ def read_shapes(config: Any, dtype: torch.dtype) -> tuple[Shapes, Any]:
     memo: dict[int, Any] = {}
     args, kwargs = _to(args, meta, memo), _to(kwargs, meta, memo)
     lin = linear_layers(blocks[0])
-    collector = BlockCollector(blocks[0], lin, meta, False)
-    try:
-        with torch.no_grad():
-            blocks[0](*args, **kwargs)
-    finally:
-        collector.remove()
+    collector = _probe(blocks[0], lin, args, kwargs)
     groups: dict[str, list[tuple[int, int]]] = {}
     for name, mod in lin.items():
         weight: Any = mod.weight
