@@ -9,10 +9,12 @@ perplexities, so the figures in bench/results/ still hold. The statistics artifa
 of their safetensors files, and the manifest apart from what differs by construction (paths, timings, versions,
 the schema's own fields).
 
-    HF_HUB_OFFLINE=1 python bench/presets_exact.py [--ref ac83709] [--threads 1] [--only ref|now]
+    HF_HUB_OFFLINE=1 python bench/presets_exact.py [--ref ac83709] [--threads 1] [--only ref|now] [--part K/N]
 
 Each side's digests are cached in bench/work/presets/<side>-<commit>.json (the reference side once per commit;
-`--only ref` fills that cache alone). Writes bench/results/presets-exact.json. Checkpoints are digested then
+`--only ref` fills that cache alone). `--only now --part K/N` runs every N-th prune of the new side, so that N
+processes of `--threads 1` share the cores; a later run without `--only` merges the parts (their statistics,
+calibrated by each part, must agree). Writes bench/results/presets-exact.json. Checkpoints are digested then
 deleted.
 """
 
@@ -78,36 +80,66 @@ def stable(obj: object) -> object:
     return obj
 
 
-def run_version(checkout: Path, tag: str, threads: int) -> dict[str, dict]:
+def jobs(part: tuple[int, int]) -> list[tuple[str, list[str], str, str]]:
+    """The (label, arguments, patterns, mode) prunes of part K of N, dealt out back and forth (sequential first,
+    the slower) so that the parts take about as long."""
+    every = [(label, args, patterns, mode) for label, args, patterns in RUNS for mode in ("sequential", "one-shot")]
+    k, n = part
+    return [job for i, job in enumerate(every) if (i % n if (i // n) % 2 == 0 else n - 1 - i % n) == k - 1]
+
+
+def run_version(checkout: Path, tag: str, threads: int, part: tuple[int, int]) -> dict[str, dict]:
     """{checkpoint name + mode: tensor digests} and the statistics' digests and manifest, for one checkout."""
-    work = WORK / tag
+    work = WORK / (tag if part == (1, 1) else f"{tag}-p{part[0]}of{part[1]}")
     shutil.rmtree(work, ignore_errors=True)
     stats = work / "stats"
     stade(checkout, threads, "calibrate", "smollm2-135m", "--data", str(IDS), "--hessian", "--device", "cpu",
           "--out", str(stats))  # fmt: skip
     manifest = json.loads((stats / "manifest.json").read_text())
     result: dict[str, dict] = {"statistics": {"tensors": digests(stats), "manifest": stable(manifest)}}
-    for label, args, patterns in RUNS:
-        for mode in ("one-shot", "sequential"):
-            out = work / f"{label}-{mode}"
-            cmd = ["prune", "smollm2-135m", "--stats", str(stats), *args, "--sparsity", "0.5", "--pattern", patterns]
-            cmd += ["--device", "cpu", "--out", str(out), *(["--sequential"] if mode == "sequential" else [])]
-            stade(checkout, threads, *cmd)
-            subs = sorted(p for p in out.iterdir() if p.is_dir()) or [out]
-            for sub in subs:
-                result[f"{label}: {sub.name} {mode}"] = {"tensors": digests(sub)}
-                print(f"{tag}: {label}: {sub.name} {mode}", flush=True)
-            shutil.rmtree(out)
+    for label, args, patterns, mode in jobs(part):
+        out = work / f"{label}-{mode}"
+        cmd = ["prune", "smollm2-135m", "--stats", str(stats), *args, "--sparsity", "0.5", "--pattern", patterns]
+        cmd += ["--device", "cpu", "--out", str(out), *(["--sequential"] if mode == "sequential" else [])]
+        stade(checkout, threads, *cmd)
+        subs = sorted(p for p in out.iterdir() if p.is_dir()) or [out]
+        for sub in subs:
+            result[f"{label}: {sub.name} {mode}"] = {"tensors": digests(sub)}
+            print(f"{tag}: {label}: {sub.name} {mode}", flush=True)
+        shutil.rmtree(out)
     return result
 
 
-def side(checkout: Path, tag: str, commit: str, threads: int, cache: bool) -> dict[str, dict]:
-    path = WORK / f"{tag}-{commit}-t{threads}.json"
+def cached_parts(tag: str, commit: str, threads: int) -> dict[str, dict] | None:
+    """The parts of an earlier `--part K/N` run merged, when all N are there; their statistics must agree."""
+    for n in range(2, 17):
+        paths = [WORK / f"{tag}-{commit}-t{threads}-part{k}of{n}.json" for k in range(1, n + 1)]
+        if not all(p.exists() for p in paths):
+            continue
+        parts = [json.loads(p.read_text()) for p in paths]
+        if any(p["statistics"] != parts[0]["statistics"] for p in parts):
+            raise SystemExit(f"the parts of {tag}-{commit} calibrated different statistics: rerun them")
+        return {k: v for p in parts for k, v in p.items()}
+    return None
+
+
+def side(checkout: Path, tag: str, commit: str, threads: int, cache: bool, part: tuple[int, int]) -> dict[str, dict]:
+    suffix = "" if part == (1, 1) else f"-part{part[0]}of{part[1]}"
+    path = WORK / f"{tag}-{commit}-t{threads}{suffix}.json"
     if cache and path.exists():
         return json.loads(path.read_text())
-    result = run_version(checkout, tag, threads)
+    if cache and part == (1, 1) and (merged := cached_parts(tag, commit, threads)) is not None:
+        return merged
+    result = run_version(checkout, tag, threads, part)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def part_of(text: str) -> tuple[int, int]:
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"--part {text!r}: write K/N with 1 <= K <= N, e.g. 1/2")
+    return int(k), int(n)
 
 
 def compare_manifests(ref: dict, now: dict) -> dict[str, list[str]]:
@@ -122,7 +154,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (same for both: sums depend on them)")
     ap.add_argument("--only", choices=("ref", "now"), help="run one side only (fills its cache)")
     ap.add_argument("--now", type=Path, default=ROOT, help="the checkout of the new side (default: this one)")
+    ap.add_argument("--part", type=part_of, default=(1, 1), help="K/N: every N-th prune of the new side (--only now)")
     opts = ap.parse_args()
+    if opts.part != (1, 1) and opts.only != "now":
+        ap.error("--part runs a share of the new side: add --only now, then merge with a run without --only")
     WORK.mkdir(parents=True, exist_ok=True)
     git = ["git", "rev-parse", "--short"]
     ref_id = subprocess.run([*git, opts.ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -136,14 +171,13 @@ def main() -> int:
                 subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, check=True)
             subprocess.run(["git", "worktree", "add", "--detach", str(ref_tree), opts.ref], cwd=ROOT, check=True)
         try:
-            ref = side(ref_tree, "ref", ref_id, opts.threads, cache=True)
+            ref = side(ref_tree, "ref", ref_id, opts.threads, cache=True, part=(1, 1))
         finally:
             if not cached:
                 subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, check=False)
     if opts.only == "ref":
         return 0
-    cached = opts.only is None and (WORK / f"now-{now_id}-t{opts.threads}.json").exists()  # a run of --only now
-    now = side(opts.now, "now", now_id, opts.threads, cache=cached)
+    now = side(opts.now, "now", now_id, opts.threads, cache=opts.only is None, part=opts.part)  # reuse --only now
     if opts.only == "now":
         return 0
     rows = []
