@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -131,8 +132,10 @@ def atomic_dir(out: Path, force: bool, keep: bool = False) -> Iterator[Path]:
         raise write_error(out, exc) from None
     try:
         yield tmp
+        mode = 0o666 & ~umask()  # some writers (safetensors) make their files 0600: shared statistics must be readable
         for f in sorted(tmp.rglob("*")):  # a folder that looks complete must be complete, even after a crash
             if f.is_file():
+                f.chmod(mode)
                 fsync_path(f)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -144,6 +147,13 @@ def atomic_dir(out: Path, force: bool, keep: bool = False) -> Iterator[Path]:
         if is_write_error(exc, tmp):
             raise write_error(out, exc) from None
         raise
+
+
+def umask() -> int:
+    """The process's umask (read by setting it, so set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_path(path: Path) -> None:
@@ -178,8 +188,20 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
 
 
 def write_json(path: Path, data: object, durable: bool = False, sort_keys: bool = False) -> None:
-    """Write JSON atomically (see atomic_write for `durable`), indented as save_pretrained writes it."""
-    atomic_write(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", durable)
+    """Write strict JSON atomically (see atomic_write for `durable`), indented as save_pretrained writes it."""
+    atomic_write(path, json.dumps(strict_json(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n", durable)
+
+
+def strict_json(obj: object) -> object:
+    """`obj` with every non-finite number (a diverged perplexity) as the string "inf", "-inf" or "nan": `Infinity`
+    and `NaN` are not JSON, and break `jq` and other strict readers (the artifacts' reader turns them back)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def sha256_file(path: Path) -> str:

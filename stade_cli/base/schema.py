@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar, Union
 from stade_cli.base.errors import StadeError
 
 R = TypeVar("R", bound="Record")
+NON_FINITE = ("inf", "-inf", "nan")
 
 
 class Invalid(Exception):
@@ -123,6 +124,8 @@ def _parse(hint: Any, value: Any, name: str) -> Any:
         return {k: _parse(args[1], v, f"{name}.{k}") for k, v in value.items()}
     ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and value in NON_FINITE:  # strict JSON's non-finite numbers (files.strict_json)
         return float(value)
     if not ok:
         raise Invalid(f"has a {name!r} of the wrong type ({type(value).__name__})")

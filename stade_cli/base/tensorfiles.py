@@ -68,7 +68,7 @@ class PlannedSafetensors:
         self.path = path
         head, self.slots, size = planned_header(entries, metadata)
         self._base = 8 + len(head)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             _write_at(self._fd, struct.pack("<Q", len(head)) + head, 0)
             os.ftruncate(self._fd, self._base + size)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from collections.abc import Callable
 from enum import Enum
@@ -17,6 +16,7 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 import typer
 
 from stade_cli import __version__
+from stade_cli.base.files import strict_json
 from stade_cli.base.heap import bound_heap
 
 P = ParamSpec("P")
@@ -217,21 +217,10 @@ def plan_line(
 
 
 def print_json(data: object) -> None:
-    """Strict JSON on stdout: a non-finite number (a diverged perplexity) is written as the string "inf", "-inf"
-    or "nan", since `Infinity` and `NaN` are not JSON and break `jq` and other strict readers."""
+    """Strict JSON on stdout, as every file stade writes (files.strict_json)."""
     from stade_cli.base.console import out
 
-    out.print_json(json.dumps(_finite(data), allow_nan=False))
-
-
-def _finite(obj: object) -> object:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+    out.print_json(json.dumps(strict_json(data), allow_nan=False))
 
 
 def split_csv(value: str, option: str | None = None) -> list[str]:

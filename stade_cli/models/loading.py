@@ -228,6 +228,8 @@ def load_model(
         model, files = None, WeightFiles.find(path, cache_dir) if lazy else None
         if files is not None:
             model = build_lazy(AutoConfig.from_pretrained(path, cache_dir=cache_dir), torch_dtype, files)
+            if model is not None:
+                _saved_generation_config(model, path, cache_dir)
         if model is None:
             files = None
             model = AutoModelForCausalLM.from_pretrained(
@@ -245,6 +247,17 @@ def load_model(
     find_blocks(model)  # fail early on architectures without a layer list
     whole = WHOLE if lazy and files is None else None
     return LoadedModel(model, tokenizer, spec, path, files, cache_dir=cache_dir, own_dtype=own, whole_reason=whole)
+
+
+def _saved_generation_config(model: PreTrainedModel, path: str, cache_dir: str | None) -> None:
+    """The checkpoint's generation_config.json, read as from_pretrained reads it: a model built from its config
+    alone (blocks left on disk) would otherwise carry defaults derived from config.json (pad_token_id lost)."""
+    from transformers import GenerationConfig
+
+    if not model.can_generate():
+        return
+    with contextlib.suppress(OSError):  # none saved: from_pretrained keeps the defaults derived from config.json too
+        model.generation_config = GenerationConfig.from_pretrained(path, cache_dir=cache_dir)
 
 
 @contextlib.contextmanager
