@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 
@@ -22,6 +22,17 @@ def at_least(option: str, value: int | None, minimum: int, hint: str | None = No
     """Refuse `option` below `minimum` (None: not given, nothing to check), naming the value given."""
     if value is not None and value < minimum:
         raise StadeError(f"{option} must be at least {minimum}, got {value}.", hint)
+
+
+def named_once(option: str, values: Sequence[object], keys: Sequence[object] | None = None) -> None:
+    """The one rule for every list option: a value named twice (0.5,0.50; 2:4,2of4; wanda,Wanda, as `keys` say)
+    is refused before any work, since the second would silently do nothing."""
+    keys = list(values if keys is None else keys)
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            first = values[keys.index(key)]
+            same = "" if values[i] == first else f" (the same as {first!r})"
+            raise StadeError(f"{option} names {values[i]!r} twice{same}.", "give each value once")
 
 
 class Terminated(BaseException):

@@ -75,8 +75,10 @@ def prune_configs(
     """One PruneConfig per method x pattern x ratio of the comma-separated options, with the chosen stages and
     their settings (`stages`: the stage options' values by parameter name). `default_ratio`: the unstructured ratio
     where --sparsity is not given (the plan's; prune refuses to guess)."""
+    from stade_cli.base.errors import named_once
+    from stade_cli.base.registry import normalise
     from stade_cli.stages.config import PruneConfig
-    from stade_cli.stages.pattern import parse_pattern
+    from stade_cli.stages.pattern import parse_pattern, pattern_key
     from stade_cli.stages.stage import settings_from
 
     ratios: list[float | None] = [None]
@@ -89,9 +91,13 @@ def prune_configs(
             ) from None
     chosen = {kind: stages[kind] for kind in SELECTORS}
     values = {k: v for k, v in stages.items() if k not in SELECTORS}
+    methods, patterns = split_csv(method, "--method"), split_csv(pattern, "--pattern")
+    named_once("--method", methods, [normalise(m) for m in methods])
+    named_once("--pattern", patterns, [pattern_key(p) for p in patterns])
+    named_once("--sparsity", ratios)
     configs: list[PruneConfig] = []
-    for m in split_csv(method, "--method"):
-        for p in split_csv(pattern, "--pattern"):
+    for m in methods:
+        for p in patterns:
             for r in ratios:  # an N:M pattern fixes the ratio: every --sparsity given must agree with it
                 if r is None and not parse_pattern(p).structured:
                     r = default_ratio

@@ -21,7 +21,7 @@ from stade_cli.base.artifacts import (
     ZeroShot,
 )
 from stade_cli.base.dtypes import dtype_name
-from stade_cli.base.errors import StadeError, at_least
+from stade_cli.base.errors import StadeError, at_least, named_once
 from stade_cli.base.files import check_writable, read_json, write_json
 from stade_cli.base.versions import library_versions
 from stade_cli.evaluation.perplexity import perplexity
@@ -60,6 +60,7 @@ class EvalConfig:
         ppl_list = DEFAULT_PPL if ppl is None else tuple(p.strip() for p in ppl.split(",") if p.strip())
         if ppl_list == ("none",):
             ppl_list = ()
+        named_once("--ppl", ppl_list)
         return cls(ppl=ppl_list, tasks=parse_tasks(tasks), **kwargs)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stade_cli.base.console import progress
-from stade_cli.base.errors import StadeError, at_least, library_errors
+from stade_cli.base.errors import StadeError, at_least, library_errors, named_once
 from stade_cli.base.files import atomic_dir
 
 if TYPE_CHECKING:
@@ -148,8 +148,9 @@ def parse_tasks(value: str | None) -> tuple[str, ...]:
     names = tuple(t.strip() for t in value.split(",") if t.strip())
     if names in ((), ("none",)):
         return ()
+    named_once("--tasks", names)
     expanded = [task for name in names for task in TASK_PRESETS.get(name, (name,))]
-    return tuple(dict.fromkeys(expanded))  # in order, each once
+    return tuple(dict.fromkeys(expanded))  # in order, each once (a preset may hold a task also named)
 
 
 def _yaml_task(path: Path) -> TaskSpec:

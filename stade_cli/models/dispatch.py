@@ -42,6 +42,8 @@ def parse_max_memory(spec: str) -> dict[int | str, int]:
                 "spell it as accelerate does: 0=70GiB,1=70GiB,cpu=200GiB (GPU index or cpu, then a size)",
             )
         dev: int | str = int(key) if key.isdigit() else "cpu"
+        if dev in out:
+            raise StadeError(f"--max-memory names {key!r} twice.", "give each device once")
         if isinstance(dev, int) and dev >= max(torch.cuda.device_count(), 0) and torch.cuda.is_available():
             raise StadeError(f"--max-memory names GPU {dev}, but this machine has {torch.cuda.device_count()}.")
         if isinstance(dev, int) and not torch.cuda.is_available():

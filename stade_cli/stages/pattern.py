@@ -46,6 +46,15 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern(n, m)
 
 
+def pattern_key(text: str) -> str:
+    """What a --pattern value names, for spotting one named twice (2:4, 2/4 and 2of4 alike); a value that does not
+    parse is its own key, and refused with its own message where the configurations are built."""
+    try:
+        return str(parse_pattern(text))
+    except StadeError:
+        return text
+
+
 def resolve_sparsity(pattern: Pattern, sparsity: float | None) -> float:
     """The sparsity ratio the pattern implies; a contradicting --sparsity is an error, not an override."""
     if pattern.structured:
