@@ -265,6 +265,13 @@ def oom_hint(res: Result, _tmp: Path) -> None:
     assert "--batch-size" in res.stderr and "--device auto" in res.stderr
 
 
+def nothing_pruned_noted(res: Result, tmp: Path) -> None:
+    """Survey 18: a ratio under one weight per row prunes nothing; the run says so, and the checkpoint records it."""
+    note = "--sparsity 1e-09 pruned no weight"
+    assert note in " ".join(res.output.split()), res.output
+    assert any(note in w for w in json.loads((tmp / "p" / "stade.json").read_text())["warnings"])
+
+
 def names_shown(res: Result, _tmp: Path) -> None:
     assert "m[/x]" in res.stdout and "d[red].txt" in res.stdout, res.stdout
 
@@ -384,6 +391,8 @@ CASES = [
          1, ("--ppl names '{text}' twice",), upfront=UP),
     Case("s17 --tasks twice", "eval {model} --ppl none --tasks stade_cloze,stade_cloze --out {tmp}/r.json",
          1, ("--tasks names 'stade_cloze' twice",), upfront=UP),
+    Case("s18 --sparsity 1e-9 prunes nothing: noted", PRUNE.replace("0.5", "1e-9") + " --out {tmp}/p",
+         0, (), check=nothing_pruned_noted),
     # 6. bad input data
     Case("6 calibrate ids past the vocabulary", IDS,
          1, ("token id 300", "vocabulary of 260"), token_file(BIG)),

@@ -182,4 +182,4 @@ def prune_blocks(
     for run in runs:
         # what this run would have taken alone: the shared capture, allocations and reading, and its own steps
         run.report.timings["prune_s"] = round(run.prepared + shared + run.seconds, 3)
-        run.report.note_damping()
+        run.report.note_findings()

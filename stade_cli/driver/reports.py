@@ -55,9 +55,16 @@ class PruneReport:
     def bias_updated(self) -> bool:
         return any(r.bias_updated for r in self.layers)
 
-    def note_damping(self) -> None:
-        """Warn about every layer whose Hessian needed more than the usual damping, and about experts that
-        fell back to magnitude."""
+    def note_findings(self) -> None:
+        """Warn about a ratio that pruned nothing, every layer whose Hessian needed more than the usual damping, and
+        experts that fell back to magnitude."""
+        ratio = self.config.sparsity or 0.0
+        if ratio > 0 and self.layers and all(r.sparsity == 0 for r in self.layers):
+            widest = max(r.shape[1] for r in self.layers)
+            self.warnings.append(
+                f"--sparsity {ratio:g} pruned no weight: a row prunes int({ratio:g} x its width) weights, none here "
+                f"(the widest row has {widest}); use at least {1 / widest:.2g} to prune one weight per row"
+            )
         fallback = [r.name for r in self.layers if r.fallback]
         if fallback:
             self.warnings.append(
