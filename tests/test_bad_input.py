@@ -393,6 +393,17 @@ CASES = [
          1, ("--tasks names 'stade_cloze' twice",), upfront=UP),
     Case("s18 --sparsity 1e-9 prunes nothing: noted", PRUNE.replace("0.5", "1e-9") + " --out {tmp}/p",
          0, (), check=nothing_pruned_noted),
+    # survey 14: clear messages
+    Case("s14 calibrate ''", CALIBRATE.replace("{model}", "''") + " --out {tmp}/s",
+         2, ("the model is an empty name",), upfront=UP),
+    Case("s14 eval a model named ''", "eval {model} '' " + ONE.replace("r.json", "res"),
+         2, ("the model is an empty name",), upfront=UP),
+    Case("s14 --stats a file", PRUNE.replace("{stats}", "{text}") + " --out {tmp}/p",
+         1, ("'{text}' is a file, not a statistics folder",), upfront=UP),
+    Case("s14 stats show a file", "stats show {text}",
+         1, ("'{text}' is a file, not a statistics folder",), upfront=UP),
+    Case("s14 eval -b 1000000 of a short text: its windows planned", "eval {model} --ppl {text} --tasks none "
+         "--seqlen 128 -b 1000000 --device cpu --out {tmp}/r.json", 0, ()),
     # 6. bad input data
     Case("6 calibrate ids past the vocabulary", IDS,
          1, ("token id 300", "vocabulary of 260"), token_file(BIG)),

@@ -18,6 +18,7 @@ from stade_cli.cli.options import (
     ForceOpt,
     JsonOpt,
     cli_errors,
+    named_models,
     plan_line,
     print_json,
 )
@@ -31,6 +32,7 @@ def eval_(
             help="Hub id, local model folder, .gguf file, or 'smollm2-135m'; several models are evaluated in turn "
             "in one process (libraries and tasks loaded once).",
             metavar="MODEL",
+            callback=named_models,
         ),
     ],
     out: Annotated[
@@ -123,12 +125,12 @@ def eval_(
     for model in models:  # a local folder that is no model fails in a second, before any dataset loads
         if Path(model).expanduser().is_dir():
             resolve_model(model)
-    ready = prepare(config, cache)  # every task and dataset loaded before the first model runs
+    ready, most_tokens = prepare(config, cache)  # every task and dataset loaded before the first model runs
     documents = []
     for model, path in zip(models, paths, strict=True):
         if not spread:  # a model spread over devices fits by construction
-            plan_line("eval", model, dev, None, cache_dir, seqlen=seqlen, nsamples=batch_size, batch_size=batch_size,
-                      dtype=dtype)  # fmt: skip
+            plan_line("eval", model, dev, None, cache_dir, seqlen=seqlen, nsamples=min(batch_size, max_windows or
+                      batch_size), batch_size=batch_size, dtype=dtype, eval_tokens=most_tokens)  # fmt: skip
         run_dtype = dtype.value if dtype else None
         results = evaluate_spec(model, config, dev, cache, ready, run_dtype, max_memory if spread else None, spread)
         _save(path, results, force)

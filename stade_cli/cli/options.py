@@ -29,10 +29,21 @@ class Dtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
+def named_models(value: str | list[str]) -> str | list[str]:
+    """MODEL given as an empty name would be read as the current folder: refused before any work."""
+    if any(not v.strip() for v in ([value] if isinstance(value, str) else value)):
+        # most often a shell variable that was not set
+        raise typer.BadParameter("the model is an empty name (''): give a folder, a hub id or smollm2-135m.")
+    return value
+
+
 # Shared option aliases: one definition, the same spelling in every command.
 ModelArg = Annotated[
     str,
-    typer.Argument(help="Hub id, local model folder, .gguf file, or the built-in offline model 'smollm2-135m'."),
+    typer.Argument(
+        help="Hub id, local model folder, .gguf file, or the built-in offline model 'smollm2-135m'.",
+        callback=named_models,
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Hardware")]
 # Help text goes through Rich markup: a literal "[" must be written "\\[", or the bracketed text vanishes.

@@ -35,6 +35,7 @@ from stade_cli.models.weights import WeightFiles
 
 C4_MAX_WINDOWS = 256  # the published code keeps the first 256 * seqlen validation tokens of C4
 DEFAULT_PPL = ("wikitext2",)
+SPECIAL_TOKENS = 8  # BOS, EOS, a leading-space piece: more than any tokenizer adds to a text
 
 
 @dataclass(frozen=True)
@@ -94,18 +95,24 @@ def dataset_perplexity(
     )
 
 
-def prepare(config: EvalConfig, cache_dir: str | None = None) -> LoadedTasks | None:
+def prepare(config: EvalConfig, cache_dir: str | None = None) -> tuple[LoadedTasks | None, int | None]:
     """Load every zero-shot task and every perplexity source before any model runs: a task or dataset that
-    cannot be had (offline, a typo) fails in seconds, not after the first model's perplexity."""
+    cannot be had (offline, a typo) fails in seconds, not after the first model's perplexity.
+
+    Also returns, for the plan, a bound on the tokens of the longest --ppl text (None with zero-shot tasks, whose
+    rows lm_eval batches): a batch holds no more windows than that text makes. A token covers at least one byte of
+    its text, so a text of B bytes makes at most B + SPECIAL_TOKENS tokens."""
     from stade_cli.data.sources import documents, is_token_file, load_token_file
 
     ready = load_tasks(resolve_tasks(config.tasks, check_names=False)) if config.tasks else None
+    most = 0
     for source in config.ppl:
         if is_token_file(source):
-            load_token_file(Path(source).expanduser(), "[1, N]")
+            most = max(most, load_token_file(Path(source).expanduser(), "[1, N]").shape[1])
         else:
-            documents(source, "validation" if source == "c4" else "test", cache_dir)
-    return ready
+            docs = documents(source, "validation" if source == "c4" else "test", cache_dir)
+            most = max(most, len(docs.joiner.join(docs.texts).encode("utf8")) + SPECIAL_TOKENS)
+    return ready, (None if config.tasks else most)
 
 
 # ----------------------------------------------------------------------------------------------- model facts

@@ -68,6 +68,7 @@ class PlanConfig:
     timed: bool = True
     data: str = "sample-wiki"  # a text source, or a .safetensors file of token ids
     saved_dtype: str | None = None  # prune's --dtype: the checkpoints' (None: the model's own)
+    eval_tokens: int | None = None  # eval: at most this many tokens in a --ppl text, so at most // seqlen windows
 
     @property
     def runs(self) -> tuple[PruneConfig, ...]:
@@ -163,11 +164,14 @@ def _context(spec: str, config: PlanConfig, device: torch.device, cache_dir: str
     seqlen = config.seqlen or default_seqlen(model)
     if shapes.context is not None and seqlen > shapes.context:
         raise StadeError(f"--seqlen {seqlen} is above the model's context of {shapes.context} tokens.")
-    hidden_all = 2 * config.nsamples * seqlen * shapes.hidden * size_of(compute)
+    nsamples = config.nsamples
+    if config.eval_tokens is not None:  # eval: a batch holds no more windows than the longest text makes
+        nsamples = max(1, min(nsamples, config.eval_tokens // seqlen))
+    hidden_all = 2 * nsamples * seqlen * shapes.hidden * size_of(compute)
     gpu = device.type == "cuda"
     loading = planned_loading(path, model, cache_dir)
     return Context(
-        shapes, model, config.nsamples, seqlen, config.batch_size, compute,
+        shapes, model, nsamples, seqlen, config.batch_size, compute,
         default_dtype(path, device, cache_dir),  # prune: float32 on the CPU, the model's own on a GPU
         own, parse_dtype(config.saved_dtype) or own, gpu, gpu and _fits_on_device(hidden_all, device),
         {"libraries": LIBRARIES, "tokenizer and skeleton": TOKENIZER_PER_VOCAB * shapes.vocab}, loading,

@@ -45,6 +45,11 @@ class Statistics:
                 f"Statistics {str(path)!r} are unfinished: a calibration is writing them, or was killed.",
                 "finish it with the same `stade calibrate ... --resume` command",
             )
+        if path.exists() and not path.is_dir():
+            raise StadeError(
+                f"{str(path)!r} is a file, not a statistics folder.",
+                "give the folder `stade calibrate --out` wrote (it holds manifest.json)",
+            )
         if not path.is_dir():
             raise StadeError(f"Statistics folder {str(path)!r} does not exist.", "run `stade calibrate` first")
         manifest = read_manifest(path)
