@@ -168,6 +168,46 @@ def stats_copy(edit: Callable[[dict], None]) -> Callable[..., None]:
     return setup
 
 
+def stats_tensors(file: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[..., None]:
+    """A copy of the statistics with a data file's tensors edited and its hashes made to match (a consistent
+    artifact of bad values, as a damaged model or a hand edit leaves)."""
+
+    def setup(w: World, tmp: Path, _mp: pytest.MonkeyPatch) -> None:
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(w.stats, tmp / "stats")
+        path = tmp / "stats" / file
+        tensors = load_file(str(path))
+        edit(tensors)
+        save_file(tensors, str(path))
+        manifest = json.loads((tmp / "stats" / "manifest.json").read_text())
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest["files"][file] = {"bytes": path.stat().st_size, "sha256": digest}
+        if file == "hessians.safetensors":
+            raw = {k: t.contiguous().reshape(-1).view(torch.uint8).numpy().data for k, t in tensors.items()}
+            manifest["hessian_sha256"] = {k: hashlib.sha256(r).hexdigest() for k, r in raw.items()}
+        (tmp / "stats" / "manifest.json").write_text(json.dumps(manifest))
+
+    return setup
+
+
+def poison(name: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name].view(-1)[3] = value
+
+    return edit
+
+
+def nan_weight(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def parquet(column: list) -> Callable[..., None]:
     def setup(_w: World, tmp: Path, _mp: pytest.MonkeyPatch) -> None:
         import pyarrow as pa
@@ -378,6 +418,22 @@ CASES = [
          1, ("--owl-m must be a finite number, got inf",), upfront=UP),
     Case("s3 --owl-lambda nan", PRUNE + " --allocation owl --owl-lambda nan --out {tmp}/p",
          1, ("--owl-lambda must be a finite number, got nan",), upfront=UP),
+    # survey 3 and 12: statistics that are not finite, or not of the layer's shape, are refused naming the layer
+    Case("s3 a NaN channel mean", P_TMP.replace("wanda", "stade"),
+         1, ("layer model.layers.0.self_attn.q_proj: its mean holds NaN or Inf",),
+         stats_tensors("stats.safetensors", poison("model.layers.0.self_attn.q_proj.mean", float("nan")))),
+    Case("s3 an Inf in m2", P_TMP,
+         1, ("layer model.layers.1.mlp.down_proj: its m2 holds NaN or Inf",),
+         stats_tensors("stats.safetensors", poison("model.layers.1.mlp.down_proj.m2", float("inf")))),
+    Case("s3 a NaN Hessian", P_TMP.replace("wanda", "sparsegpt"),
+         1, ("layer model.layers.0.mlp.gate_proj: its Hessian holds NaN or Inf",),
+         stats_tensors("hessians.safetensors", poison("model.layers.0.mlp.gate_proj", float("nan")))),
+    Case("s12 a reshaped mean", P_TMP,
+         1, ("layer model.layers.0.mlp.down_proj: its mean has shape [1, 128], not [128]",),
+         stats_tensors("stats.safetensors", lambda t: t.update({k: t[k].reshape(1, -1) for k in list(t)
+                                                                 if k.endswith("down_proj.mean")}))),
+    Case("s3 calibrate a model with a NaN weight", "calibrate {tmp}/m --data {text} --nsamples 2 --seqlen 16 "
+         "--out {tmp}/s", 1, ("Block 0, layer self_attn.o_proj: its mean holds NaN or Inf",), model_copy(nan_weight)),
     # survey 17: one rule for every list: a value named twice is refused, before any work
     Case("s17 --pattern 2:4,2of4", SWEEP + " --pattern 2:4,2of4 --out {tmp}/p",
          1, ("--pattern names '2of4' twice (the same as '2:4')",), upfront=UP),

@@ -92,6 +92,18 @@ class LayerStats:
     def norm(self) -> torch.Tensor:
         return self.sumsq.sqrt()
 
+    def problem(self, width: int | None = None) -> str | None:
+        """What makes these statistics unusable, in words (None: nothing): a tensor not of the layer's input
+        `width`, or a NaN or Inf, which would become NaN scores, biases and weights downstream."""
+        parts = {"mean": self.mean, "m2": self.m2, "Hessian": self.hessian}
+        for what, t in parts.items():
+            want = None if width is None else [width] * (2 if what == "Hessian" else 1)
+            if t is not None and want is not None and list(t.shape) != want:
+                return f"its {what} has shape {list(t.shape)}, not {want} (the layer's inputs)"
+            if t is not None and not bool(torch.isfinite(t).all()):
+                return f"its {what} holds NaN or Inf"
+        return None
+
 
 class BlockCollector:
     """Forward hooks on one block's linear layers that stream their inputs into accumulators.

@@ -144,7 +144,14 @@ class Statistics:
                 if not self.has_hessian:
                     raise StadeError("These statistics have no Hessians.", "re-run `stade calibrate --hessian`")
                 h = self._read_hessian(group).to(device)
-            self._recent = (key, (f.get_tensor(f"{group}.mean").to(device), f.get_tensor(f"{group}.m2").to(device), h))
+            mean, m2 = f.get_tensor(f"{group}.mean").to(device), f.get_tensor(f"{group}.m2").to(device)
+            problem = LayerStats(0, mean, m2, False, h).problem(entry.shape[1])  # checked once per group read
+            if problem is not None:
+                raise StadeError(
+                    f"Statistics {str(self.path)!r}, layer {name}: {problem}.",
+                    "they were edited or made from a damaged model: calibrate again (`stade calibrate --force`)",
+                )
+            self._recent = (key, (mean, m2, h))
         mean, m2, h = self._recent[1]
         count = entry.count if entry.count is not None else self.manifest.count  # an expert's own tokens, else all
         return LayerStats(count, mean, m2, entry.fed_by_norm, h, group)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from stade_cli.base.errors import StadeError
 from stade_cli.models.blocks import BlockInputs, run_block
 from stade_cli.stats.collectors import LayerCollector
 
@@ -42,4 +43,23 @@ def collect_block(
         collector.remove()
     if group is not None:
         group.merge_collector(collector)
+    _check_finite(collector, index)
     return collector, outs
+
+
+def _check_finite(collector: LayerCollector, index: int) -> None:
+    """Refuse statistics with a NaN or Inf where they are made, naming the layer: they would become NaN biases,
+    scores and weights in a checkpoint that looks fine."""
+    seen: set[int] = set()
+    for name in collector.layers:
+        st = collector.layer_stats(name)
+        if id(st.mean) in seen:  # layers fed the same input share their statistics
+            continue
+        seen.add(id(st.mean))
+        problem = st.problem()
+        if problem is not None:
+            raise StadeError(
+                f"Block {index}, layer {name}: {problem}; the inputs it was fed are not finite.",
+                "the model's weights hold NaN or Inf, or its activations overflow in this dtype: check the weights, "
+                "or run in float32 or bfloat16 (--dtype)",
+            )
