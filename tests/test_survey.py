@@ -6,12 +6,21 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from test_bad_input import CALIBRATE, World, stade, world  # noqa: F401 (world: the shared fixture)
+import pytest
+from test_bad_input import CALIBRATE, ROOT, World, stade, world  # noqa: F401 (world: the shared fixture)
+from transformers import AutoModelForCausalLM
+
+from stade_cli.base.ownership import MARKER
 
 
 @contextmanager
@@ -83,3 +92,149 @@ def test_results_files_are_strict_json(world: World, tmp_path: Path) -> None:  #
     assert res.exit_code == 0, res.output
     (row,) = json.loads(res.stdout)["rows"]
     assert list(row["values"].values()) == ["inf"]
+
+
+# ----------------------------------------------------------------------------------------------- outputs owned
+
+
+CLI = "from stade_cli.cli import main; main()"
+
+
+def spawn(args: list[str], home: Path, before: str = "") -> subprocess.Popen:
+    """stade in a fresh process (`before`: Python run first, e.g. a patch), as a user's shell starts it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STADE_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", before + CLI, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def outputs(kind: str, world: World, out: Path) -> tuple[list[str], Path]:  # noqa: F811
+    """The command line of a run of `kind` writing `out`, and the unfinished twin that shows it has started."""
+    if kind == "prune":
+        args = f"prune {world.model} --stats {world.stats} --method wanda,magnitude --sparsity 0.5 --device cpu"
+        return [*shlex.split(args), "--out", str(out)], out / "wanda-unstructured-0.5.incomplete" / MARKER
+    if kind == "calibrate":
+        args = shlex.split(CALIBRATE.format(model=world.model, text=world.text))
+        return [*args, "--out", str(out)], out.with_name(out.name + ".incomplete") / MARKER
+    args = f"eval {world.model} --ppl {world.text} --tasks none --seqlen 16 --max-windows 2 --device cpu"
+    return [*shlex.split(args), "--out", str(out)], out.with_name(out.name + ".incomplete")
+
+
+@pytest.mark.slow  # fresh interpreters: seconds each
+@pytest.mark.parametrize("kind", ["prune", "calibrate", "eval"])
+def test_a_second_run_on_the_same_out_is_refused(kind: str, world: World, tmp_path: Path) -> None:  # noqa: F811
+    """1: two sweeps on one --out both exited 0, and their checkpoints lost model.safetensors. The second run is
+    refused, naming the first, which then finishes whole."""
+    out = tmp_path / ("r.json" if kind == "eval" else "o")
+    args, started = outputs(kind, world, out)
+    first = spawn(args, tmp_path / "home")
+    wait_for(started, first)
+    first.send_signal(signal.SIGSTOP)  # holds its claim, mid-run
+    try:
+        second = stade(args)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert second.exit_code == 1, second.output
+    said = " ".join(second.stderr.split())
+    assert f"Another stade run is writing '{out}" in said and f"(process {first.pid} on" in said
+    assert first.returncode == 0, stderr
+    if kind == "prune":
+        for name in ("wanda-unstructured-0.5", "magnitude-unstructured-0.5"):
+            model = AutoModelForCausalLM.from_pretrained(out / name)  # whole: it loads
+            assert model.num_parameters() > 0 and (out / name / "stade.json").is_file()
+    elif kind == "calibrate":
+        assert stade(["stats", "show", str(out)]).exit_code == 0
+    else:
+        assert json.loads(out.read_text())["kind"] == "stade-results"
+    assert not [p.name for p in tmp_path.rglob("*") if "incomplete" in p.name or p.name == MARKER]
+
+
+def test_a_dead_runs_leftover_is_cleared_but_not_a_stranger(world: World, tmp_path: Path) -> None:  # noqa: F811
+    """5: only an unfinished folder carrying stade's marker, whose run is gone, is removed."""
+    left = tmp_path / "p.incomplete"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    record = {"kind": "stade-run", "pid": 999999, "host": "gone", "started": 0, "command": "stade prune"}
+    (left / MARKER).write_text(json.dumps(record))  # a killed run's: nobody holds its lock
+    args = f"prune {world.model} --stats {world.stats} --method wanda --sparsity 0.5 --device cpu --out {tmp_path}/p"
+    res = stade(shlex.split(args))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+    assert MARKER not in {p.name for p in (tmp_path / "p").iterdir()}
+
+
+@pytest.mark.slow  # a fresh interpreter, and a folder of many files
+def test_interrupting_force_never_leaves_the_old_output_half_deleted(world: World, tmp_path: Path) -> None:  # noqa: F811
+    """6: Ctrl-C while --force removed the old output left it half-deleted, and threw the new one away. The old
+    output is moved aside whole first; the new one is in place before the old one is deleted."""
+    old = tmp_path / "p"
+    old.mkdir()
+    for i in range(40_000):
+        (old / f"f{i}").write_bytes(b"")
+    args = f"prune {world.model} --stats {world.stats} --method wanda --sparsity 0.5 --device cpu --out {old} --force"
+    proc = spawn(shlex.split(args), tmp_path / "home")
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".p.replaced.*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    said = " ".join(stderr.split())
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "No partial output" not in said, stderr
+    assert f"the new output '{old}' is in place; the one it replaced is partly deleted in" in said
+    assert AutoModelForCausalLM.from_pretrained(old).num_parameters() > 0  # the new output, whole
+    assert json.loads((old / "stade.json").read_text())["kind"] == "stade-prune-report"
+    assert not list(old.glob("f*"))
+
+
+@pytest.mark.slow  # fresh interpreters
+def test_a_kill_as_calibrate_assembles_keeps_every_block(world: World, tmp_path: Path) -> None:  # noqa: F811
+    """4: a kill after the last block, as the artifact was being put in place, lost every committed block: the
+    progress was deleted first. It stays until the artifact is in place, so --resume finishes from there."""
+    args = [*shlex.split(CALIBRATE.format(model=world.model, text=world.text)), "--hessian", "--resume"]
+    kill = "import os, signal, stade_cli.base.files as f\n"
+    kill += "f._swap_in = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"  # as it puts the artifact in place
+    proc = spawn([*args, "--out", str(tmp_path / "s")], tmp_path / "home", before=kill)
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    res = stade([*args, "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert "Resuming after block 1: 2 block(s) were committed." in " ".join(res.stderr.split())
+    whole = stade([*args[:-1], "--out", str(tmp_path / "w")])  # the same calibration, never killed
+    assert whole.exit_code == 0, whole.output
+    for name in ("stats.safetensors", "hessians.safetensors", "tokens.safetensors"):
+        assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "w" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(p.name for p in (tmp_path / "w").iterdir())
+
+
+def test_an_interrupted_resumable_calibration_says_what_it_kept(
+    world: World,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """4: Ctrl-C said "No partial output was left behind" while the committed blocks were kept for --resume."""
+    from stade_cli.stats.resume import BlockLog
+
+    commit = BlockLog.commit
+
+    def commit_then_interrupt(self: BlockLog, block: int, *args: Any) -> None:
+        commit(self, block, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockLog, "commit", commit_then_interrupt)
+    args = [*shlex.split(CALIBRATE.format(model=world.model, text=world.text)), "--resume"]
+    res = stade([*args, "--out", str(tmp_path / "s")])
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 130, res.output
+    assert "No partial output" not in said
+    assert f"Kept: the committed progress is kept in '{tmp_path}/s.incomplete': rerun with --resume" in said
+    assert (tmp_path / "s.incomplete" / "progress.json").is_file()

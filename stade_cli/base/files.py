@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from stade_cli.base.errors import StadeError
+from stade_cli.base.ownership import HELD, MARKER, check_unfinished, owned
+
+LEFT: list[str] = []  # what a failed run keeps on disk, in words, for its last message (cli_errors)
 
 
 def check_writable(out: Path, force: bool) -> None:
-    """Refuse to replace an existing output unless --force, and refuse a location that cannot be written.
+    """Refuse to replace an existing output unless --force, and refuse a location that cannot be written, a link,
+    the folder the user is in, or an unfinished twin in the way (ownership.check_unfinished).
 
     Called before any work, so that a read-only or misplaced --out is found before hours of compute.
     """
+    if out.is_symlink():
+        target = os.readlink(out)
+        state = "" if out.exists() else ", which does not exist"
+        raise StadeError(
+            f"Output {str(out)!r} is a link to {target!r}{state}: stade writes a new file or folder in place of an "
+            "output, and will neither follow nor replace a link.",
+            "give the path it points to, or another --out",
+        )
+    here = Path.cwd()
+    if out.name in ("", ".", "..") or out.resolve() == here or out.resolve() in here.parents:
+        raise StadeError(f"Output {str(out)!r} is the folder you are in, or holds it.", "give a new folder's name")
     if out.exists() and not force:
         raise StadeError(f"Output {str(out)!r} already exists.", "pass --force to replace it, or choose another --out")
     check_location(out)
+    check_unfinished(out)
 
 
 def _existing_parent(out: Path) -> Path:
@@ -115,21 +134,68 @@ def is_write_error(exc: BaseException, folder: Path) -> bool:
 
 
 @contextmanager
-def atomic_dir(out: Path, force: bool, keep: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only if the block finishes (Ctrl-C leaves nothing); its files
-    are flushed to the disk before it takes its name (atomic_write's durability policy).
+def atomic_dir(out: Path, force: bool, keep: bool = False, scratch: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder, this run's alone (ownership.owned), that becomes `out` only if the block finishes
+    (Ctrl-C leaves nothing); its files are flushed to the disk before it takes its name (atomic_write's durability
+    policy). Folders made to hold it are removed again if it fails and they stay empty (a sweep's --out).
 
     With `keep`, what a killed run left in the temporary folder is used and kept, even on an error
-    (calibrate --resume: committed progress is never thrown away; the folder never looks complete).
+    (calibrate --resume: committed progress is never thrown away; the folder never looks complete). Files matching
+    the `scratch` patterns (that progress) are removed only once the folder is in place: a kill just before can
+    still resume.
     """
     check_writable(out, force)
-    tmp = out.with_name(out.name + ".incomplete")
-    if tmp.exists() and not keep:
-        shutil.rmtree(tmp)
+    made = [p for p in out.absolute().parents if not p.exists()]
+    with contextlib.ExitStack() as stack:
+        try:
+            out.absolute().parent.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(owned(out, keep))
+        except OSError as exc:
+            _remove_empty(made)
+            raise write_error(out, exc) from None
+        yield from _fill(tmp, out, keep, made, scratch)
+
+
+@contextmanager
+def claimed(path: Path) -> Iterator[None]:
+    """A file output (a results file) this run's alone from now until atomic_write puts it in place: a second run
+    writing it is refused from its start, not silently overwritten at its end (ownership.owned)."""
+    made = [p for p in path.absolute().parents if not p.exists()]
+    with contextlib.ExitStack() as stack:
+        try:
+            path.absolute().parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(owned(path, folder=False))
+        except OSError as exc:
+            _remove_empty(made)
+            raise write_error(path, exc) from None
+        try:
+            yield
+        except BaseException:
+            stack.close()  # the claim goes first, then the folders it needed
+            _remove_empty(made)
+            raise
+
+
+@contextmanager
+def made_once(dest: Path, done: str) -> Iterator[Path | None]:
+    """A cache folder (a converted model, sample text, a task) made by whichever process comes first: the others
+    (torchrun's ranks, two commands at once) wait on a lock beside it, then find it made (None: nothing to do).
+    `done`: the file whose presence says it is made."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest.with_name(f".{dest.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        tmp.mkdir(parents=True, exist_ok=keep)
-    except OSError as exc:
-        raise write_error(out, exc) from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if (dest / done).exists():
+            yield None
+        else:
+            with atomic_dir(dest, force=True) as tmp:
+                yield tmp
+    finally:
+        os.close(fd)
+
+
+def _fill(tmp: Path, out: Path, keep: bool, made: list[Path], scratch: tuple[str, ...]) -> Iterator[Path]:
+    """atomic_dir's body: the caller fills `tmp`, which then takes `out`'s name, or goes on failure."""
     try:
         yield tmp
         mode = 0o666 & ~umask()  # some writers (safetensors) make their files 0600: shared statistics must be readable
@@ -137,16 +203,57 @@ def atomic_dir(out: Path, force: bool, keep: bool = False) -> Iterator[Path]:
             if f.is_file():
                 f.chmod(mode)
                 fsync_path(f)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-        fsync_path(out.parent)
+        _swap_in(tmp, out, (MARKER, *scratch))
     except BaseException as exc:
-        if not keep:
+        if keep:
+            LEFT.append(f"the committed progress is kept in {str(tmp)!r}: rerun with --resume to go on from it")
+        else:
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_empty(made)
         if is_write_error(exc, tmp):
             raise write_error(out, exc) from None
         raise
+
+
+def _swap_in(tmp: Path, out: Path, scratch: tuple[str, ...]) -> None:
+    """`tmp` takes `out`'s name, and then loses what only the unfinished folder needed (`scratch` patterns). An
+    output replaced (--force) is first moved aside whole with one rename, and deleted only once the new one is in
+    place: an interrupt never leaves it half-deleted in place."""
+    aside = out.with_name(f".{out.name}.replaced.{os.getpid()}") if out.exists() else None
+    try:
+        with signals_held():  # between the renames an interrupt would leave neither output in place
+            if aside is not None:
+                os.replace(out, aside)
+            os.replace(tmp, out)
+            for pattern in scratch:
+                for f in out.glob(pattern):
+                    f.unlink()
+            fsync_path(out.parent)
+        if aside is not None:
+            shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+    except BaseException:
+        if out.exists() and not tmp.exists():  # stopped after the swap: say what is where
+            old = f"; the one it replaced is partly deleted in {str(aside)!r}: remove it" if aside else ""
+            LEFT.append(f"the new output {str(out)!r} is in place{old}")
+        raise
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the `with` ends (a few renames), then take effect as usual."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run made, innermost first, where they are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def umask() -> int:
@@ -173,11 +280,20 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
     name (atomic_dir); other single files rely on the rename alone.
     """
     tmp = path.with_name(path.name + ".incomplete")
+    raw = data.encode("utf8") if isinstance(data, str) else data
+    held = HELD.get(tmp)  # an output this run took at its start (ownership.owned): its marker becomes the file
     try:
-        tmp.write_bytes(data.encode("utf8") if isinstance(data, str) else data)
+        if held is None:
+            tmp.write_bytes(raw)
+        else:
+            os.ftruncate(held, 0)
+            view = memoryview(raw)
+            while view:
+                view = view[os.pwrite(held, view, len(raw) - len(view)) :]
         if durable:
             fsync_path(tmp)
         os.replace(tmp, path)
+        HELD.pop(tmp, None)  # written: the claim is spent (its lock goes with the `owned` block)
         if durable:
             fsync_path(path.parent)
     except BaseException as exc:

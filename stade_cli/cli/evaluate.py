@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -97,7 +98,7 @@ def eval_(
     Several models (e.g. a whole sweep): stade eval smollm2-135m pruned/*/ --ppl sample-news --out results/
     """
     from stade_cli.base.console import err
-    from stade_cli.base.files import check_apart, check_writable
+    from stade_cli.base.files import check_apart, check_writable, claimed
     from stade_cli.cli.tables import render_results
     from stade_cli.evaluation.evaluate import EvalConfig, evaluate_spec, prepare, results_paths
     from stade_cli.models.dispatch import parse_max_memory, wants_dispatch
@@ -127,16 +128,19 @@ def eval_(
             resolve_model(model)
     ready, most_tokens = prepare(config, cache)  # every task and dataset loaded before the first model runs
     documents = []
-    for model, path in zip(models, paths, strict=True):
-        if not spread:  # a model spread over devices fits by construction
-            plan_line("eval", model, dev, None, cache_dir, seqlen=seqlen, nsamples=min(batch_size, max_windows or
-                      batch_size), batch_size=batch_size, dtype=dtype, eval_tokens=most_tokens)  # fmt: skip
-        run_dtype = dtype.value if dtype else None
-        results = evaluate_spec(model, config, dev, cache, ready, run_dtype, max_memory if spread else None, spread)
-        _save(path, results, force)
-        documents.append(results)
-        if not as_json:
-            render_results(results)
+    with contextlib.ExitStack() as held:
+        for path in paths:  # each results file is this run's from now: a second eval writing it is refused
+            held.enter_context(claimed(path))
+        for model, path in zip(models, paths, strict=True):
+            if not spread:  # a model spread over devices fits by construction
+                plan_line("eval", model, dev, None, cache_dir, seqlen=seqlen, nsamples=min(batch_size, max_windows
+                          or batch_size), batch_size=batch_size, dtype=dtype, eval_tokens=most_tokens)  # fmt: skip
+            run_dtype = dtype.value if dtype else None
+            results = evaluate_spec(model, config, dev, cache, ready, run_dtype, max_memory if spread else None, spread)
+            _save(path, results, force)
+            documents.append(results)
+            if not as_json:
+                render_results(results)
     if as_json:
         print_json(documents[0].dump() if len(documents) == 1 else [d.dump() for d in documents])
 

@@ -111,15 +111,30 @@ def _fail(message: str, hint: str | None) -> NoReturn:
     err.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
         err.print(f"[yellow]Hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+    _say_left()
     err.print("[dim]Set STADE_DEBUG=1 for the traceback.[/]")
     raise typer.Exit(1)
 
 
 def _interrupted(what: str, code: int) -> NoReturn:
     from stade_cli.base.console import err
+    from stade_cli.base.files import LEFT
 
-    err.print(f"[bold red]{what}[/] No partial output was left behind.")
+    err.print(f"[bold red]{what}[/]" + ("" if LEFT else " No partial output was left behind."))
+    _say_left()
     raise typer.Exit(code)
+
+
+def _say_left() -> None:
+    """What the failed run keeps on disk (files.LEFT), one line each: the truth, not "nothing was left"."""
+    from rich.markup import escape
+
+    from stade_cli.base.console import err
+    from stade_cli.base.files import LEFT
+
+    for line in LEFT:
+        err.print(f"[yellow]Kept:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    LEFT.clear()
 
 
 def _out_of_memory(exc: BaseException) -> bool:

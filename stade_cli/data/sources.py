@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from stade_cli.base.errors import StadeError, at_least, library_errors
-from stade_cli.base.files import atomic_dir, sha256_file
+from stade_cli.base.files import made_once, sha256_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -114,11 +114,12 @@ def builtin_documents(name: str) -> Documents:
 
     cache = stade_home() / "data" / name
     if not (cache / "docs.jsonl").exists():
-        texts = _wiki_articles() if name == "sample-wiki" else _news_lines()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(cache, force=True) as tmp, open(tmp / "docs.jsonl", "w", encoding="utf8") as f:
-            for t in texts:
-                f.write(json.dumps({"text": t}) + "\n")
+        with made_once(cache, "docs.jsonl") as tmp:
+            if tmp is not None:
+                texts = _wiki_articles() if name == "sample-wiki" else _news_lines()
+                with open(tmp / "docs.jsonl", "w", encoding="utf8") as f:
+                    for t in texts:
+                        f.write(json.dumps({"text": t}) + "\n")
     with open(cache / "docs.jsonl", encoding="utf8") as f:
         texts = [json.loads(line)["text"] for line in f]
     # The news sample is one text, a line per story: each story ends with a newline.

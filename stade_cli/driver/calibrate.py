@@ -38,7 +38,7 @@ from stade_cli.stats.artifact import HESSIAN_FILE, Statistics
 from stade_cli.stats.collect import collect_block
 from stade_cli.stats.collectors import LayerCollector, norm_feed_warnings
 from stade_cli.stats.distributed import Group
-from stade_cli.stats.resume import HESSIAN_PREFIX, BlockLog
+from stade_cli.stats.resume import HESSIAN_PREFIX, SCRATCH, BlockLog
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def calibrate(
     mine = windows.input_ids[start:stop]  # what this process computes
     if group is not None:  # the artifact holds every rank's windows
         start, stop = 0, drawn
-    with atomic_dir(out, force, keep=resume) if lead else contextlib.nullcontext(None) as tmp:
+    with atomic_dir(out, force, keep=resume, scratch=SCRATCH) if lead else contextlib.nullcontext(None) as tmp:
         log = None if tmp is None else _block_log(tmp, loaded, config, windows, (start, stop), mine, resume)
         try:
             layers, warnings, t_run = collect(loaded, mine, device, config.hessian, config.batch_size, log, group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from stade_cli.base.dtypes import dtype_name
 from stade_cli.base.errors import StadeError
 from stade_cli.base.files import write_json
 from stade_cli.base.modelcard import write_card
+from stade_cli.base.tensorfiles import header
 from stade_cli.base.versions import library_versions
 from stade_cli.driver.reports import PruneReport
 from stade_cli.models import hf
@@ -27,6 +29,7 @@ from stade_cli.models.blocks import iterate_blocks
 from stade_cli.models.experts import ExpertLayer, kind_counts, prunable_layers
 from stade_cli.models.layers import bias_param
 from stade_cli.models.loading import LoadedModel
+from stade_cli.models.weights import SINGLE_FILE
 from stade_cli.stages.config import PruneConfig
 from stade_cli.stages.presets import FALLBACK, MIN_EXPERT_TOKENS
 from stade_cli.stats.artifact import Statistics
@@ -119,6 +122,24 @@ def prune_record(
 
 def finish_checkpoint(folder: Path, record: PruneRecord, command: str | None) -> None:
     """What every checkpoint holds beside its weights, config and tokenizer: stade.json and a README.md model card
-    naming `command`, the command line that made it."""
+    naming `command`, the command line that made it. The weights are checked whole first: a run never reports
+    success for a checkpoint that cannot load."""
+    check_weights_whole(folder)
     write_json(folder / REPORT_FILE, record.dump())
     write_card(folder, record, command)
+
+
+def check_weights_whole(folder: Path) -> None:
+    """Every weight file the checkpoint names is there, as long as its header says."""
+    index = folder / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [SINGLE_FILE]
+    for name in ["config.json", *names]:
+        path = folder / name
+        ok = path.is_file()
+        if ok and name.endswith(".safetensors"):
+            entries = header(path).values()
+            end = max((base + e["data_offsets"][1] for base, e in entries), default=path.stat().st_size)
+            ok = path.stat().st_size == end
+        if not ok:
+            raise StadeError(f"The checkpoint written in {str(folder)!r} lacks {name} or has it cut short.",
+                             "run again; if it recurs, check the disk")  # fmt: skip

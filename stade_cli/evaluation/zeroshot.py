@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from stade_cli.base.console import progress
 from stade_cli.base.errors import StadeError, at_least, library_errors, named_once
-from stade_cli.base.files import atomic_dir
+from stade_cli.base.files import made_once
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -114,8 +114,9 @@ def builtin_task_dir() -> Path:
     if (folder / f"{BUILTIN_TASK}.yaml").exists():
         return folder
     items = cloze_items([t.strip() for t in builtin_documents("sample-news").texts])
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(folder, force=True) as tmp:
+    with made_once(folder, f"{BUILTIN_TASK}.yaml") as tmp:
+        if tmp is None:
+            return folder
         with open(tmp / "items.jsonl", "w", encoding="utf8") as f:
             for item in items:
                 f.write(json.dumps(item) + "\n")

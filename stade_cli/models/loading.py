@@ -16,7 +16,7 @@ import torch
 
 from stade_cli.base.dtypes import BY_NAME, RUN_DTYPES, parse_dtype
 from stade_cli.base.errors import StadeError, first_line
-from stade_cli.base.files import atomic_dir
+from stade_cli.base.files import made_once
 from stade_cli.base.home import stade_home
 from stade_cli.models import hf
 from stade_cli.models.fingerprint import fingerprint
@@ -65,8 +65,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> Path:
     """Dequantize a GGUF file once into a float safetensors folder that every later load reuses."""
     if (dest / "config.json").exists():
         return dest
-    with atomic_dir(dest, force=True) as tmp:
-        _dequantize_into(gguf, tmp)
+    with made_once(dest, "config.json") as tmp:
+        if tmp is not None:
+            _dequantize_into(gguf, tmp)
     return dest
 
 

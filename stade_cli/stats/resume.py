@@ -32,6 +32,7 @@ PROGRESS_FILE = "progress.json"
 PROGRESS_KIND = "stade-calibration-progress"
 PROGRESS_VERSION = 2  # 2: Hessians committed into the artifact's own file (1 kept them in the block files)
 HESSIAN_PREFIX = "hessian:"  # a group's Hessian among a block's tensors
+SCRATCH = (PROGRESS_FILE, "block-*.safetensors", "hidden-*.safetensors")  # the progress, not the artifact
 
 
 class BlockLog:
@@ -149,15 +150,11 @@ class BlockLog:
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The statistics of every block, read back (not mapped: the small statistics kept from each block would
-        otherwise keep its whole mapping resident to the end); the Hessians file gets its header; the progress
-        files are removed (the caller then writes the artifact's own files)."""
+        otherwise keep its whole mapping resident to the end); the Hessians file gets its header. The progress
+        files stay until the artifact is in place (SCRATCH, files.atomic_dir): a kill before that still resumes."""
         stats: dict[str, torch.Tensor] = {}
         for k in range(self.done):
             stats |= read_tensors(self.folder / f"block-{k:05d}.safetensors")
         if self.hessians is not None:
             self.hessians.close()
-        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
-        for f in self.folder.iterdir():
-            if f.name.startswith(("block-", "hidden-")) and f.suffix == ".safetensors":
-                f.unlink()
         return stats
