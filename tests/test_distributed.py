@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -458,3 +459,85 @@ def test_merged_moe_shards_count_each_experts_tokens(text: Path, tmp_path: Path)
     assert sum(counts) == expert["count"] and counts[0] != counts[1]
     merged = merge_statistics([s.path for s in shards], tmp_path / "merged")
     assert_equal_statistics(Statistics.load(merged.path), whole)
+
+
+RANKS_DIFFER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    from stade_cli.cli import main
+
+    rank = os.environ["RANK"]
+    open(os.path.join(os.environ["PIDS"], rank), "w").write(str(os.getpid()))
+    if os.environ["DIFFER"] == "argument" and rank == "1":
+        sys.argv += ["--seed", "7"]  # a rank started with an argument of its own
+    if os.environ["DIFFER"] == "data" and rank == "1":  # the same command line, another file on this node
+        import stade_cli.driver.calibrate as cal
+        real = cal.draw_windows
+        def draw(*args, **kwargs):
+            windows = real(*args, **kwargs)
+            windows.input_ids = torch.flip(windows.input_ids, [1])
+            return windows
+        cal.draw_windows = draw
+    if os.environ["DIFFER"] == "stuck" and rank == "1":  # never reaches the end of the first block
+        import time
+        import stade_cli.stats.collect as c
+        c.run_block = lambda *a, **k: time.sleep(600)
+    main()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("differ", ["argument", "data"])
+def test_torchrun_ranks_that_differ_are_refused(differ: str, tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
+    """Survey 2: ranks given another --seed (or, on their node, other data) were merged silently, and ranks that
+    disagreed on --hessian waited for each other until the 1800 s timeout. They are refused before any work."""
+    script = tmp_path / "differ.py"
+    script.write_text(RANKS_DIFFER)
+    (tmp_path / "pids").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFER": differ}
+    env["PIDS"] = str(tmp_path / "pids")
+    port = 29617 + (differ == "data")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}"]
+    args = ["calibrate", str(tiny_llama_dir), "--data", str(text), "--nsamples", "4", "--seqlen", "16", "--hessian"]
+    t0 = time.perf_counter()
+    res = subprocess.run([*cmd, str(script), *args, "--device", "cpu", "--out", str(tmp_path / "s")], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    message = " ".join(res.stderr.split())
+    assert res.returncode != 0
+    if differ == "argument":
+        assert (
+            "The ranks were started with different arguments: where rank 0 has nothing more, rank 1 has "
+            "'--seed 7'." in message
+        ), message[-3000:]
+    else:
+        assert "The ranks disagree on the calibration windows" in message, message[-3000:]
+        assert "give every node the same file" in message
+    assert time.perf_counter() - t0 < 120
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.incomplete").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_rank_waiting_in_a_collective(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
+    """Survey 2: a rank blocked in a collective (its peer never came) ignored SIGTERM; it now ends, saying so."""
+    script = tmp_path / "stuck.py"
+    script.write_text(RANKS_DIFFER)
+    (tmp_path / "pids").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFER": "stuck"}
+    env["PIDS"] = str(tmp_path / "pids")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29619"]
+    args = ["calibrate", str(tiny_llama_dir), "--data", str(text), "--nsamples", "4", "--seqlen", "16"]
+    proc = subprocess.Popen([*cmd, str(script), *args, "--device", "cpu", "--out", str(tmp_path / "s")], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "pids" / "0").exists() or not (tmp_path / "pids" / "0").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(8)  # rank 0 is in the first collective by now, waiting for rank 1
+    os.kill(int((tmp_path / "pids" / "0").read_text()), signal.SIGTERM)
+    t0 = time.perf_counter()
+    _, stderr = proc.communicate(timeout=120)
+    assert time.perf_counter() - t0 < 60, "the rank ignored SIGTERM"
+    assert "Stopped (SIGTERM) while waiting for the other ranks." in stderr, stderr[-3000:]
+    assert proc.returncode != 0

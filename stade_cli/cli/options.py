@@ -238,8 +238,9 @@ def plan_line(
         kwargs["data"] = data
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     config = PlanConfig(**kwargs, dtype=dtype.value if dtype else None, timed=False)
-    line = preflight(stage, model, config, dev, out, str(cache_dir) if cache_dir else None)
-    err.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True)
+    line = preflight(stage, model, config, dev, out, str(cache_dir) if cache_dir else None)  # every rank checks
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
+        err.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True)
 
 
 def print_json(data: object) -> None:

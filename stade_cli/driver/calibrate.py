@@ -113,6 +113,9 @@ def calibrate(
         check_writable(out, force)
     t0 = time.perf_counter()
     windows = draw_windows(loaded, config, cache_dir, docs)
+    if group is not None:  # the same command line is not enough: each node reads its own --data file
+        why = "each rank read its own --data: give every node the same file"
+        group.same_everywhere(ids_sha256(windows.input_ids), "the calibration windows", why)
     t_data = time.perf_counter() - t0
     drawn = windows.input_ids.shape[0]
     shard = Part.parse(config.shard) if config.shard is not None else None

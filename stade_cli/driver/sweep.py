@@ -209,6 +209,8 @@ def prune_checkpoints(
     paths = check_outputs(out, configs, force)
     refuse_unsupported(configs, group is not None)
     check_compatible(loaded, stats, configs)
+    if group is not None:  # each node reads its own files: the same command line is not enough
+        group.same_everywhere(stats.fingerprint, "--stats", "each rank read its own copy: give every node the same")
     switches = bias_plan(loaded.model, stats, configs)
     switched = {c: switches if uses_bias(stats, c) else {} for c in configs}
     loaded, layouts = (held_whole(loaded), None) if save_pretrained else _layouts(loaded, configs, switched, dtype)

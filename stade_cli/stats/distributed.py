@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from typing import Any
 
 import torch
 
-from stade_cli.base.errors import StadeError
+from stade_cli.base.errors import StadeError, first_line
 from stade_cli.base.shards import Part
 from stade_cli.stats.accumulators import Moments
 
 TIMEOUT_ENV = "STADE_DIST_TIMEOUT"  # seconds a collective waits for the other ranks
+PEER_GONE = ("connection closed", "connection reset", "broken pipe", "peer")  # gloo's words for a rank that died
 DEFAULT_TIMEOUT_S = 1800
 
 
@@ -104,7 +106,7 @@ class Group:
         """Where collectives' tensors must live: the rank's GPU for nccl, the CPU for gloo."""
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
-    def same_everywhere(self, digest: str, what: str) -> None:
+    def same_everywhere(self, digest: str, what: str, hint: str = "this is a bug in stade: please report it") -> None:
         """Refuse when the ranks disagree on `digest` (e.g. a pruned block's weights)."""
         import torch.distributed as dist
 
@@ -113,7 +115,25 @@ class Group:
         if len(set(digests)) != 1:
             raise StadeError(
                 f"The ranks disagree on {what}: {', '.join(f'rank {r} {d[:12]}' for r, d in enumerate(digests) if d)}.",
-                "this is a bug in stade: please report it",
+                hint,
+            )
+
+    def same_command(self, args: list[str]) -> None:
+        """Refuse, before any work, ranks started with different arguments (a --seed, --data or --hessian of their
+        own): their statistics would be mixed silently, or their collectives would wait on each other forever."""
+        import torch.distributed as dist
+
+        every: list[list[str] | None] = [None] * self.world
+        dist.all_gather_object(every, args)
+        other = next(((r, a) for r, a in enumerate(every) if a is not None and a != every[0]), None)
+        if other is not None:
+            first = every[0] or []
+            i = next((i for i, (a, b) in enumerate(zip(first, other[1], strict=False)) if a != b), len(first))
+            ours, theirs = (repr(" ".join(a[i : i + 2])) if a[i:] else "nothing more" for a in (first, other[1]))
+            raise StadeError(
+                f"The ranks were started with different arguments: where rank 0 has {ours}, rank {other[0]} has "
+                f"{theirs}.",
+                "start every rank with the same command line",
             )
 
     def barrier(self) -> None:
@@ -169,16 +189,25 @@ def group_for(device: torch.device) -> Iterator[Group | None]:
     seconds = timeout_s()
     dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
     try:
-        yield Group(rank, world, backend)
+        with exit_when_stuck():
+            group = Group(rank, world, backend)
+            group.same_command(sys.argv[1:])
+            yield group
     except StadeError as exc:
         raise StadeError(f"rank {rank} of {world}: {exc.message}", exc.hint) from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:
-        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+        text = str(exc).lower()
+        if "timed out" in text or "timeout" in text:
             raise StadeError(
                 f"rank {rank} of {world}: a collective waited more than {seconds} s for the other ranks.",
                 f"another rank failed or hangs: see its error; raise {TIMEOUT_ENV} for very slow blocks",
+            ) from None
+        if any(word in text for word in PEER_GONE):
+            raise StadeError(
+                f"rank {rank} of {world}: another rank stopped mid-run ({first_line(exc)}).",
+                "see that rank's own error above; this rank has stopped too",
             ) from None
         from stade_cli.base.console import err
 
@@ -187,6 +216,43 @@ def group_for(device: torch.device) -> Iterator[Group | None]:
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def exit_when_stuck(grace_s: float = 3.0) -> Iterator[None]:
+    """SIGTERM or Ctrl-C must end a rank even while it waits in a collective, where Python runs no signal handler
+    (the wait is in the backend's C++). A watcher thread learns of the signal from the wakeup descriptor, and if
+    the main thread has not ended `grace_s` later, it says so and exits the process (143, or 130)."""
+    import signal
+    import threading
+
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            got = os.read(read, 1)
+            if done.is_set() or got[:1] not in (bytes([signal.SIGTERM]), bytes([signal.SIGINT])):
+                continue
+            if done.wait(grace_s):
+                return
+            code = 143 if got[0] == signal.SIGTERM else 130
+            sys.stderr.write(f"Stopped ({'SIGTERM' if code == 143 else 'Ctrl-C'}) while waiting for the other ranks.\n")
+            os._exit(code)
+
+    thread = threading.Thread(target=watch, name="stade-signal-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous)
+        os.write(write, b"\0")  # wakes the watcher, which sees `done`
+        thread.join(timeout=1)
+        os.close(read)
+        os.close(write)
 
 
 def cuda_device_for(device: torch.device) -> torch.device:
