@@ -238,3 +238,17 @@ def test_an_interrupted_resumable_calibration_says_what_it_kept(
     assert "No partial output" not in said
     assert f"Kept: the committed progress is kept in '{tmp_path}/s.incomplete': rerun with --resume" in said
     assert (tmp_path / "s.incomplete" / "progress.json").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_statistics_in_another_dtype_fit_the_model(dtype: str, world: World, tmp_path: Path) -> None:  # noqa: F811
+    """8: statistics calibrated in float16 on a float32 model were refused by every prune ("computed on another
+    model"): the fingerprint followed the dtype computed in. It now reads the values the files store."""
+    fill = {"model": world.model, "text": world.text}
+    res = stade([*shlex.split(CALIBRATE.format(**fill)), "--dtype", dtype, "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    same = json.loads((world.stats / "manifest.json").read_text())["model"]["fingerprint"]
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["model"]["fingerprint"] == same
+    prune = f"prune {world.model} --stats {tmp_path / 's'} --method wanda --sparsity 0.5 --device cpu"
+    res = stade([*shlex.split(prune), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output

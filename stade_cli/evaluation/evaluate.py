@@ -31,7 +31,7 @@ from stade_cli.models.experts import ExpertLayer, prunable_layers
 from stade_cli.models.fingerprint import fingerprint
 from stade_cli.models.layers import find_blocks, get_weight
 from stade_cli.models.loading import LoadedModel, check_seqlen, config_summary, default_seqlen, vocab_size
-from stade_cli.models.weights import WeightFiles
+from stade_cli.models.weights import WeightFiles, file_samples
 
 C4_MAX_WINDOWS = 256  # the published code keeps the first 256 * seqlen validation tokens of C4
 DEFAULT_PPL = ("wikitext2",)
@@ -177,14 +177,8 @@ def _fingerprint(loaded: LoadedModel, files: WeightFiles | None) -> str:
     """fingerprint(model); weights left on disk are sampled from the files (a tied copy from its source)."""
     if files is None:
         return fingerprint(loaded.model)
-    model = loaded.model
-    source = {id(p): n for n, p in model.named_parameters()}
-    samples = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if p.is_meta:
-            src = n if n in files.file_of else source[id(p)]
-            samples[n] = files.samples([src], loaded.dtype)[src].replace(src.encode(), n.encode(), 1)
-    return fingerprint(model, samples)
+    meta = [n for n, p in loaded.model.named_parameters(remove_duplicate=False) if p.is_meta]
+    return fingerprint(loaded.model, file_samples(loaded.model, files, meta))
 
 
 def model_record(loaded: LoadedModel) -> ModelRecord:

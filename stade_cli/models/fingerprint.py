@@ -31,14 +31,16 @@ def fingerprint(model: nn.Module, samples: dict[str, bytes] | None = None) -> st
     Hashing every byte of a 70B model would take minutes; a sample of each tensor still tells
     two different checkpoints apart, which is all the statistics check needs. Values are rounded to
     bfloat16 first, so a bfloat16 checkpoint gives the same fingerprint loaded in bfloat16 or float32.
-    `samples` holds the parts of tensors not in memory (blocks of a lazily loaded model).
+    `samples` holds parts taken from the files (a lazily loaded model's: weights.file_samples); they stand for the
+    tensors in memory too, whose values depend on the dtype the model runs in.
     """
     parts = dict(samples or {})
     for name, p in model.state_dict().items():
-        if not p.is_meta:
-            parts[name] = fingerprint_sample(name, p)
-        elif name not in parts:
+        if name in parts:  # taken from the files, as stored
+            continue
+        if p.is_meta:
             raise ValueError(f"{name} is not loaded and has no fingerprint sample")
+        parts[name] = fingerprint_sample(name, p)
     h = hashlib.sha256()
     for name in sorted(parts):
         h.update(parts[name])

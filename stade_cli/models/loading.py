@@ -21,7 +21,7 @@ from stade_cli.base.home import stade_home
 from stade_cli.models import hf
 from stade_cli.models.fingerprint import fingerprint
 from stade_cli.models.layers import find_blocks
-from stade_cli.models.weights import WeightFiles, build_lazy
+from stade_cli.models.weights import WeightFiles, build_lazy, file_samples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -171,16 +171,11 @@ class LoadedModel:
         return self.files is not None
 
     def fingerprint(self) -> str:
-        """fingerprint(model), for a lazy model from the samples taken as its blocks went by."""
+        """fingerprint(model); for a lazy model from the values its files store (the blocks' samples taken as they
+        went by, the rest read strided), so that it does not depend on the dtype it runs in."""
         if self.files is not None:
-            name, blocks = find_blocks(self.model)
-            missing = [
-                f"{name}.{i}.{n}"
-                for i, b in enumerate(blocks)
-                for n in b.state_dict()
-                if f"{name}.{i}.{n}" not in self.block_samples
-            ]
-            self.block_samples.update(self.files.samples(missing, self.dtype))  # strided reads, not the blocks
+            missing = [n for n in self.model.state_dict() if n not in self.block_samples]
+            self.block_samples.update(file_samples(self.model, self.files, missing))  # strided reads, not tensors
         return fingerprint(self.model, self.block_samples)
 
 

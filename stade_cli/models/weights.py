@@ -67,9 +67,9 @@ class WeightFiles:
                 return cls(dict.fromkeys(f.keys(), Path(single_path)))
         return None
 
-    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The named tensors in `dtype`, read into fresh memory (read_tensors): a block's pages leave the
-        resident set with the block, rather than staying mapped."""
+    def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The named tensors in `dtype` (None: as stored), read into fresh memory (read_tensors): a block's pages
+        leave the resident set with the block, rather than staying mapped."""
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.file_of[n], []).append(n)
@@ -77,7 +77,7 @@ class WeightFiles:
         for file, keys in by_file.items():
             try:
                 for k, t in read_tensors(file, keys).items():
-                    out[k] = t.to(dtype) if t.is_floating_point() else t
+                    out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
             except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:  # found only now, block by block
                 raise StadeError(
                     f"Weights file {str(file)!r} is unreadable: {' '.join(str(exc).split())}.",
@@ -85,9 +85,10 @@ class WeightFiles:
                 ) from None
         return out
 
-    def samples(self, names: list[str], dtype: torch.dtype) -> dict[str, bytes]:
-        """Fingerprint samples of the named tensors, read strided from the files: only the pages the sample
-        touches are read, not the tensors (a 70B model's fingerprint must not read 140 GB)."""
+    def samples(self, names: list[str]) -> dict[str, bytes]:
+        """Fingerprint samples of the named tensors, read strided from the files as stored (whatever dtype the model
+        runs in): only the pages the sample touches are read, not the tensors (a 70B model's fingerprint must not
+        read 140 GB)."""
         import numpy as np
 
         out = {}
@@ -112,9 +113,22 @@ class WeightFiles:
                     "a .safetensors file is truncated or corrupt: copy or download the model again",
                 ) from None
             strided = torch.from_numpy(picked).view(dt)
-            strided = strided.to(dtype) if strided.is_floating_point() else strided
             out[name] = fingerprint_sample(name, torch.empty(shape, device="meta"), strided)
         return out
+
+
+def file_samples(model: PreTrainedModel, files: WeightFiles, names: list[str]) -> dict[str, bytes]:
+    """Fingerprint samples of the model's tensors `names`, from the values its files store (a tied copy from its
+    source's), so that the fingerprint does not depend on the dtype the model runs in: statistics calibrated in
+    float16 from a float32 checkpoint fit a prune run in float32."""
+    source = {id(p): n for n, p in model.named_parameters()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for n in names:
+        src = n if n in files.file_of or n not in params else source[id(params[n])]
+        if src in files.file_of:  # else a buffer the files do not hold: sampled in memory (fingerprint())
+            out[n] = files.samples([src])[src].replace(src.encode(), n.encode(), 1)
+    return out
 
 
 def _persistent(module: nn.Module) -> list[str]:
@@ -223,8 +237,9 @@ def materialized(
     needs no second read.
     """
     names = _persistent(block)
-    tensors = files.read([f"{prefix}.{n}" for n in names], dtype)
-    samples.update({full: fingerprint_sample(full, t) for full, t in tensors.items()})
+    tensors = files.read([f"{prefix}.{n}" for n in names], None)
+    samples.update({full: fingerprint_sample(full, t) for full, t in tensors.items()})  # as stored: see file_samples
+    tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     block.load_state_dict({n: tensors[f"{prefix}.{n}"] for n in names}, strict=True, assign=True)
     try:
         yield block
