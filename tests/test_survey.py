@@ -252,3 +252,37 @@ def test_statistics_in_another_dtype_fit_the_model(dtype: str, world: World, tmp
     prune = f"prune {world.model} --stats {tmp_path / 's'} --method wanda --sparsity 0.5 --device cpu"
     res = stade([*shlex.split(prune), "--out", str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
+
+
+def test_calibrate_plans_the_disk_its_progress_takes(
+    world: World,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """9: calibrate's disk pre-flight left out the hidden states it commits each block (for --resume): the plan said
+    0.00 GB and the disk filled after two blocks. The plan holds the peak the folder reaches."""
+    import torch
+
+    import stade_cli.stats.resume as resume
+    from stade_cli.planning.plan import PlanConfig, make_plan
+
+    peak = 0
+    write_json = resume.write_json
+
+    def measured(path: Path, *args: Any, **kwargs: Any) -> None:  # at each commit, before the last hidden states go
+        nonlocal peak
+        write_json(path, *args, **kwargs)
+        peak = max(peak, sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file()))
+
+    monkeypatch.setattr(resume, "write_json", measured)
+    ids = torch.randint(0, 250, (8, 32))
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    args = f"calibrate {world.model} --data {tmp_path / 'ids.safetensors'} --hessian --device cpu"
+    res = stade([*shlex.split(args), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    config = PlanConfig(8, 32, hessian=True, timed=False, data=str(tmp_path / "ids.safetensors"))
+    stage = make_plan(str(world.model), config, torch.device("cpu")).stages["calibrate"]
+    assert peak > stage.disk  # the progress is more than the artifact alone
+    assert peak <= stage.disk + stage.scratch <= 1.25 * peak

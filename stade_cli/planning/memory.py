@@ -30,6 +30,7 @@ class StagePlan:
     device: dict[str, int] = field(default_factory=dict)  # term -> bytes
     host: dict[str, int] = field(default_factory=dict)
     disk: int = 0
+    scratch: int = 0  # disk on top of `disk` while the run goes (calibrate's resumable progress), freed at its end
     seconds: float | None = None
 
     @property
@@ -136,7 +137,9 @@ def calibrate_plan(ctx: Context, hessian: bool, hessian_dtype: str, text: int) -
         **({"hessians": hessian_bytes(s)} if hessian else {}),
     }
     kept = {"hidden states": ctx.hidden(e), "statistics": sum(2 * 8 * m[0][1] for m in s.groups.values()) * s.n_blocks}
-    plan = StagePlan(disk=artifact_bytes(ctx, hessian, hessian_dtype, text))
+    stats = kept["statistics"]  # the progress (stats.resume): every block's statistics, and at each commit the
+    hidden = 2 * ctx.tokens * s.hidden * e  # hidden states leaving the last two blocks, both briefly on disk
+    plan = StagePlan(disk=artifact_bytes(ctx, hessian, hessian_dtype, text), scratch=stats + hidden + 2 * HEADER_ENTRY)
     if ctx.gpu:
         plan.device = peak_phase(
             {"embeddings and head": s.outside_params * e}, {**work, **(kept if ctx.hidden_on_device else {})}

@@ -104,7 +104,7 @@ class Plan:
         if self.device != "cpu":
             parts.append(f"host RAM ~{_gb(s.host_bytes)}")
         if s.disk:
-            parts.append(f"disk {_gb(s.disk)}")
+            parts.append(f"disk {_gb(s.disk)}" + (f" (+{_gb(s.scratch)} while it runs)" if s.scratch else ""))
         if s.seconds is not None:
             parts.append(f"~{_duration(s.seconds)} (estimate)")
         return ", ".join(parts)
@@ -126,6 +126,7 @@ class Plan:
                     "device_bytes": s.device_bytes,
                     "host_bytes": s.host_bytes,
                     "disk_bytes": s.disk,
+                    "scratch_disk_bytes": s.scratch,
                     "seconds_estimate": None if s.seconds is None else round(s.seconds, 1),
                     "device_terms": s.device,
                     "host_terms": s.host,
@@ -328,7 +329,7 @@ def check_fits(plan: Plan, stage: str, device: torch.device, out: Any | None = N
             "lower --batch-size, --nsamples or --seqlen, or use --device auto to run where there is more memory",
         )
     if out is not None and s.disk:
-        check_space(Path(out), s.disk)
+        check_space(Path(out), s.disk + s.scratch)
 
 
 def ids_shape(path: str) -> tuple[int, int] | None:
