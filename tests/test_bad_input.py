@@ -219,6 +219,20 @@ def link_at(name: str, target: str) -> Callable[..., None]:
     return setup
 
 
+def wider_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 96}))
+
+
+def rename_group(manifest: dict) -> None:
+    manifest["layers"][0]["group"] = manifest["layers"][0]["group"].rsplit(".", 1)[0] + ".renamed"
+
+
+def results_edited(w: World, tmp: Path, _mp: pytest.MonkeyPatch) -> None:
+    doc = json.loads((w.results / "llama-16.json").read_text())
+    (tmp / "r.json").write_text(json.dumps({**doc, "sparsity": "half"}))
+
+
 def parquet(column: list) -> Callable[..., None]:
     def setup(_w: World, tmp: Path, _mp: pytest.MonkeyPatch) -> None:
         import pyarrow as pa
@@ -465,6 +479,19 @@ CASES = [
     Case("s7 a sweep stopped mid-run leaves no --out folder", SWEEP + " --out {tmp}/new/sweep",
          143, ("Terminated (SIGTERM). No partial output was left behind.",),
          sigterm_in("stade_cli.driver.loop.prune_step"), check=lambda _r, tmp: sorted(tmp.iterdir()) == []),
+    # survey 12: bad input named in one line, not "Unexpected ... a bug in stade"
+    Case("s12 plan --hessian-dtype int4", "plan {model} --hessian --hessian-dtype int4 --device cpu",
+         1, ("--hessian-dtype 'int4' is not supported",), upfront=UP),
+    Case("s12 eval: config.json hidden_size does not fit the weights", "eval {tmp}/m " + ONE,
+         1, ("do not fit its config.json: model.embed_tokens.weight is [260, 64] in the weight files, but "
+             "config.json makes it [260, 96]",), model_copy(wider_config)),
+    Case("s12 calibrate: config.json hidden_size does not fit the weights", CALIBRATE.replace("{model}", "{tmp}/m")
+         + " --out {tmp}/s", 1, ("do not fit its config.json",), model_copy(wider_config)),
+    Case("s12 a renamed manifest layer group", P_TMP,
+         1, ("layer model.layers.0.self_attn.q_proj's group 'model.layers.0.self_attn.renamed' is not in the data",),
+         stats_copy(rename_group), UP),
+    Case("s12 compare: a results file with sparsity 'half'", "compare {tmp}/r.json",
+         1, ("Results file '{tmp}/r.json' has a 'sparsity' of the wrong type (str)",), results_edited),
     # survey 17: one rule for every list: a value named twice is refused, before any work
     Case("s17 --pattern 2:4,2of4", SWEEP + " --pattern 2:4,2of4 --out {tmp}/p",
          1, ("--pattern names '2of4' twice (the same as '2:4')",), upfront=UP),

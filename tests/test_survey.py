@@ -286,3 +286,20 @@ def test_calibrate_plans_the_disk_its_progress_takes(
     stage = make_plan(str(world.model), config, torch.device("cpu")).stages["calibrate"]
     assert peak > stage.disk  # the progress is more than the artifact alone
     assert peak <= stage.disk + stage.scratch <= 1.25 * peak
+
+
+def test_plan_and_preflight_on_a_bfloat16_mixtral(world: World, tmp_path: Path) -> None:  # noqa: F811
+    """11: `stade plan` crashed on Mixtral ("Expected inputs of BF16 type"), and calibrate, prune and eval of MoE
+    models then skipped their memory and disk pre-flight. (Fixed with the one driver, issue 18.)"""
+    import torch
+    from conftest import moe_config, tiny_tokenizer
+
+    model = tmp_path / "mixtral"
+    AutoModelForCausalLM.from_config(moe_config("mixtral")).to(torch.bfloat16).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    res = stade(["plan", str(model), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "MoE: the experts' statistics" in " ".join(res.stdout.split())
+    res = stade([*shlex.split(CALIBRATE.format(model=model, text=world.text)), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert "plan (calibrate): peak host RAM" in res.stderr

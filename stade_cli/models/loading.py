@@ -21,7 +21,7 @@ from stade_cli.base.home import stade_home
 from stade_cli.models import hf
 from stade_cli.models.fingerprint import fingerprint
 from stade_cli.models.layers import find_blocks
-from stade_cli.models.weights import WeightFiles, build_lazy, file_samples
+from stade_cli.models.weights import WeightFiles, build_lazy, file_samples, first_mismatch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -284,6 +284,14 @@ def _load_errors(spec: str, path: str) -> Iterator[None]:
             f"Could not find model {spec!r}: {first}",
             f"check the hub id or path (offline? the built-in model is {BUILTIN_MODEL!r})",
         ) from exc
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
+            raise
+        shapes = first_mismatch(path) or first_line(exc)
+        raise StadeError(
+            f"The weights of model {spec!r} do not fit its config.json: {shapes}",
+            "config.json and the weight files come from different models: restore the model's own config.json",
+        ) from None
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":
             raise

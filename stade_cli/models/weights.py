@@ -117,6 +117,28 @@ class WeightFiles:
         return out
 
 
+def first_mismatch(path: str) -> str | None:
+    """The first tensor whose shape in the weight files differs from the one config.json implies, in words (None
+    where the files cannot be read by name): what a config.json from another model looks like."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = WeightFiles.find(path)
+    if files is None:
+        return None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    headers: dict[Path, dict[str, tuple[int, dict]]] = {}
+    for name, t in model.state_dict().items():
+        file = files.file_of.get(name)
+        if file is None:
+            continue
+        stored = headers.setdefault(file, header(file))[name][1]["shape"]
+        if list(stored) != list(t.shape):
+            return f"{name} is {list(stored)} in the weight files, but config.json makes it {list(t.shape)}."
+    return None
+
+
 def file_samples(model: PreTrainedModel, files: WeightFiles, names: list[str]) -> dict[str, bytes]:
     """Fingerprint samples of the model's tensors `names`, from the values its files store (a tied copy from its
     source's), so that the fingerprint does not depend on the dtype the model runs in: statistics calibrated in

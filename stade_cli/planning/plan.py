@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stade_cli.base.dtypes import dtype_name, parse_dtype, size_of
+from stade_cli.base.dtypes import HESSIAN_DTYPES, dtype_name, parse_dtype, size_of
 from stade_cli.base.errors import StadeError
 from stade_cli.planning.memory import (
     TEXT_SOURCE,
@@ -69,6 +69,9 @@ class PlanConfig:
     data: str = "sample-wiki"  # a text source, or a .safetensors file of token ids
     saved_dtype: str | None = None  # prune's --dtype: the checkpoints' (None: the model's own)
     eval_tokens: int | None = None  # eval: at most this many tokens in a --ppl text, so at most // seqlen windows
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.hessian_dtype, HESSIAN_DTYPES, "--hessian-dtype")  # refused by name, as calibrate does
 
     @property
     def runs(self) -> tuple[PruneConfig, ...]:

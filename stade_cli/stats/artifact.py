@@ -74,6 +74,24 @@ class Statistics:
                     f"says {meta.bytes}.",
                     "re-run `stade calibrate --force`",
                 )
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        """Every layer's group is in the data files (from their headers alone): an edited manifest is named here,
+        not as a missing tensor deep in a run."""
+        from stade_cli.base.tensorfiles import header
+
+        held = set(header(self.path / STATS_FILE))
+        hessians = set(header(self.path / HESSIAN_FILE)) if self.has_hessian else set()
+        for entry in self.manifest.layers:
+            missing = [f for f in (f"{entry.group}.mean", f"{entry.group}.m2") if f not in held]
+            missing += [entry.group] if self.has_hessian and entry.group not in hessians else []
+            if missing:
+                raise StadeError(
+                    f"Statistics {str(self.path)!r}: layer {entry.name}'s group {entry.group!r} is not in the data "
+                    f"files (no {missing[0]!r}).",
+                    "the manifest was edited or belongs to other files: calibrate again (`stade calibrate --force`)",
+                )
 
     def _corrupted(self, what: str) -> StadeError:
         return StadeError(
