@@ -303,3 +303,22 @@ def test_plan_and_preflight_on_a_bfloat16_mixtral(world: World, tmp_path: Path) 
     res = stade([*shlex.split(CALIBRATE.format(model=model, text=world.text)), "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
     assert "plan (calibrate): peak host RAM" in res.stderr
+
+
+def test_plan_of_the_builtin_model_converts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """19: `stade plan smollm2-135m` converted the GGUF (517 MB under $STADE_HOME), though a plan reads no weights.
+    It reads the GGUF's metadata alone, and plans what the conversion will be."""
+    converted = stade(["plan", "smollm2-135m", "--device", "cpu", "--json"])  # the session's home: converted
+    assert converted.exit_code == 0, converted.output
+    monkeypatch.setenv("STADE_HOME", str(tmp_path / "home"))
+    fresh = stade(["plan", "smollm2-135m", "--device", "cpu", "--json"])
+    assert fresh.exit_code == 0, fresh.output
+    made = [p for p in (tmp_path / "home").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in made) < 100_000 and not (tmp_path / "home" / "models").exists(), made
+
+    def figures(doc: dict) -> dict:
+        return {k: v for k, v in doc.items() if k not in ("model", "notes")} | {
+            "stages": {k: {t: v for t, v in s.items() if t != "seconds_estimate"} for k, s in doc["stages"].items()}
+        }
+
+    assert figures(json.loads(fresh.stdout)) == figures(json.loads(converted.stdout))

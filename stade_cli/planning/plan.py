@@ -244,14 +244,14 @@ def config_path(spec: str) -> str:
     """A folder holding a config.json (weights or not: the plan reads none), a config.json file, or a model spec."""
     from pathlib import Path
 
-    from stade_cli.models.loading import resolve_model
+    from stade_cli.models.loading import gguf_config, resolve_model
 
     p = Path(spec).expanduser()
     if p.is_file() and p.name.endswith(".json"):
         return str(p.parent)
     if (p / "config.json").is_file():
         return str(p)
-    return resolve_model(spec)
+    return gguf_config(spec) or resolve_model(spec)
 
 
 def _fits_on_device(need: int, device: torch.device) -> bool:
