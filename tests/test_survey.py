@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_bad_input import CALIBRATE, ROOT, World, stade, world  # noqa: F401 (world: the shared fixture)
 from transformers import AutoModelForCausalLM
 
@@ -322,3 +323,23 @@ def test_plan_of_the_builtin_model_converts_nothing(tmp_path: Path, monkeypatch:
         }
 
     assert figures(json.loads(fresh.stdout)) == figures(json.loads(converted.stdout))
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_two_quick_ctrl_c_print_no_traceback(world: World, tmp_path: Path) -> None:  # noqa: F811
+    """13: a second Ctrl-C while the first was handled printed a KeyboardInterrupt traceback (from torch's atexit
+    hooks), or stopped the clean-up halfway. The clean-up finishes, and the exit is quiet."""
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.randint(0, 256, (3000, 64))}, str(tmp_path / "ids.safetensors"))
+    args = ["calibrate", str(world.model), "--data", str(tmp_path / "ids.safetensors"), "--hessian", "--device", "cpu"]
+    proc = spawn([*args, "--out", str(tmp_path / "s")], tmp_path / "home")
+    wait_for(tmp_path / "s.incomplete" / "progress.json", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "Interrupted. No partial output was left behind." in stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["ids.safetensors"]

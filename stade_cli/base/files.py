@@ -208,8 +208,9 @@ def _fill(tmp: Path, out: Path, keep: bool, made: list[Path], scratch: tuple[str
         if keep:
             LEFT.append(f"the committed progress is kept in {str(tmp)!r}: rerun with --resume to go on from it")
         else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            _remove_empty(made)
+            with signals_held():  # a second Ctrl-C must not stop the clean-up halfway
+                shutil.rmtree(tmp, ignore_errors=True)
+                _remove_empty(made)
         if is_write_error(exc, tmp):
             raise write_error(out, exc) from None
         raise

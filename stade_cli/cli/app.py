@@ -7,6 +7,7 @@ commands, in help order.
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -58,7 +59,15 @@ app.command()(compare)
 
 
 def main() -> None:
-    app()
+    """The `stade` process: after Ctrl-C or SIGTERM has been handled (exit 130 or 143), another one is ignored, so
+    that it cannot interrupt the exit itself (torch's atexit hooks printed a KeyboardInterrupt traceback)."""
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code in (130, 143):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
 
 
 if __name__ == "__main__":
