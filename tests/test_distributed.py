@@ -479,6 +479,9 @@ RANKS_DIFFER = textwrap.dedent(
             windows.input_ids = torch.flip(windows.input_ids, [1])
             return windows
         cal.draw_windows = draw
+    if os.environ["DIFFER"] == "dies" and rank == "0":  # gone (as by SIGKILL) while rank 1 waits for it
+        import stade_cli.stats.distributed as d
+        d.Group.merge_collector = lambda self, collector: os._exit(1)
     if os.environ["DIFFER"] == "stuck" and rank == "1":  # never reaches the end of the first block
         import time
         import stade_cli.stats.collect as c
@@ -541,3 +544,21 @@ def test_sigterm_ends_a_rank_waiting_in_a_collective(tiny_llama_dir: Path, text:
     assert time.perf_counter() - t0 < 60, "the rank ignored SIGTERM"
     assert "Stopped (SIGTERM) while waiting for the other ranks." in stderr, stderr[-3000:]
     assert proc.returncode != 0
+
+
+@pytest.mark.slow
+def test_the_rank_that_survives_a_peer_says_so(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
+    """Survey 12: the rank left waiting for a peer that died said "Unexpected ... a bug in stade"."""
+    script = tmp_path / "dies.py"
+    script.write_text(RANKS_DIFFER)
+    (tmp_path / "pids").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFER": "dies"}
+    env["PIDS"] = str(tmp_path / "pids")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29620"]
+    args = ["calibrate", str(tiny_llama_dir), "--data", str(text), "--nsamples", "4", "--seqlen", "16"]
+    res = subprocess.run([*cmd, str(script), *args, "--device", "cpu", "--out", str(tmp_path / "s")], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    message = " ".join(res.stderr.split())
+    assert res.returncode != 0
+    assert "rank 1 of 2: another rank stopped mid-run" in message, message[-3000:]
+    assert "Unexpected" not in message
