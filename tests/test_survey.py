@@ -3,6 +3,7 @@ each test names its item and failed before the fix."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -129,12 +130,11 @@ def outputs(kind: str, world: World, out: Path) -> tuple[list[str], Path]:  # no
 
 
 @pytest.mark.slow  # fresh interpreters: seconds each
-@pytest.mark.parametrize("kind", ["prune", "calibrate", "eval"])
-def test_a_second_run_on_the_same_out_is_refused(kind: str, world: World, tmp_path: Path) -> None:  # noqa: F811
+def test_a_second_sweep_on_the_same_out_is_refused(world: World, tmp_path: Path) -> None:  # noqa: F811
     """1: two sweeps on one --out both exited 0, and their checkpoints lost model.safetensors. The second run is
     refused, naming the first, which then finishes whole."""
-    out = tmp_path / ("r.json" if kind == "eval" else "o")
-    args, started = outputs(kind, world, out)
+    out = tmp_path / "o"
+    args, started = outputs("prune", world, out)
     first = spawn(args, tmp_path / "home")
     wait_for(started, first)
     first.send_signal(signal.SIGSTOP)  # holds its claim, mid-run
@@ -147,15 +147,34 @@ def test_a_second_run_on_the_same_out_is_refused(kind: str, world: World, tmp_pa
     said = " ".join(second.stderr.split())
     assert f"Another stade run is writing '{out}" in said and f"(process {first.pid} on" in said
     assert first.returncode == 0, stderr
-    if kind == "prune":
-        for name in ("wanda-unstructured-0.5", "magnitude-unstructured-0.5"):
-            model = AutoModelForCausalLM.from_pretrained(out / name)  # whole: it loads
-            assert model.num_parameters() > 0 and (out / name / "stade.json").is_file()
-    elif kind == "calibrate":
-        assert stade(["stats", "show", str(out)]).exit_code == 0
-    else:
-        assert json.loads(out.read_text())["kind"] == "stade-results"
+    for name in ("wanda-unstructured-0.5", "magnitude-unstructured-0.5"):
+        model = AutoModelForCausalLM.from_pretrained(out / name)  # whole: it loads
+        assert model.num_parameters() > 0 and (out / name / "stade.json").is_file()
     assert not [p.name for p in tmp_path.rglob("*") if "incomplete" in p.name or p.name == MARKER]
+
+
+@pytest.mark.parametrize("kind", ["calibrate", "eval"])
+def test_calibrate_and_eval_refuse_an_out_another_run_writes(kind: str, world: World, tmp_path: Path) -> None:  # noqa: F811
+    """1: the same for calibrate and eval, against another run's live claim (its marker, locked by another open file
+    as by another process), then nothing left of the refused run once the first is gone."""
+    out = tmp_path / ("r.json" if kind == "eval" else "o")
+    args, marker = outputs(kind, world, out)
+    if marker.name == MARKER:  # a folder's marker; a results file's claim is the marker itself
+        marker.parent.mkdir()
+    record = {"kind": "stade-run", "pid": 4242, "host": "node7", "started": time.time(), "command": "stade " + kind}
+    marker.write_text(json.dumps(record))
+    fd = os.open(marker, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the other run lives
+    try:
+        res = stade(args)
+    finally:
+        os.close(fd)
+    assert res.exit_code == 1, res.output
+    assert f"Another stade run is writing '{out}' (process 4242 on node7, started" in " ".join(res.stderr.split())
+    assert marker.exists() and not out.exists()  # the other run's claim untouched
+    res = stade(args)  # the other run is gone (its lock with it): its leftover goes, and this run is whole
+    assert res.exit_code == 0, res.output
+    assert not marker.exists() and out.exists()
 
 
 def test_a_dead_runs_leftover_is_cleared_but_not_a_stranger(world: World, tmp_path: Path) -> None:  # noqa: F811
