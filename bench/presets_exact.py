@@ -72,9 +72,10 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def stable(obj: object) -> object:
-    """A manifest without what differs by construction, for comparison."""
+    """A manifest without what differs by construction, for comparison. An unset field is absent: the dicts before
+    the schemas wrote it as null, the schemas' records leave it out (docs/artifacts.md)."""
     if isinstance(obj, dict):
-        return {k: stable(v) for k, v in obj.items() if k not in VOLATILE}
+        return {k: stable(v) for k, v in obj.items() if k not in VOLATILE and v is not None}
     if isinstance(obj, list):
         return [stable(v) for v in obj]
     return obj
@@ -187,7 +188,7 @@ def main() -> int:
         differ = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
         row = {"checkpoint": key, "tensors": len(b), "identical": same, "differing": differ[:5]}
         if key == "statistics":
-            row["manifest"] = compare_manifests(ref[key]["manifest"], now[key]["manifest"])
+            row["manifest"] = compare_manifests(stable(ref[key]["manifest"]), stable(now[key]["manifest"]))
             row["identical"] = same and not row["manifest"]["differing"]
         rows.append(row)
         print(f"{key:60s} {len(b):4d} tensors  {'identical' if row['identical'] else 'DIFFERENT: ' + str(differ[:3])}")
