@@ -106,7 +106,13 @@ def spawn(args: list[str], home: Path, before: str = "") -> subprocess.Popen:
     """stade in a fresh process (`before`: Python run first, e.g. a patch), as a user's shell starts it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "STADE_HOME": str(home), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", before + CLI, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, preexec_fn=hear_ctrl_c)  # fmt: skip
+
+
+def hear_ctrl_c() -> None:
+    """A job started in the background (`make test &`, a CI runner) inherits Ctrl-C ignored, and Python keeps it
+    so: the child gets the default back, as a terminal would give it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
