@@ -486,9 +486,29 @@ RANKS_DIFFER = textwrap.dedent(
         import time
         import stade_cli.stats.collect as c
         c.run_block = lambda *a, **k: time.sleep(600)
+    if os.environ["DIFFER"] == "stuck" and rank == "0":  # says when it enters the collective that will wait
+        import stade_cli.stats.distributed as d
+        merge = d.Group.merge_collector
+        def entering(self, collector):
+            open(os.path.join(os.environ["PIDS"], "waiting"), "w").close()
+            return merge(self, collector)
+        d.Group.merge_collector = entering
     main()
     """
 )
+
+
+def ranks_differing(differ: str, port: int, model: Path, text: Path, tmp_path: Path) -> tuple[list[str], dict]:
+    """The torchrun command line and environment of a 2-rank calibrate whose rank 1 (or 0) differs as `differ`
+    says (RANKS_DIFFER); each rank writes its pid into tmp_path/pids."""
+    script = tmp_path / f"{differ}.py"
+    script.write_text(RANKS_DIFFER)
+    (tmp_path / "pids").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFER": differ}
+    env["PIDS"] = str(tmp_path / "pids")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}", str(script)]
+    args = ["calibrate", str(model), "--data", str(text), "--nsamples", "4", "--seqlen", "16", "--device", "cpu"]
+    return [*cmd, *args, "--out", str(tmp_path / "s")], env
 
 
 @pytest.mark.slow
@@ -496,17 +516,9 @@ RANKS_DIFFER = textwrap.dedent(
 def test_torchrun_ranks_that_differ_are_refused(differ: str, tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
     """Survey 2: ranks given another --seed (or, on their node, other data) were merged silently, and ranks that
     disagreed on --hessian waited for each other until the 1800 s timeout. They are refused before any work."""
-    script = tmp_path / "differ.py"
-    script.write_text(RANKS_DIFFER)
-    (tmp_path / "pids").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFER": differ}
-    env["PIDS"] = str(tmp_path / "pids")
-    port = 29617 + (differ == "data")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}"]
-    args = ["calibrate", str(tiny_llama_dir), "--data", str(text), "--nsamples", "4", "--seqlen", "16", "--hessian"]
+    cmd, env = ranks_differing(differ, 29617 + (differ == "data"), tiny_llama_dir, text, tmp_path)
     t0 = time.perf_counter()
-    res = subprocess.run([*cmd, str(script), *args, "--device", "cpu", "--out", str(tmp_path / "s")], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run([*cmd, "--hessian"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     message = " ".join(res.stderr.split())
     assert res.returncode != 0
     if differ == "argument":
@@ -524,20 +536,13 @@ def test_torchrun_ranks_that_differ_are_refused(differ: str, tiny_llama_dir: Pat
 @pytest.mark.slow
 def test_sigterm_ends_a_rank_waiting_in_a_collective(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
     """Survey 2: a rank blocked in a collective (its peer never came) ignored SIGTERM; it now ends, saying so."""
-    script = tmp_path / "stuck.py"
-    script.write_text(RANKS_DIFFER)
-    (tmp_path / "pids").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFER": "stuck"}
-    env["PIDS"] = str(tmp_path / "pids")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29619"]
-    args = ["calibrate", str(tiny_llama_dir), "--data", str(text), "--nsamples", "4", "--seqlen", "16"]
-    proc = subprocess.Popen([*cmd, str(script), *args, "--device", "cpu", "--out", str(tmp_path / "s")], env=env,
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd, env = ranks_differing("stuck", 29619, tiny_llama_dir, text, tmp_path)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "pids" / "0").exists() or not (tmp_path / "pids" / "0").read_text():
+    while not (tmp_path / "pids" / "waiting").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    time.sleep(8)  # rank 0 is in the first collective by now, waiting for rank 1
+    time.sleep(1)  # rank 0 is blocked in the collective by now, waiting for rank 1
     os.kill(int((tmp_path / "pids" / "0").read_text()), signal.SIGTERM)
     t0 = time.perf_counter()
     _, stderr = proc.communicate(timeout=120)
@@ -549,15 +554,8 @@ def test_sigterm_ends_a_rank_waiting_in_a_collective(tiny_llama_dir: Path, text:
 @pytest.mark.slow
 def test_the_rank_that_survives_a_peer_says_so(tiny_llama_dir: Path, text: Path, tmp_path: Path) -> None:
     """Survey 12: the rank left waiting for a peer that died said "Unexpected ... a bug in stade"."""
-    script = tmp_path / "dies.py"
-    script.write_text(RANKS_DIFFER)
-    (tmp_path / "pids").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFER": "dies"}
-    env["PIDS"] = str(tmp_path / "pids")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29620"]
-    args = ["calibrate", str(tiny_llama_dir), "--data", str(text), "--nsamples", "4", "--seqlen", "16"]
-    res = subprocess.run([*cmd, str(script), *args, "--device", "cpu", "--out", str(tmp_path / "s")], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    cmd, env = ranks_differing("dies", 29620, tiny_llama_dir, text, tmp_path)
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     message = " ".join(res.stderr.split())
     assert res.returncode != 0
     assert "rank 1 of 2: another rank stopped mid-run" in message, message[-3000:]
