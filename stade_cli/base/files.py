@@ -145,29 +145,28 @@ def atomic_dir(out: Path, force: bool, keep: bool = False, scratch: tuple[str, .
     still resume.
     """
     check_writable(out, force)
-    made = [p for p in out.absolute().parents if not p.exists()]
     with contextlib.ExitStack() as stack:
-        try:
-            out.absolute().parent.mkdir(parents=True, exist_ok=True)
-            tmp = stack.enter_context(owned(out, keep))
-        except OSError as exc:
-            _remove_empty(made)
-            raise write_error(out, exc) from None
+        tmp, made = _claim(stack, out, keep, folder=True)
         yield from _fill(tmp, out, keep, made, scratch)
+
+
+def _claim(stack: contextlib.ExitStack, out: Path, keep: bool, folder: bool) -> tuple[Path, list[Path]]:
+    """`out`'s unfinished twin taken for the stack's life (ownership.owned), with the folders made to hold it."""
+    made = [p for p in out.absolute().parents if not p.exists()]
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        return stack.enter_context(owned(out, keep, folder)), made
+    except OSError as exc:
+        _remove_empty(made)
+        raise write_error(out, exc) from None
 
 
 @contextmanager
 def claimed(path: Path) -> Iterator[None]:
     """A file output (a results file) this run's alone from now until atomic_write puts it in place: a second run
     writing it is refused from its start, not silently overwritten at its end (ownership.owned)."""
-    made = [p for p in path.absolute().parents if not p.exists()]
     with contextlib.ExitStack() as stack:
-        try:
-            path.absolute().parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(owned(path, folder=False))
-        except OSError as exc:
-            _remove_empty(made)
-            raise write_error(path, exc) from None
+        _tmp, made = _claim(stack, path, keep=False, folder=False)
         try:
             yield
         except BaseException:

@@ -100,12 +100,13 @@ def check_unfinished(out: Path) -> None:
     os.close(fd)
 
 
-def _take(tmp: Path, keep: bool, folder: bool) -> int:
-    """Make `tmp` this run's, exclusively: afresh (a dead run's leftover removed first) or, with `keep`, a dead
-    run's taken over as it is. Returns the descriptor holding the lock."""
+def _take(out: Path, keep: bool, folder: bool) -> int:
+    """Make `out`'s unfinished twin this run's, exclusively: afresh (a dead run's leftover removed first) or, with
+    `keep`, a dead run's taken over as it is. Returns the descriptor holding the lock."""
+    tmp = unfinished(out)
     for _ in range(3):
         if tmp.exists() or tmp.is_symlink():
-            check_unfinished(tmp.with_name(tmp.name.removesuffix(".incomplete")))
+            check_unfinished(out)
             fd = _try_lock(_marker(tmp))
             if fd is None:
                 continue  # taken between the check and the lock: the check names the run
@@ -138,7 +139,7 @@ def _take(tmp: Path, keep: bool, folder: bool) -> int:
 def owned(out: Path, keep: bool = False, folder: bool = True) -> Iterator[Path]:
     """`out`'s unfinished twin, this run's alone for the `with` (see the module's docstring)."""
     tmp = unfinished(out)
-    fd = _take(tmp, keep, folder)
+    fd = _take(out, keep, folder)
     HELD[tmp] = fd
     try:
         yield tmp

@@ -145,12 +145,10 @@ def file_samples(model: PreTrainedModel, files: WeightFiles, names: list[str]) -
     float16 from a float32 checkpoint fit a prune run in float32."""
     source = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters(remove_duplicate=False))
-    out = {}
-    for n in names:
-        src = n if n in files.file_of or n not in params else source[id(params[n])]
-        if src in files.file_of:  # else a buffer the files do not hold: sampled in memory (fingerprint())
-            out[n] = files.samples([src])[src].replace(src.encode(), n.encode(), 1)
-    return out
+    srcs = {n: n if n in files.file_of or n not in params else source[id(params[n])] for n in names}
+    srcs = {n: src for n, src in srcs.items() if src in files.file_of}  # else a buffer: sampled in memory
+    read = files.samples(sorted(set(srcs.values())))  # one pass: each file's header parsed once
+    return {n: read[src].replace(src.encode(), n.encode(), 1) for n, src in srcs.items()}
 
 
 def _persistent(module: nn.Module) -> list[str]:
