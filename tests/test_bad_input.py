@@ -286,6 +286,18 @@ def no_space(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
     mp.setattr("stade_cli.base.files.os.pwrite", pwrite)
 
 
+def heap_setting(value: str) -> Callable[..., None]:
+    """STADE_HEAP (bench/heap.py's knob) set to `value`, read afresh by the next command."""
+
+    def setup(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
+        from stade_cli.base import heap
+
+        mp.setenv("STADE_HEAP", value)
+        heap._libc.cache_clear()  # a refused setting is not cached: the next command sets the default anew
+
+    return setup
+
+
 def small_disk(_w: World, _tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """100 kB free: less than the tiny checkpoint's ~0.5 MB. Pruning must not even start."""
     full = SimpleNamespace(total=10**9, used=10**9, free=100_000)
@@ -518,6 +530,8 @@ CASES = [
          1, ("'{text}' is a file, not a statistics folder",), upfront=UP),
     Case("s14 eval -b 1000000 of a short text: its windows planned", "eval {model} --ppl {text} --tasks none "
          "--seqlen 128 -b 1000000 --device cpu --out {tmp}/r.json", 0, ()),
+    Case("s20 STADE_HEAP out of range", PRUNE + " --out {tmp}/p",
+         1, ("STADE_HEAP='64' is not 'glibc' or a whole number of MiB from 1 to 32",), heap_setting("64"), UP),
     # 6. bad input data
     Case("6 calibrate ids past the vocabulary", IDS,
          1, ("token id 300", "vocabulary of 260"), token_file(BIG)),

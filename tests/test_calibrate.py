@@ -178,6 +178,32 @@ def test_lazy_loading_gives_the_same_artifact(tiny_model_dir: Path, text_file: P
     assert all(p.is_meta for _i, _p, block in iterate_blocks(lazy.model) for p in block.parameters())
 
 
+def test_calibrate_never_reads_an_untied_head(
+    tiny_llama_dir: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head is never run by calibrate: `stade calibrate` leaves an untied one (1 GB of bf16 at 8B) on disk,
+    and the statistics are still those of the model read whole."""
+    import stade_cli.models.weights as weights
+
+    read: list[str] = []
+    real = weights.read_tensors
+
+    def recording(file: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        read.extend(names or ["<all>"])
+        return real(file, names)
+
+    monkeypatch.setattr(weights, "read_tensors", recording)
+    res = cli_calibrate(tiny_llama_dir, tmp_path / "stats", "--data", str(text_file), "--nsamples", "3", "--hessian")
+    assert res.exit_code == 0, res.output
+    assert "model.embed_tokens.weight" in read and "model.layers.1.mlp.up_proj.weight" in read
+    assert "lm_head.weight" not in read and "<all>" not in read
+    whole = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
+    assert not whole.model.config.tie_word_embeddings
+    stats = Statistics.load(tmp_path / "stats")
+    assert stats.manifest.model.fingerprint == fingerprint(whole.model)
+    assert check_against_dense(whole.model, stats, hessian=True) == 14
+
+
 def test_lazy_loading_falls_back_without_safetensors(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """A checkpoint in the old pickle format cannot be read a block at a time: it is loaded whole."""
     import shutil

@@ -299,6 +299,28 @@ def test_sparsegpt_escalates_damping_on_singular_hessian() -> None:
     assert res.retries >= 1 and torch.isfinite(res.weight).all()
 
 
+@pytest.mark.parametrize("shift", [0.0, -0.05], ids=["first-try", "after-retries"])
+def test_hessian_factor_is_the_textbook_one_and_leaves_h_as_it_was(shift: float) -> None:
+    """The factor is computed in place (two n x n matrices at most), yet it is the upper Cholesky factor of
+    (H + lambda I)^-1 with dead channels set to 1, and the caller's H comes back bit for bit."""
+    from stade_cli.stages.solvers.sparsegpt import hessian_factor
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(48, 64, generator=g)
+    x[:, :3] = 0  # dead channels
+    h = 2 / 48 * x.t() @ x + shift * torch.eye(64)
+    h[:3, :3] = 0
+    before = h.clone()
+    factor = hessian_factor(h)
+    assert torch.equal(h, before)
+    assert (factor.retries >= 1) == (shift < 0) and factor.dead[:3].all() and not factor.dead[3:].any()
+    damped = h.double().clone()
+    damped[range(3), range(3)] = 1
+    damped += factor.damping * damped.diagonal().mean() * torch.eye(64, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert torch.allclose(factor.upper.double(), expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("levels", [None, 3, 8])  # continuous scores, then heavy ties
 def test_selection_equals_stable_sort(levels: int | None) -> None:
     """lowest_k (kthvalue selection) picks exactly what a stable ascending sort's first k would."""

@@ -122,7 +122,7 @@ def calibrate(
     )
     cache = str(cache_dir) if cache_dir else None
     docs = load_data(config, cache)  # before the model: a source that cannot be had fails in seconds
-    loaded = load_model(model, dtype.value if dtype else None, dev, cache, lazy=True)
+    loaded = load_model(model, dtype.value if dtype else None, dev, cache, lazy=True, head=False)
     with group_for(dev) as group:
         stats = run(loaded, config, out, dev, force=force, cache_dir=cache, docs=docs, resume=resume, group=group)
     if stats is None:  # another rank than 0: rank 0 reports

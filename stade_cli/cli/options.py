@@ -73,8 +73,8 @@ def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
         from stade_cli.base.errors import StadeError, Terminated, first_line
 
         previous = _on_sigterm()
-        bound_heap()
         try:
+            bound_heap()
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, TyperException):  # usage errors: click's own message and exit 2
             raise

@@ -119,6 +119,18 @@ def _record(model: nn.Module, recorders: list[_Recorder], batch: torch.Tensor) -
     return None
 
 
+def _move(module: nn.Module, device: torch.device) -> None:
+    """module.to(device), but for what was left on disk (meta: calibrate's untied head), which stays where it is."""
+    if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        module.to(device)
+        return
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if own and not all(t.is_meta for t in own):
+        raise ValueError(f"{type(module).__name__} holds both loaded and unloaded tensors")  # not built by build_lazy
+    for child in module.children():
+        _move(child, device)
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device) -> BlockInputs:
     """Block 0's hidden states and every block's own call arguments, for each batch of windows.
@@ -133,7 +145,7 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, d
     problems = []
     setattr(parent, attr, nn.ModuleList())
     try:
-        model.to(device)  # only the embeddings, rotary tables and final norm: the blocks are detached
+        _move(model, device)  # only the embeddings, rotary tables and final norm: the blocks are detached
         # Most decoder loops take a block's return value as the new hidden states; older ones take `[0]`.
         for as_tuple in (False, True):
             recorders = [_Recorder(b, i, i == n - 1, as_tuple) for i, b in enumerate(blocks)]
@@ -148,7 +160,7 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, d
             problems.append(problem)
             recorders = []
     finally:
-        model.to("cpu")
+        _move(model, torch.device("cpu"))
         setattr(parent, attr, blocks)
     if not recorders:
         raise StadeError(

@@ -241,11 +241,13 @@ def load_model(
     cache_dir: str | None = None,
     lazy: bool = False,
     dispatch: dict[str, object] | None = None,
+    head: bool = True,
 ) -> LoadedModel:
     """Load a causal LM onto the CPU (blocks move to the device one at a time later).
 
     `lazy`: leave the blocks on disk, to be read one at a time (calibration) where the checkpoint
     is in safetensors under the model's own tensor names; otherwise, and for every other use, load it all.
+    `head` False: a lazy model's untied output head stays on disk (calibrate never runs it).
     `dispatch`: from_pretrained's device_map arguments (dispatch.dispatch_kwargs), to spread it over devices.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -260,7 +262,7 @@ def load_model(
             torch_dtype = default_dtype(path, dev, cache_dir, own_dtype)
         model, files = None, WeightFiles.find(path, cache_dir) if lazy else None
         if files is not None:
-            model = build_lazy(AutoConfig.from_pretrained(path, cache_dir=cache_dir), torch_dtype, files)
+            model = build_lazy(AutoConfig.from_pretrained(path, cache_dir=cache_dir), torch_dtype, files, head)
             if model is not None:
                 _saved_generation_config(model, path, cache_dir)
         if model is None:

@@ -178,9 +178,14 @@ def planned_loading(path: str, model: PreTrainedModel, cache_dir: str | None = N
     return "lazy"
 
 
-def build_lazy(config: PretrainedConfig, dtype: torch.dtype, files: WeightFiles) -> PreTrainedModel | None:
+def build_lazy(
+    config: PretrainedConfig, dtype: torch.dtype, files: WeightFiles, head: bool = True
+) -> PreTrainedModel | None:
     """The model with every weight outside the blocks loaded and the blocks left empty (meta), or None
     where the checkpoint's names do not match the model's (older formats that transformers renames on load).
+
+    `head` False leaves an untied output head on disk too (meta): calibrate never runs it, and for an 8B model
+    it is about 1 GB in bf16.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -193,12 +198,20 @@ def build_lazy(config: PretrainedConfig, dtype: torch.dtype, files: WeightFiles)
     wanted = [k for k in _persistent(model) if k not in tied]
     if any(k not in files.file_of for k in wanted):
         return None
-    outside = [k for k in wanted if not k.startswith(blocks_name + ".")]
+    head_name = None if head else _head_name(model)
+    left = (blocks_name + ".",) if head_name is None else (blocks_name + ".", head_name + ".")
+    outside = [k for k in wanted if not k.startswith(left)]
     model.load_state_dict(files.read(outside, dtype), strict=False, assign=True)
     model.tie_weights()
-    if any(p.is_meta for n, p in model.named_parameters() if not n.startswith(blocks_name + ".")):
+    if any(p.is_meta for n, p in model.named_parameters() if not n.startswith(left)):
         return None
     return model
+
+
+def _head_name(model: PreTrainedModel) -> str | None:
+    """The output head's module name (a tied head's weight is not read from the files either way)."""
+    out = model.get_output_embeddings()
+    return next((name for name, mod in model.named_modules() if mod is out), None) if out is not None else None
 
 
 def _tied_names(model: PreTrainedModel) -> list[str]:
@@ -235,8 +248,9 @@ def outside_on_disk(model: PreTrainedModel, files: WeightFiles | None, dtype: to
         return
     blocks_name, _ = find_blocks(model)
     tied = set(_tied_names(model))
-    names = [k for k in _persistent(model) if not k.startswith(blocks_name + ".")]
     state = model.state_dict(keep_vars=True)
+    # What was never read (an untied head left on disk, build_lazy) is not read afterwards either.
+    names = [k for k in _persistent(model) if not k.startswith(blocks_name + ".") and not state[k].is_meta]
     model.load_state_dict({k: torch.empty_like(state[k], device="meta") for k in names}, strict=False, assign=True)
     del state
     try:

@@ -1,6 +1,6 @@
 """obs: SparseGPT's OBS solver, which chooses the mask column block by column block and updates the kept weights
-from H (Frantar & Alistarh, ICML 2023). Memory: the group's Hessian, and at its factorisation five n x n float32
-matrices (H, the inverse, its factor, LAPACK's copies) beside the stacked weights."""
+from H (Frantar & Alistarh, ICML 2023). Memory: the group's Hessian, and at its factorisation one more n x n float32
+matrix (the factor, inverted and refactored in place) beside the stacked weights."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     selects_mask=True,
     takes_mask=False,
     paper="sparsegpt-solver",
-    memory=lambda w, _s: max(w.masked + 4 * w.cols**2, w.copy + 4 * w.weights + 5 * 4 * w.cols**2),
+    memory=lambda w, _s: max(w.masked + 4 * w.cols**2, w.copy + 4 * w.weights + 2 * 4 * w.cols**2),
 )
 def obs_update(ws: list[torch.Tensor], masks: list[torch.Tensor] | None, st: LayerStats, job: UpdateJob) -> list:
     import torch
