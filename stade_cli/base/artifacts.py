@@ -155,6 +155,7 @@ class LayerResult(Record):
     bias_updated: bool
     damping: float | None = None  # where a Hessian needed damping
     fallback: str | None = None  # an expert too few tokens reached: the score used instead of the method's
+    dense: bool = False  # kept dense by --only / --ignore
 
 
 @dataclass(kw_only=True)
@@ -203,6 +204,7 @@ class PruneRecord(Artifact):
     expert_fallback: dict[str, Any] | None = None
     block_sparsity: dict[str, float] | None = None  # per block, where an allocation varies it
     reconstruction: list[dict[str, Any]] | None = None  # per block, where a reconstruction ran
+    selection: dict[str, list[str]] | None = None  # --only / --ignore patterns, where layers were kept dense
     layers: list[LayerResult]
 
     @classmethod

@@ -62,12 +62,22 @@ def _facts(report: PruneRecord, base_text: str) -> list[tuple[str, str]]:
         ("pattern", report.pattern),
         ("target sparsity", _percent(report.sparsity)),
         ("achieved sparsity", f"{_percent(report.achieved_sparsity)} of the decoder blocks' linear weights"),
+        *_selection(report),
         ("bias update", "yes" if report.bias_update else "no"),
         ("sequential", "yes" if report.sequential else "no (one-shot, from the dense statistics)"),
         ("calibration data", f"`{cal.data}`, {cal.nsamples} windows x {cal.seqlen} tokens"),
         ("saved dtype", str(report.dtype or "—")),
         ("stade", str(report.versions.get("stade", "—"))),
     ]
+
+
+def _selection(report: PruneRecord) -> list[tuple[str, str]]:
+    """The layers --only / --ignore kept dense, where some were."""
+    if not report.selection:
+        return []
+    dense = sum(1 for layer in report.layers if layer.dense)
+    given = ", ".join(f"--{k} {' '.join(f'`{p}`' for p in v)}" for k, v in report.selection.items() if v)
+    return [("layers kept dense", f"{dense} of {len(report.layers)} ({given})")]
 
 
 USE = [

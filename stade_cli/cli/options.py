@@ -56,6 +56,24 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for drawing the calib
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.", min=1)]
+OnlyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--only",
+        help="Prune only the layers these comma-separated patterns match: 're:REGEX' (from the start of the full "
+        "name) or a layer name such as mlp.down_proj. See docs/guide.md#choosing-layers.",
+        rich_help_panel="Layers",
+    ),
+]
+IgnoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ignore",
+        help="Keep dense the layers these comma-separated patterns match, e.g. 're:.*down_proj' or "
+        "'re:model\\.layers\\.0\\.'.",
+        rich_help_panel="Layers",
+    ),
+]
 
 
 def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:

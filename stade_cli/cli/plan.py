@@ -11,8 +11,10 @@ from stade_cli.cli.options import (
     CacheDirOpt,
     DeviceOpt,
     DtypeOpt,
+    IgnoreOpt,
     JsonOpt,
     ModelArg,
+    OnlyOpt,
     cli_errors,
     print_json,
 )
@@ -39,6 +41,8 @@ def plan(
         typer.Option("--sparsity", help="Ratio(s), comma-separated. \\[default: 0.5, or N/M]", show_default=False),
     ] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="Plan a sequential prune.")] = False,
+    only: OnlyOpt = None,
+    ignore: IgnoreOpt = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
@@ -65,8 +69,9 @@ def plan(
     from stade_cli.cli.tables import render_plan
     from stade_cli.models.loading import resolve_device
     from stade_cli.planning.plan import PlanConfig, make_plan
+    from stade_cli.stages.selection import LayerSelection
 
-    common = {"sequential": sequential}
+    common = {"sequential": sequential, "layers": LayerSelection.parse(only, ignore)}
     configs = prune_configs(method, pattern, sparsity, stages, default_ratio=0.5, **common)
     config = PlanConfig(
         nsamples,

@@ -13,8 +13,10 @@ from stade_cli.cli.options import (
     DeviceOpt,
     Dtype,
     ForceOpt,
+    IgnoreOpt,
     JsonOpt,
     ModelArg,
+    OnlyOpt,
     cli_errors,
     command_line,
     plan_line,
@@ -51,6 +53,8 @@ def prune(
             "--bias-update/--no-bias-update", help="The bias update of the methods that have one (stade, stadew)."
         ),
     ] = True,
+    only: OnlyOpt = None,
+    ignore: IgnoreOpt = None,
     seed: Annotated[
         int,
         typer.Option("--seed", help="Seed of the random method's scores and of the reconstruction's held-out split."),
@@ -78,6 +82,9 @@ def prune(
     Example: stade prune smollm2-135m --stats stats/ --method wanda,stade --pattern unstructured,2:4
     --sparsity 0.5 --out pruned/
 
+    Keeping layers dense: stade prune smollm2-135m --stats stats/ --method sparsegpt --ignore 're:.*down_proj'
+    --out pruned/
+
     With block reconstruction: stade prune smollm2-135m --stats stats/ --method wanda --pattern 2:4
     --reconstruct block --reconstruct-steps 20 --out pruned/
 
@@ -93,16 +100,19 @@ def prune(
     from stade_cli.driver.loop import refuse_unsupported
     from stade_cli.driver.sweep import prune_checkpoints, written_paths
     from stade_cli.models.loading import load_model, resolve_device
+    from stade_cli.stages.selection import LayerSelection
     from stade_cli.stats.artifact import Statistics
     from stade_cli.stats.distributed import cuda_device_for, group_for, launched
 
-    common = {"bias_update": bias_update, "sequential": sequential, "seed": seed}
+    layers = LayerSelection.parse(only, ignore)
+    common: dict[str, Any] = {"bias_update": bias_update, "sequential": sequential, "seed": seed, "layers": layers}
     configs = prune_configs(method, pattern, sparsity, stages, **common)
     for path in written_paths(out, configs):
         check_writable(path, force)
         check_apart(path, [("--stats", stats), ("the model", model)])
     refuse_unsupported(configs, launched())
     stats_art = Statistics.load(stats)
+    layers.check(stats_art.layers)  # every pattern names a layer: before the model is loaded
     dev = cuda_device_for(resolve_device(device))
     plan_line(
         "prune",

@@ -116,6 +116,7 @@ def prune_record(
         },
         block_sparsity=report.block_sparsity or None,
         reconstruction=report.reconstruction or None,
+        selection=c.layers.record(),
         layers=[LayerResult(**r.as_dict()) for r in report.layers],
     )
 

@@ -102,29 +102,46 @@ def _input_groups(prefix: str, block: nn.Module, stats_of: Any) -> list[tuple[La
 
 
 def prune_block(prefix: str, block: nn.Module, stats_of: Any, config: PruneConfig) -> list[LayerReport]:
-    """Prune every linear layer and expert of one block in place (the block is on its device).
+    """Prune every linear layer and expert of one block in place (the block is on its device), but those
+    --only / --ignore keep dense; the reports come in the block's order.
 
     An expert that too few calibration tokens reached is pruned by presets.FALLBACK instead.
     """
+    reports: dict[str, LayerReport] = {}
+    order: list[str] = []
+    for st, group in _input_groups(prefix, block, stats_of):
+        order += [full for full, _ in group]
+        reports |= {full: _kept_dense(full, mod) for full, mod in group if not config.layers.pruned(full)}
+        members = [(full, mod) for full, mod in group if full not in reports]
+        if members:
+            reports |= {r.name: r for r in _prune_members(members, st, config)}
+    return [reports[full] for full in order]
+
+
+def _prune_members(members: list[tuple[str, Any]], st: LayerStats, config: PruneConfig) -> list[LayerReport]:
+    """Prune layers that share one input (`st`) in place."""
+    ws = [get_weight(mod).detach().to(torch.float32) for _, mod in members]
+    names = [full for full, _ in members]
+    fallback = FALLBACK if config.needs and underfed(names[0], st.count, MIN_EXPERT_TOKENS) else None
+    group_config = replace(config, method=fallback, update=None) if fallback else config
     reports = []
-    for st, members in _input_groups(prefix, block, stats_of):
-        ws = [get_weight(mod).detach().to(torch.float32) for _, mod in members]
-        names = [full for full, _ in members]
-        fallback = FALLBACK if config.needs and underfed(names[0], st.count, MIN_EXPERT_TOKENS) else None
-        group_config = replace(config, method=fallback, update=None) if fallback else config
-        for (full, mod), w, (w_new, mask, db, damping) in zip(
-            members, ws, prune_group(ws, st, group_config, names), strict=True
-        ):
-            err, energy = output_error(w, w_new, db, st)
-            set_weight(mod, w_new)
-            if db is not None:
-                _add_bias(mod, db)
-            shape = (w.shape[0], w.shape[1])
-            sparsity = float(mask.float().mean())
-            reports.append(
-                LayerReport(full, shape, sparsity, err / max(energy, 1e-30), db is not None, damping, fallback)
-            )
+    for (full, mod), w, (w_new, mask, db, damping) in zip(
+        members, ws, prune_group(ws, st, group_config, names), strict=True
+    ):
+        err, energy = output_error(w, w_new, db, st)
+        set_weight(mod, w_new)
+        if db is not None:
+            _add_bias(mod, db)
+        shape = (w.shape[0], w.shape[1])
+        sparsity = float(mask.float().mean())
+        reports.append(LayerReport(full, shape, sparsity, err / max(energy, 1e-30), db is not None, damping, fallback))
     return reports
+
+
+def _kept_dense(full: str, mod: Any) -> LayerReport:
+    """A layer --only / --ignore keeps dense: left as it is, counted in the achieved sparsity at its own zeros."""
+    w = get_weight(mod)
+    return LayerReport(full, (w.shape[0], w.shape[1]), float((w == 0).float().mean()), 0.0, False, dense=True)
 
 
 def _add_bias(mod: nn.Module, db: torch.Tensor) -> None:

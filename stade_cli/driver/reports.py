@@ -18,6 +18,7 @@ class LayerReport:
     bias_updated: bool
     damping: float | None = None
     fallback: str | None = None  # an expert too few tokens reached: the score used instead of the method's
+    dense: bool = False  # kept dense by --only / --ignore
 
     def as_dict(self) -> dict[str, Any]:
         d = {
@@ -31,6 +32,8 @@ class LayerReport:
             d["damping"] = self.damping
         if self.fallback is not None:
             d["fallback"] = self.fallback
+        if self.dense:
+            d["dense"] = True
         return d
 
 

@@ -203,6 +203,7 @@ def make_plan(spec: str, config: PlanConfig, device: torch.device, cache_dir: st
         notes.append("planned for a GPU that is not on this machine: not timed; block inputs counted in host RAM")
     if config.timed and not absent:
         notes.append(_time_stages(ctx, config, stages, device))
+    notes += _selection_notes(ctx, config.runs)
     checkpoints = {c.name: weight_files_bytes(ctx, c) for c in config.runs}
     compute = dtype_name(ctx.compute)
     return Plan(spec, str(device), compute, config.nsamples, ctx.seqlen, ctx.shapes, stages, notes, checkpoints)
@@ -231,6 +232,19 @@ def _time_stages(ctx: Context, config: PlanConfig, stages: dict[str, StagePlan],
         "time: an ESTIMATE, one block's forward timed on random weights here, times the forward passes "
         "(disk reads and pruning maths not included)"
     )
+
+
+def _selection_notes(ctx: Context, runs: tuple[PruneConfig, ...]) -> list[str]:
+    """How many layers --only / --ignore keep dense (their patterns checked against the model's layer names); the
+    checkpoint's size is the same, and the memory and time are planned as if every layer were pruned."""
+    notes = []
+    names = [f"{ctx.shapes.blocks_name}.{i}.{n}" for i in range(ctx.shapes.n_blocks) for n in ctx.shapes.fed_by_norm]
+    for selection in dict.fromkeys(c.layers for c in runs if c.layers):
+        selection.check(names)
+        dense = sum(not selection.pruned(n) for n in names)
+        given = ", ".join(f"--{k} {','.join(v)}" for k, v in (selection.record() or {}).items() if v)
+        notes.append(f"layers: {dense} of {len(names)} prunable layers kept dense ({given})")
+    return notes
 
 
 def _has_experts(model: Any) -> bool:

@@ -7,12 +7,13 @@ plan and the command line read the stages' own descriptions (stage.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stade_cli.base.errors import StadeError
 from stade_cli.stages.pattern import Pattern, parse_pattern, resolve_sparsity
 from stade_cli.stages.presets import PRESETS, Preset
+from stade_cli.stages.selection import LayerSelection
 from stade_cli.stages.stage import (
     ALLOCATIONS,
     INPUTS,
@@ -41,6 +42,7 @@ class PruneConfig:
     allocation: str = "uniform"
     reconstruct: str = "none"
     settings: tuple[Settings, ...] = ()  # of the chosen stages; a stage given none runs with its defaults
+    layers: LayerSelection = field(default_factory=LayerSelection)  # --only / --ignore: the others stay dense
 
     def __post_init__(self) -> None:
         preset = PRESETS.get(self.method)  # every name first: a typo is named before any value is judged
