@@ -149,6 +149,8 @@ def test_several_models_in_one_call(tiny_llama_dir: Path, text_file: Path, tmp_p
     assert res.exit_code == 0, res.output
     docs = json.loads(res.stdout)
     assert [d["model"]["spec"] for d in docs] == [str(tiny_llama_dir), str(other) + "/"]
+    bars = [line.split(" · ")[0].strip() for line in res.stderr.splitlines() if " · " in line]
+    assert bars == [tiny_llama_dir.name, "other"], res.stderr  # each bar names its model
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted([f"{tiny_llama_dir.name}.json", "other.json"])
     alone = tmp_path / "alone.json"
     assert run_eval(str(other), *common, "--out", str(alone)).exit_code == 0

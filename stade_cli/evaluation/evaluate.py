@@ -89,7 +89,7 @@ def dataset_perplexity(
     if max_windows is not None and ids.shape[1] > max_windows * seqlen:
         ids = ids[:, : max_windows * seqlen]
         notes.append(f"first {max_windows} windows only (--max-windows): not the published protocol")
-    result = perplexity(loaded.model, ids, seqlen, batch_size, device, description=source)
+    result = perplexity(loaded.model, ids, seqlen, batch_size, device, source, f"{loaded.short_name} · {source}")
     return PerplexityResult(
         **result.to_dict(), source_sha256=sha, ids_sha256=ids_sha256(ids), batch_size=batch_size, notes=notes or None
     )

@@ -124,14 +124,16 @@ def perplexity(
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     description: str = "perplexity",
+    label: str | None = None,
 ) -> PerplexityRun:
-    """exp(mean over windows of mean token NLL); batching changes the speed, not the figure."""
+    """exp(mean over windows of mean token NLL); batching changes the speed, not the figure. `description` names
+    the text in messages; `label` (default: it) is the progress bar's."""
     windows = cut_windows(ids, seqlen, description)  # (n, T)
     n = windows.shape[0]
     nlls: list[float] = []
     t0 = time.perf_counter()
     with torch.inference_mode(), progress() as bar:
-        task = bar.add_task(description, total=n, info="")
+        task = bar.add_task(label or description, total=n, info="")
         chunked = _chunks_agree(model, windows.to(device))
         for start in range(0, n, batch_size):
             batch = windows[start : start + batch_size].to(device)  # (B, T)

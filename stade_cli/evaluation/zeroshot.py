@@ -286,7 +286,7 @@ def _result(row: dict[str, Any], name: str) -> tuple[float | None, float | None]
     return as_float(value), as_float(stderr)
 
 
-def _with_progress(hflm: type) -> type:
+def _with_progress(hflm: type, label: str) -> type:
     """lm_eval's HF wrapper with its loglikelihood requests counted on a Rich bar instead of tqdm's,
     which would print a line per update through stade's own progress display."""
 
@@ -295,7 +295,7 @@ def _with_progress(hflm: type) -> type:
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
             with progress() as bar:
-                task = bar.add_task("zero-shot", total=len(requests), info="requests")
+                task = bar.add_task(label, total=len(requests), info="requests")
                 self._bar = (bar, task)
                 try:
                     return super().loglikelihood(requests, disable_tqdm=True)
@@ -323,7 +323,8 @@ def zero_shot(
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        lm = _with_progress(HFLM)(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+        progress_lm = _with_progress(HFLM, f"{loaded.short_name} · zero-shot")
+        lm = progress_lm(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         with (
             library_errors(
                 f"lm_eval could not run {', '.join(t.name for t in tasks)}",

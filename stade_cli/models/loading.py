@@ -204,6 +204,11 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
     @property
+    def short_name(self) -> str:
+        """Its folder's or hub id's last part: how progress bars name it (eval runs several models in a row)."""
+        return Path(self.spec.rstrip("/")).name or self.spec
+
+    @property
     def lazy(self) -> bool:
         return self.files is not None
 
