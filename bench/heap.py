@@ -1,13 +1,13 @@
-"""What bounding the heap costs in wall time: stade's glibc thresholds against glibc's defaults, in one run.
+"""What bounding the heap costs in wall time: stade's glibc mmap threshold against glibc's defaults, in one run.
 
-`base/heap.py` fixes glibc's mmap threshold (and trim threshold) so that memory freed by a block leaves the
-resident set. This measures what that costs on SmolLM2 with the reference calibration ids (32 x 512):
-`calibrate --hessian`, and `prune` with wanda and sparsegpt, one-shot and sequential, each as its own
-`stade` process (as a user runs it) under each setting of STADE_HEAP: `glibc` (glibc's defaults), `32`
-(stade's default, MiB) and `1` (the threshold stade used before). The settings alternate within each command
-(A, B, C, C, B, A per repeat) and the fastest run of each is kept; the peak RSS of each is the child's own.
+`base/heap.py` fixes glibc's mmap threshold so that memory freed by a block leaves the resident set. This
+measures what that costs on SmolLM2 with the reference calibration ids (32 x 512): `calibrate --hessian`, and
+`prune` with wanda and sparsegpt, one-shot and sequential, each as its own `stade` process (as a user runs it)
+under each setting of STADE_HEAP: `glibc` (glibc's defaults), `1` (stade's default threshold, MiB) and `32`
+(glibc's ceiling: SmolLM2's tensors stay in the heap). The settings alternate within each command (A, B, C, C,
+B, A per repeat) and the fastest run of each is kept; the peak RSS of each is the child's own.
 
-    .venv/bin/python bench/heap.py [--repeats 1] [--threads 2] [--settings glibc,32,1]
+    .venv/bin/python bench/heap.py [--repeats 1] [--threads 2] [--settings glibc,1,32]
 
 Writes bench/results/heap.json. Target (issue 19): every prune within 1.05x of glibc's defaults.
 """
@@ -88,7 +88,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=1, help="alternations per command (each runs every setting twice)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--settings", default="glibc,32,1", help="STADE_HEAP values; the first must be glibc")
+    ap.add_argument("--settings", default="glibc,1,32", help="STADE_HEAP values; the first must be glibc")
     args = ap.parse_args()
     settings = args.settings.split(",")
     assert settings[0] == "glibc", "ratios are taken against glibc's defaults"

@@ -1,4 +1,4 @@
-"""The process heap: freed memory handed back to the OS at block boundaries, without paying for it in every op.
+"""The process heap: large tensors in mappings of their own, and freed memory handed back to the OS.
 
 Memory is bounded by what lives at once only if what is freed leaves the resident set; glibc's defaults
 keep much of it (see _libc and release_memory). Nothing here changes any result.
@@ -14,9 +14,9 @@ from functools import cache
 
 from stade_cli.base.errors import StadeError
 
-M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_MIB = 32  # glibc's own ceiling for the threshold (HEAP_MAX_SIZE / 2 on 64-bit)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_MIB = 1  # the default: allocations from 1 MiB up get a mapping of their own
+MAX_THRESHOLD_MIB = 32  # glibc's own ceiling for it (HEAP_MAX_SIZE / 2 on 64-bit)
 HEAP_VARIABLE = "STADE_HEAP"  # "glibc": leave glibc's defaults; a number: the threshold in MiB (bench/heap.py)
 
 
@@ -25,9 +25,9 @@ def _threshold_mib() -> int | None:
     value = os.environ.get(HEAP_VARIABLE, str(MMAP_THRESHOLD_MIB)).strip().lower()
     if value == "glibc":
         return None
-    if not value.isdigit() or not 1 <= int(value) <= MMAP_THRESHOLD_MIB:
+    if not value.isdigit() or not 1 <= int(value) <= MAX_THRESHOLD_MIB:
         raise StadeError(
-            f"{HEAP_VARIABLE}={value!r} is not 'glibc' or a whole number of MiB from 1 to {MMAP_THRESHOLD_MIB}.",
+            f"{HEAP_VARIABLE}={value!r} is not 'glibc' or a whole number of MiB from 1 to {MAX_THRESHOLD_MIB}.",
             f"unset it (the default is {MMAP_THRESHOLD_MIB})",
         )
     return int(value)
@@ -35,15 +35,15 @@ def _threshold_mib() -> int | None:
 
 @cache
 def _libc() -> ctypes.CDLL | None:
-    """glibc, with its heap's thresholds fixed (once, on first use).
+    """glibc, with its mmap threshold fixed (once, on first use).
 
-    glibc's mmap threshold starts at 128 KiB and rises to the size of each large chunk freed (up to 32 MiB), and
-    the heap's top is trimmed only past twice that. Left alone, tensors of a block's size stay in the heap,
-    fragmented, and the resident set grows as blocks go by (measured: +300 MB over 12 blocks of a 2.6 GB model).
-    Fixing the threshold at 32 MiB keeps what is larger (a block's weights, Hessians and activations at scale)
-    in mappings of their own, returned when freed; what is smaller is reused from the heap without fresh page
-    faults (a 1 MiB threshold cost 1.2-1.8x in wall time: bench/results/heap.json), and malloc_trim hands the
-    heap's free pages back once per block (release_memory).
+    glibc's mmap threshold starts at 128 KiB but rises to the size of each large chunk freed (up to 32 MiB), after
+    which a block's weights, Hessians and activations come from the heap, where they fragment and stay resident as
+    the blocks go by (measured: +300 MB over 12 blocks of a 2.6 GB model). A fixed threshold of 1 MiB returns each
+    such tensor to the OS when it is freed, at the price of fresh page faults for every one (up to 1.8x in wall
+    time on SmolLM2). A 32 MiB threshold wins that back there but lost the bound on the synthetic model of
+    bench/scale.py (calibrate 0.38x and streaming prune 0.31x its bytes, against 0.25x): bench/heap.py measures
+    the choices side by side (STADE_HEAP).
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -57,7 +57,6 @@ def _libc() -> ctypes.CDLL | None:
     if mib is None:
         return None
     libc.mallopt(M_MMAP_THRESHOLD, mib << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 * mib << 20)  # as glibc's dynamic rule pairs them: no trim on every free
     return libc
 
 
@@ -66,7 +65,7 @@ def release_memory() -> None:
 
     glibc keeps freed activations in its heaps, fragmented, so without this the resident set grows
     by part of a block's activations with every block (measured: +10-35 MB per SmolLM2 block, varying run to run).
-    Called once before the first block too, which fixes glibc's thresholds (see _libc).
+    Called once before the first block too, which fixes glibc's mmap threshold (see _libc).
     """
     libc = _libc()
     if libc is not None:
@@ -74,5 +73,5 @@ def release_memory() -> None:
 
 
 def bound_heap() -> None:
-    """Fix glibc's thresholds now, before the first large tensor (a command's or a stage's start)."""
+    """Fix glibc's mmap threshold now, before the first large tensor (a command's or a stage's start)."""
     _libc()
