@@ -3,7 +3,8 @@
 A synthetic layer as wide as Llama-3-8B's down_proj (n = 14336 inputs, 4096 rows): H = X^T X / s from
 s random inputs and a random weight, written once to bench/work/sparsegpt/. Each variant (this checkout's
 solver, and the one at `--against`) runs in its own process, alternating (A, B, B, A): the Hessian's
-factorisation and the pruning at 50% and 2:4. Peak RSS is the child's VmHWM above an import-only baseline
+factorisation and the pruning at 50% and 2:4, each called as the obs update calls it (on a fresh copy of the
+weights, which this checkout's solver prunes in place). Peak RSS is the child's VmHWM above an import-only baseline
 (which holds neither H nor W), so it counts H and W as a user's process holds them (the high-water mark is reset
 after they are loaded: the file's pages read at load are not the solver's); the solver's own working memory is
 the peak above the resident set once they are loaded. The weights and masks of
@@ -74,15 +75,19 @@ def child(variant: str, inputs: Path, threads: int) -> dict:
     )  # the peak from here: the file's pages read at load are not the solver's
     loaded = status("VmRSS")
     row: dict = {"variant": variant, "baseline_gib": round(baseline, 3), "loaded_gib": round(loaded, 3), "patterns": {}}
+    peak = loaded
     for name in PATTERNS:
+        Path("/proc/self/clear_refs").write_text("5")  # the solver's peak, not the previous result's saving
         t0 = time.perf_counter()
-        res = mod.sparsegpt_prune(w, h, 0.5, parse_pattern(name))
+        own = {"consume": True} if variant == "now" else {}  # the earlier solver always copied its input
+        res = mod.sparsegpt_prune(w.clone(), h, 0.5, parse_pattern(name), **own)  # a fresh stack, as obs gives it
         wall = time.perf_counter() - t0
+        peak = max(peak, status("VmHWM"))
         save_file({"weight": res.weight, "mask": res.mask.to(torch.uint8)}, WORK / f"out-{variant}-{slug(name)}.st")
         del res
         row["patterns"][name] = {"wall_s": round(wall, 2)}
-    row["peak_above_baseline_gib"] = round(status("VmHWM") - baseline, 3)  # H and W included, as a user holds them
-    row["peak_above_loaded_gib"] = round(status("VmHWM") - loaded, 3)  # the solver's own working memory
+    row["peak_above_baseline_gib"] = round(peak - baseline, 3)  # H and W included, as a user's process holds them
+    row["peak_above_loaded_gib"] = round(peak - loaded, 3)  # the solver's own working memory
     return row
 
 
@@ -122,6 +127,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4096)
     ap.add_argument("--against", default="31d91e2", help="the commit whose solver is compared")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--order", default="before,now,now,before", help="the variants' runs, in order")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -133,7 +139,7 @@ def main() -> None:
     (WORK / "sparsegpt_before.py").write_text(old.stdout)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     runs: dict[str, list[dict]] = {"before": [], "now": []}
-    for variant in ("before", "now", "now", "before"):
+    for variant in args.order.split(","):
         cmd = [sys.executable, __file__, "--child", variant, "--inputs", str(inputs), "--threads", str(args.threads)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         runs[variant].append(json.loads(done.stdout.splitlines()[-1]))
@@ -142,6 +148,7 @@ def main() -> None:
     working = {v: min(r["peak_above_loaded_gib"] for r in rs) for v, rs in runs.items()}
     result = {
         "layer": {"in": args.n, "rows": args.rows, "samples": args.samples, "nxn_gib": round(args.n**2 * 4 / 2**30, 3)},
+        "weight_gib": round(args.rows * args.n * 4 / 2**30, 3),
         "against": args.against,
         "threads": args.threads,
         "runs": runs,

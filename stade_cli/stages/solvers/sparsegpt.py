@@ -75,6 +75,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     segments: list[int] | None = None,
+    consume: bool = False,
 ) -> SolverResult:
     """Prune `weight` (out, in) with the OBS update of the kept weights, columns in blocks of `blocksize`
     (for an N:M pattern rounded down to a multiple of M, as docs/methods.md#sparsegpt-solver says).
@@ -83,13 +84,16 @@ def sparsegpt_prune(
     unstructured mask is chosen within its own rows, so stacking changes nothing but speed.
 
     Column i is never written after its own step, so the kept values and the errors are read off
-    the block once at its end instead of being copied out column by column.
+    the block once at its end instead of being copied out column by column. `consume`: `weight` (float32) is the
+    caller's to give up, and is pruned in place rather than copied (a 4096 x 14336 layer is 235 MB).
     """
     if pattern.structured:  # N:M groups start at absolute columns i % M == 0 and never straddle a block edge
         blocksize = max(blocksize // pattern.m, 1) * pattern.m
     factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, percdamp)
     hinv = factor.upper.to(weight.device)
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32)  # a copy already where the weight is not float32
+    if w.data_ptr() == weight.data_ptr() and not consume:
+        w = w.clone()
     w[:, factor.dead.to(w.device)] = 0
     cols = w.shape[1]
     mask = torch.zeros_like(w, dtype=torch.bool)
