@@ -186,7 +186,7 @@ class FinetuneRecord(Record):
     """How `stade finetune` recovered a pruned checkpoint, with its mask held (docs/finetune.md)."""
 
     pruned: str  # the checkpoint fine-tuned, as given
-    teacher: str | None  # None: the LM loss alone
+    teacher: str | None = None  # None: the LM loss alone
     loss: str  # kd, lm or mix
     kd_weight: float
     temperature: float
