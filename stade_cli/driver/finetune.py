@@ -28,7 +28,7 @@ from stade_cli.driver.finetune_inputs import (
     checkpoint_tensors,
     pruned_record,
     read_mask,
-    split_windows,
+    finetune_windows,
 )
 from stade_cli.driver.training import SCRATCH, Loop, Progress, load_state, run, save_state
 from stade_cli.models.layers import weight_param
@@ -81,7 +81,7 @@ def finetune(
         check_teacher(config.teacher, pruned)
     keeps, pattern = read_mask(folder, record)
     student = load_model(pruned, torch.float32, "cpu", cache_dir)
-    split, seqlen = split_windows(config, record, student.tokenizer, cache_dir)
+    split, seqlen = finetune_windows(config, record, student.tokenizer, cache_dir)
     steps = config.steps(seqlen, world, split.train.shape[0])
     teacher = load_model(config.teacher, None, device, cache_dir).model if config.teacher else None
     loop = build_loop(student, teacher, keeps, split, config, steps, device, group)

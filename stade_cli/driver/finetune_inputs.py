@@ -196,7 +196,7 @@ def same_source(a: str, b: str) -> bool:
     return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
 
 
-def split_windows(
+def finetune_windows(
     config: FinetuneConfig, record: PruneRecord, tokenizer: PreTrainedTokenizerBase, cache_dir: str | None
 ) -> tuple[Split, int]:
     """The training and held-out windows, and their length."""
