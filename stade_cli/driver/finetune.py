@@ -26,9 +26,9 @@ from stade_cli.driver.finetune_inputs import (
     FinetuneConfig,
     check_teacher,
     checkpoint_tensors,
+    finetune_windows,
     pruned_record,
     read_mask,
-    finetune_windows,
 )
 from stade_cli.driver.training import SCRATCH, Loop, Progress, load_state, run, save_state
 from stade_cli.models.layers import weight_param
