@@ -135,6 +135,12 @@ def test_the_loss_falls(world: World, tmp_path: Path) -> None:
     assert summary["loss"] == "lm" and summary["steps"] == 8
     curve = [p["heldout_loss"] for p in summary["curve"]]
     assert curve[-1] < 0.8 * curve[0], curve
+    res = invoke("eval", tmp_path / "t", "--ppl", world.text, "--tasks", "none", "--seqlen", 16, "--max-windows", 3,
+                 "--device", "cpu", "--out", tmp_path / "r.json")  # fmt: skip
+    assert res.exit_code == 0, res.output  # eval takes it as any pruned checkpoint, and keeps how it was made
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["method"] == "wanda" and results["pruning"]["finetune"]["steps"] == 8
+    assert "fine-tuned" in (tmp_path / "t" / "README.md").read_text()
 
 
 def test_resume_equals_an_uninterrupted_run(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
