@@ -173,6 +173,25 @@ def test_resume_equals_an_uninterrupted_run(world: World, tmp_path: Path, monkey
     assert curve(tmp_path / "whole") == curve(tmp_path / "resumed")
 
 
+def test_early_stopping_keeps_the_best_weights(world: World, tmp_path: Path) -> None:
+    """A learning rate too large once warmed up: the held-out loss falls, then rises, and --patience stops the run.
+    What is written is the best step's weights: those of a run stopped there by --max-steps (the warmup's learning
+    rates do not depend on the number of steps)."""
+    steep = ["--teacher", "none", "--lr", "0.3", "--warmup", "4", "--eval-every", "1", "--max-steps", "8"]
+    record = finetune(world, "unstructured", tmp_path / "early", *steep, "--patience", "3").finetune
+    assert record is not None and record.stopped_early
+    losses = [p.heldout_loss for p in record.curve]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert 0 < best < record.steps and losses[-1] > losses[best]  # it did rise after the best
+    assert record.best_step == record.kept_step == best and record.steps == best + 3
+    assert record.heldout_after == record.curve[best].heldout_ppl
+    finetune(world, "unstructured", tmp_path / "stopped", *steep, "--max-steps", str(best))
+    early, stopped = read_weights(tmp_path / "early"), read_weights(tmp_path / "stopped")
+    assert sorted(early) == sorted(stopped)
+    for k in early:
+        torch.testing.assert_close(early[k], stopped[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(world: World, tmp_path: Path) -> None:
     """2 gloo ranks of 2 windows each give the weights of 1 process of 4 windows, within float rounding."""

@@ -208,8 +208,9 @@ class FinetuneRecord(Record):
     seed: int
     world_size: int = 1
     heldout_before: float  # held-out perplexity before the first step
-    heldout_after: float  # and after the last
-    best_step: int
+    heldout_after: float  # and of the weights written
+    best_step: int  # the step of the lowest held-out loss
+    kept_step: int | None = None  # the step whose weights were written: best_step with --patience, else the last
     curve: list[CurvePoint]
 
 

@@ -123,7 +123,9 @@ def finetune(
     assert ft is not None
     err.print(
         f"Fine-tuned {ft.steps} steps ({ft.tokens} tokens): held-out perplexity {ft.heldout_before:.3f} → "
-        f"{ft.heldout_after:.3f}{' (stopped early)' if ft.stopped_early else ''}; mask held. Wrote {out}",
+        f"{ft.heldout_after:.3f}{' (stopped early)' if ft.stopped_early else ''}"
+        f"{f', the best step ({ft.kept_step}) kept' if ft.kept_step not in (None, ft.steps) else ''}; mask held. "
+        f"Wrote {out}",
         highlight=False,
         soft_wrap=True,
     )

@@ -164,6 +164,7 @@ def finetune_record(
     pruned: str, config: FinetuneConfig, split: Split, seqlen: int, loop: Loop, done: Progress, world: int
 ) -> FinetuneRecord:
     batch = config.batch_size * config.grad_accum * world
+    kept = next(p for p in reversed(done.curve) if p.step == done.kept_step)
     return FinetuneRecord(
         pruned=pruned,
         teacher=config.teacher,
@@ -187,8 +188,9 @@ def finetune_record(
         seed=config.seed,
         world_size=world,
         heldout_before=done.curve[0].heldout_ppl,
-        heldout_after=done.curve[-1].heldout_ppl,
+        heldout_after=kept.heldout_ppl,
         best_step=done.best_step,
+        kept_step=done.kept_step,
         curve=done.curve,
     )
 

@@ -68,6 +68,12 @@ class Progress:
     best_step: int = 0
     stale: int = 0  # held-out measurements since the best
     stopped_early: bool = False
+    best_weights: dict[str, torch.Tensor] | None = None  # with --patience: the trained parameters at best_step
+
+    @property
+    def kept_step(self) -> int:
+        """The step whose weights the run ends with: the best with early stopping (--patience), else the last."""
+        return self.best_step if self.best_weights is not None else self.step
 
 
 def world(loop: Loop) -> int:
@@ -186,9 +192,22 @@ def measure(loop: Loop, done: Progress, tokens_per_step: int) -> float:
     )
     if loss < done.best:
         done.best, done.best_step, done.stale = loss, done.step, 0
+        if loop.patience is not None:  # early stopping keeps the best weights: a copy off the device
+            done.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in trained(loop.model)}
     else:
         done.stale += 1
     return loss
+
+
+def trained(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def restore(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in weights.items():
+        params[name].copy_(value)
 
 
 def run(loop: Loop, done: Progress, commit: Callable[[Progress], None] | None) -> Progress:
@@ -214,6 +233,8 @@ def run(loop: Loop, done: Progress, commit: Callable[[Progress], None] | None) -
                 commit(done)
     if done.curve[-1].step != done.step:
         measure(loop, done, per_step)
+    if done.best_weights is not None:
+        restore(loop.model, done.best_weights)
     loop.model.eval()
     return done
 
@@ -225,11 +246,11 @@ def save_state(folder: Path, loop: Loop, done: Progress, key: dict[str, Any]) ->
     """The training state, written whole or not at all (a temporary file renamed, flushed to the disk)."""
     state = {
         "key": key,
-        "trained": {n: p.detach().cpu() for n, p in loop.model.named_parameters() if p.requires_grad},
+        "trained": {n: p.detach().cpu() for n, p in trained(loop.model)},
         "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        "progress": {**done.__dict__, "curve": [c.dump() for c in done.curve]},
+        "progress": {**done.__dict__, "curve": [c.dump() for c in done.curve]},  # with the best weights
     }
     path = folder / STATE_FILE
     tmp = path.with_name(path.name + ".incomplete")
@@ -249,10 +270,7 @@ def load_state(folder: Path, loop: Loop, key: dict[str, Any]) -> Progress | None
         diff = sorted(k for k in set(key) | set(state.get("key", {})) if key.get(k) != state["key"].get(k))
         raise StadeError(f"--resume: the run in {str(folder)!r} was started with other settings ({', '.join(diff)}).",
                          "resume with the same arguments, or drop --resume to start afresh")  # fmt: skip
-    params = dict(loop.model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trained"].items():
-            params[name].copy_(value)
+    restore(loop.model, state["trained"])
     loop.optimizer.load_state_dict(state["optimizer"])
     loop.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
