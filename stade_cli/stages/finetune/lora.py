@@ -25,7 +25,8 @@ class MaskedLoRA(nn.Module):
             base.bias.requires_grad_(False)
         out_features, in_features = base.weight.shape
         self.keep: torch.Tensor
-        self.register_buffer("keep", keep.to(base.weight.device, base.weight.dtype), persistent=False)
+        # bool: a float mask would take as much memory as the weights (the product with it is in their dtype)
+        self.register_buffer("keep", keep.to(base.weight.device, torch.bool), persistent=False)
         self.scale = (alpha if alpha is not None else float(rank)) / rank
         self.lora_a = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=base.weight.device))
