@@ -192,6 +192,106 @@ def test_early_stopping_keeps_the_best_weights(world: World, tmp_path: Path) -> 
         torch.testing.assert_close(early[k], stopped[k], rtol=1e-5, atol=1e-6)
 
 
+def assert_same_training(got: Path, want: Path, start: Path) -> None:
+    """The same weights within float rounding. Adam divides by each gradient's own scale: where a gradient is ~0 (an
+    unseen token's row of lm_head), rounding in another order of sums is a visible part of a step. Within 1% of the
+    update, at almost every entry within 1e-5."""
+    a, b, s0 = read_weights(got), read_weights(want), read_weights(start)
+    assert sorted(a) == sorted(b)
+    for k in b:
+        step, diff = (b[k] - s0[k]).abs().max().item(), (a[k] - b[k]).abs()
+        assert diff.max().item() < 0.01 * step, (k, diff.max().item(), step)
+        assert (diff > 1e-5).float().mean().item() < 1e-3, k
+
+
+def test_grad_accum_equals_the_larger_batch(world: World, tmp_path: Path) -> None:
+    """2 micro-batches of 2 windows are the step of 1 batch of 4: the same windows, the mean of the same losses."""
+    finetune(world, "2:4", tmp_path / "accum", "-b", "2", "--grad-accum", "2")
+    finetune(world, "2:4", tmp_path / "batch", "-b", "4", "--grad-accum", "1")
+    assert_same_training(tmp_path / "accum", tmp_path / "batch", world.pruned["2:4"])
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(world: World, tmp_path: Path) -> None:
+    finetune(world, "unstructured", tmp_path / "ckpt", "--gradient-checkpointing")
+    finetune(world, "unstructured", tmp_path / "plain")
+    assert_same_training(tmp_path / "ckpt", tmp_path / "plain", world.pruned["unstructured"])
+
+
+def test_the_mix_loss_is_the_weighted_sum(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first step's --loss mix, from the run itself, against KD and LM computed from whole logits of the two
+    models loaded apart: w KL(softmax(t/T) || softmax(z/T)) T^2 + (1 - w) CE. The teacher is the dense model with
+    its head scaled, so that the KD term weighs (a random model's logits are near uniform)."""
+    from transformers import AutoModelForCausalLM
+
+    import stade_cli.driver.training as training
+
+    teacher = AutoModelForCausalLM.from_pretrained(world.model, dtype=torch.float32)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+
+    seen: list[tuple[torch.Tensor, float]] = []
+    real = training.one_step
+
+    def spy(loop: training.Loop, step: int) -> float:
+        windows = training.step_windows(loop, step, 0)
+        value = real(loop, step)
+        seen.append((windows, value))
+        return value
+
+    monkeypatch.setattr(training, "one_step", spy)
+    mix = ["--loss", "mix", "--kd-weight", "0.3", "--temperature", "2", "--max-steps", "1"]
+    res = invoke("finetune", world.pruned["unstructured"], "--teacher", tmp_path / "teacher", "--data", world.text,
+                 *FAST, *mix, "--out", tmp_path / "mix")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    windows, value = seen[0]
+    with torch.no_grad():
+        student = AutoModelForCausalLM.from_pretrained(world.pruned["unstructured"], dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32)
+        z, t = (m(input_ids=windows).logits[:, :-1].reshape(-1, 260) for m in (student, teacher))
+    lm = torch.nn.functional.cross_entropy(z, windows[:, 1:].reshape(-1))
+    kd = torch.nn.functional.kl_div(
+        torch.log_softmax(z / 2, -1), torch.log_softmax(t / 2, -1), log_target=True, reduction="batchmean"
+    )
+    assert value == pytest.approx(float(0.3 * 4 * kd + 0.7 * lm), rel=1e-5)
+    assert float(kd) > 0.1 * float(lm)  # the KD term weighs in the sum
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_sigterm_leaves_nothing_complete_and_resume_continues(world: World, tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's, `timeout`'s) during step 3: exit 143, the committed state kept in OUT.incomplete and
+    said so, nothing that looks complete; --resume then ends with an uninterrupted run's weights, bit for bit."""
+    import signal
+    import time
+
+    from test_survey import CLI, hear_ctrl_c
+
+    steps = ["--max-steps", "5", "--save-every", "1", "--eval-every", "2"]
+    args = ["finetune", world.pruned["unstructured"], "--teacher", world.model, "--data", world.text, *FAST, *steps]
+    out = tmp_path / "tuned"
+    slow = "import time, stade_cli.driver.training as t; real = t.one_step\n"
+    slow += "t.one_step = lambda loop, s: (time.sleep(60) if s == 2 else None, real(loop, s))[1]\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "STADE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-c", slow + CLI, *[str(a) for a in args], "--out", str(out)], env=env,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=hear_ctrl_c)  # fmt: skip
+    state = out.with_name("tuned.incomplete") / "train-state.pt"
+    deadline = time.monotonic() + 120
+    while not (state.exists() and torch.load(state, weights_only=False)["progress"]["step"] == 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Terminated (SIGTERM)" in stderr and "--resume" in " ".join(stderr.split())
+    assert not out.exists() and {p.name for p in state.parent.iterdir()} <= {"train-state.pt", ".stade-run"}
+    res = invoke(*args, "--out", out, "--resume")
+    assert res.exit_code == 0, res.output
+    finetune(world, "unstructured", tmp_path / "whole", *steps)
+    whole, resumed = read_weights(tmp_path / "whole"), read_weights(out)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(world: World, tmp_path: Path) -> None:
     """2 gloo ranks of 2 windows each give the weights of 1 process of 4 windows, within float rounding."""
