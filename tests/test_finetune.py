@@ -132,7 +132,8 @@ def test_the_loss_falls(world: World, tmp_path: Path) -> None:
                  "--max-steps", "8", "--out", tmp_path / "t", "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout[res.stdout.index("{") :])
-    assert summary["loss"] == "lm" and summary["steps"] == 8
+    assert summary["loss"] == "lm" and summary["steps"] == 8 and summary["train_seconds"] > 0
+    assert "plan (finetune): peak host RAM" in said(res)  # the plan's line, as every stage prints it
     curve = [p["heldout_loss"] for p in summary["curve"]]
     assert curve[-1] < 0.8 * curve[0], curve
     res = invoke("eval", tmp_path / "t", "--ppl", world.text, "--tasks", "none", "--seqlen", 16, "--max-windows", 3,

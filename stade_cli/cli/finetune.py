@@ -78,10 +78,12 @@ def finetune(
     """
     from stade_cli.base.console import err
     from stade_cli.base.files import check_apart, check_writable
+    from stade_cli.cli.options import plan_line
     from stade_cli.driver.finetune import finetune as run
-    from stade_cli.driver.finetune_inputs import FinetuneConfig
+    from stade_cli.driver.finetune_inputs import FinetuneConfig, pruned_record
     from stade_cli.evaluation.curve import plot_curve
     from stade_cli.models.loading import resolve_device
+    from stade_cli.planning.finetune import FinetunePlan
     from stade_cli.stats.distributed import cuda_device_for, group_for
 
     config = FinetuneConfig(
@@ -111,6 +113,10 @@ def finetune(
     check_apart(out, [("the pruned checkpoint", pruned), ("the teacher", teacher), ("the --data file", data)])
     dev = cuda_device_for(resolve_device(device))
     cache = str(cache_dir) if cache_dir else None
+    _folder, record = pruned_record(pruned)
+    shape = FinetunePlan(lora, config.teacher is not None, gradient_checkpointing, patience is not None)
+    plan_line("finetune", pruned, dev, out, cache_dir, batch_size=batch_size, finetune=shape, finetune_tokens=tokens,
+              seqlen=seqlen or record.statistics.seqlen)  # fmt: skip
     with group_for(dev) as group:
         done = run(pruned, config, out, dev, force=force, resume=resume, group=group, cache_dir=cache,
                    extras=plot_curve, command=command_line(ctx))  # fmt: skip

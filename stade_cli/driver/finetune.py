@@ -48,10 +48,12 @@ class Finetuned:
     path: Path
     record: PruneRecord
     seconds: float
+    train_seconds: float  # the training loop's (held-out measurements included), this process's part of it
 
     def summary(self) -> dict:
         assert self.record.finetune is not None
-        return {"path": str(self.path), "seconds": round(self.seconds, 3), **self.record.finetune.dump()}
+        times = {"seconds": round(self.seconds, 3), "train_seconds": round(self.train_seconds, 3)}
+        return {"path": str(self.path), **times, **self.record.finetune.dump()}
 
 
 def finetune(
@@ -90,7 +92,9 @@ def finetune(
     with atomic_dir(out, force, keep=True, scratch=SCRATCH) if lead else contextlib.nullcontext(None) as tmp:
         done = (load_state(tmp, loop, key) if resume and tmp is not None else None) or Progress()
         commit = (lambda d: save_state(tmp, loop, d, key)) if tmp is not None else None
+        t_train = time.perf_counter()
         done = run(loop, done, commit)
+        t_train = time.perf_counter() - t_train
         if config.lora is not None:
             lora.merge(student.model)
         if tmp is None:
@@ -100,7 +104,7 @@ def finetune(
         write_checkpoint(tmp, student, keeps, pattern, final, command)
         if extras is not None:
             extras(tmp, done.curve)
-    return Finetuned(out, final, time.perf_counter() - t0)
+    return Finetuned(out, final, time.perf_counter() - t0, t_train)
 
 
 def build_loop(
