@@ -120,12 +120,12 @@ def finetune_plan(ctx: Context, plan: FinetunePlan) -> StagePlan:
         work |= teacher_terms(ctx, tokens)
     state = trained * 3 * F32 + (trained * F32 if plan.patience else 0)
     result = StagePlan(disk=s.params * size_of(ctx.own) + SMALL_FILES, scratch=2 * state)
-    host = {**ctx.common, "training text": TEXT_SOURCE, "masks (read)": pruned_weights(s)}
+    host = {**ctx.common, "training text": TEXT_SOURCE}
     if plan.patience:
         host["best weights (a copy)"] = trained * F32
-    if ctx.gpu:
+    if ctx.gpu:  # the masks read here, then copied to the device (on the CPU they are the same tensors)
         result.device = work
-        result.host = {**host, "weights (loaded here first)": s.params * F32}
+        result.host = {**host, "weights (loaded here first)": s.params * F32, "masks (read)": pruned_weights(s)}
     else:
         result.host = {**host, **work}
         result.device = dict(result.host)
