@@ -48,7 +48,7 @@ class Finetuned:
     path: Path
     record: PruneRecord
     seconds: float
-    train_seconds: float  # the training loop's (held-out measurements included), this process's part of it
+    train_seconds: float  # in optimizer steps (held-out measurements and commits aside), resumed runs' included
 
     def summary(self) -> dict:
         assert self.record.finetune is not None
@@ -92,9 +92,7 @@ def finetune(
     with atomic_dir(out, force, keep=True, scratch=SCRATCH) if lead else contextlib.nullcontext(None) as tmp:
         done = (load_state(tmp, loop, key) if resume and tmp is not None else None) or Progress()
         commit = (lambda d: save_state(tmp, loop, d, key)) if tmp is not None else None
-        t_train = time.perf_counter()
         done = run(loop, done, commit)
-        t_train = time.perf_counter() - t_train
         if config.lora is not None:
             lora.merge(student.model)
         if tmp is None:
@@ -104,7 +102,7 @@ def finetune(
         write_checkpoint(tmp, student, keeps, pattern, final, command)
         if extras is not None:
             extras(tmp, done.curve)
-    return Finetuned(out, final, time.perf_counter() - t0, t_train)
+    return Finetuned(out, final, time.perf_counter() - t0, done.step_seconds)
 
 
 def build_loop(

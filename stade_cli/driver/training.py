@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class Progress:
     stale: int = 0  # held-out measurements since the best
     stopped_early: bool = False
     best_weights: dict[str, torch.Tensor] | None = None  # with --patience: the trained parameters at best_step
+    step_seconds: float = 0.0  # in optimizer steps (held-out measurements and commits aside)
 
     @property
     def kept_step(self) -> int:
@@ -220,7 +222,9 @@ def run(loop: Loop, done: Progress, commit: Callable[[Progress], None] | None) -
     with progress(not lead) as bar:
         task = bar.add_task("finetune", total=loop.steps, completed=done.step, info="")
         while done.step < loop.steps:
+            t0 = time.perf_counter()
             loss = one_step(loop, done.step)
+            done.step_seconds += time.perf_counter() - t0
             done.step += 1
             info = f"loss {loss:.4f}"
             if done.step % loop.eval_every == 0 or done.step == loop.steps:
