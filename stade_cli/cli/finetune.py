@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,6 +17,9 @@ from stade_cli.cli.options import (
     command_line,
     print_json,
 )
+
+if TYPE_CHECKING:
+    from stade_cli.driver.finetune_inputs import FinetuneConfig
 
 TRAIN = "Training"
 
@@ -78,12 +81,10 @@ def finetune(
     """
     from stade_cli.base.console import err
     from stade_cli.base.files import check_apart, check_writable
-    from stade_cli.cli.options import plan_line
     from stade_cli.driver.finetune import finetune as run
-    from stade_cli.driver.finetune_inputs import FinetuneConfig, pruned_record
+    from stade_cli.driver.finetune_inputs import FinetuneConfig
     from stade_cli.evaluation.curve import plot_curve
     from stade_cli.models.loading import resolve_device
-    from stade_cli.planning.finetune import FinetunePlan
     from stade_cli.stats.distributed import cuda_device_for, group_for
 
     config = FinetuneConfig(
@@ -113,10 +114,7 @@ def finetune(
     check_apart(out, [("the pruned checkpoint", pruned), ("the teacher", teacher), ("the --data file", data)])
     dev = cuda_device_for(resolve_device(device))
     cache = str(cache_dir) if cache_dir else None
-    _folder, record = pruned_record(pruned)
-    shape = FinetunePlan(lora, config.teacher is not None, gradient_checkpointing, patience is not None)
-    plan_line("finetune", pruned, dev, out, cache_dir, batch_size=batch_size, finetune=shape, finetune_tokens=tokens,
-              seqlen=seqlen or record.statistics.seqlen)  # fmt: skip
+    preflight(config, pruned, dev, out, cache_dir)
     with group_for(dev) as group:
         done = run(pruned, config, out, dev, force=force, resume=resume, group=group, cache_dir=cache,
                    extras=plot_curve, command=command_line(ctx))  # fmt: skip
@@ -135,3 +133,19 @@ def finetune(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def preflight(config: FinetuneConfig, pruned: str, dev: Any, out: Path, cache_dir: Path | None) -> None:
+    """The plan's line, as every stage prints it; a run that cannot fit is refused before a model loads."""
+    from stade_cli.cli.options import plan_line
+    from stade_cli.driver.finetune_inputs import pruned_record
+    from stade_cli.planning.finetune import FinetunePlan
+    from stade_cli.planning.plan import ids_shape
+
+    _folder, record = pruned_record(pruned)
+    shape = FinetunePlan(config.lora, config.teacher is not None, config.gradient_checkpointing,
+                         config.patience is not None)  # fmt: skip
+    rows = ids_shape(config.data) if config.data.endswith(".safetensors") else None  # token ids: the file's windows
+    window = rows[1] if rows else config.seqlen or record.statistics.seqlen
+    plan_line("finetune", pruned, dev, out, cache_dir, batch_size=config.batch_size, finetune=shape,
+              finetune_tokens=config.tokens, seqlen=window)  # fmt: skip
