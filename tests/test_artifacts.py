@@ -61,7 +61,7 @@ def test_what_is_written_loads_back_field_for_field(written: Path) -> None:
 
 def test_artifacts_of_the_previous_release_still_load(tmp_path: Path) -> None:
     """stade 0.1.0's statistics load as they are; its stade.json (schema 1, each stage's settings in its own shape,
-    the reconstruction's recorded twice) and a results file embedding it are upgraded to schema 2 on load."""
+    the reconstruction's recorded twice) and a results file embedding it are upgraded to the current schema."""
     stats = Statistics.load(OLD / "stats")
     assert stats.manifest.schema == 1 and stats.has_hessian and len(stats.manifest.layers) == 14
     assert stats.layer("model.layers.1.mlp.down_proj").count == 8 * 32
@@ -70,7 +70,7 @@ def test_artifacts_of_the_previous_release_still_load(tmp_path: Path) -> None:
     old = json.loads((OLD / "stade.json").read_text())
     assert old["schema"] == 1 and "reconstruct" in old
     report = PruneRecord.load(old, "stade.json")
-    assert report.schema == 2 and report.stages.score == ["wanda"]
+    assert report.schema == 3 and report.finetune is None and report.stages.score == ["wanda"]
     assert report.stages.update.name == "admm" and report.stages.update.settings["iters"] == 20
     assert report.stages.allocation.dump() == {"name": "owl", "settings": {"m": 5.0, "lambda": 0.08}}
     assert report.stages.reconstruct.name == "block" and report.stages.reconstruct.settings["steps"] == 2

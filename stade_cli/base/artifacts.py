@@ -175,11 +175,52 @@ class WeightCount(Record):
 
 
 @dataclass(kw_only=True)
+class CurvePoint(Record):
+    step: int
+    tokens: int  # training tokens seen (all ranks) before this measurement
+    heldout_loss: float  # mean next-token NLL over the held-out windows
+    heldout_ppl: float
+
+
+@dataclass(kw_only=True)
+class FinetuneRecord(Record):
+    """How `stade finetune` recovered a pruned checkpoint, with its mask held (docs/finetune.md)."""
+
+    pruned: str  # the checkpoint fine-tuned, as given
+    teacher: str | None = None  # None: the LM loss alone
+    loss: str  # kd, lm or mix
+    kd_weight: float
+    temperature: float
+    mode: str  # full or lora
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    data: str
+    source_sha256: str | None = None
+    seqlen: int
+    train_windows: int
+    heldout_windows: int
+    data_notes: list[str] = field(default_factory=list)
+    lr: float
+    warmup: int
+    batch_windows: int  # windows per optimizer step, all ranks together
+    steps: int  # optimizer steps run
+    tokens: int  # training tokens seen
+    stopped_early: bool
+    seed: int
+    world_size: int = 1
+    heldout_before: float  # held-out perplexity before the first step
+    heldout_after: float  # and of the weights written
+    best_step: int  # the step of the lowest held-out loss
+    kept_step: int | None = None  # the step whose weights were written: best_step with --patience, else the last
+    curve: list[CurvePoint]
+
+
+@dataclass(kw_only=True)
 class PruneRecord(Artifact):
     """stade.json: how a checkpoint was made, every layer's sparsity and estimated error."""
 
     KIND = "stade-prune-report"
-    SCHEMA = 2  # 2: stages record their settings alike; the reconstruction's per-block results apart
+    SCHEMA = 3  # 2: stages record their settings alike; the reconstruction's per-block results apart. 3: finetune
     WHAT = "Pruning report"
 
     schema: int = SCHEMA
@@ -206,10 +247,14 @@ class PruneRecord(Artifact):
     reconstruction: list[dict[str, Any]] | None = None  # per block, where a reconstruction ran
     selection: dict[str, list[str]] | None = None  # --only / --ignore patterns, where layers were kept dense
     layers: list[LayerResult]
+    finetune: FinetuneRecord | None = None  # where `stade finetune` recovered the checkpoint
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], schema: int) -> dict[str, Any]:
-        """Schema 1 recorded each stage's settings in its own shape, and the reconstruction's twice."""
+        """Schema 1 recorded each stage's settings in its own shape, and the reconstruction's twice; schema 2 lacks
+        only the optional `finetune`."""
+        if schema >= 2:
+            return {**data, "schema": cls.SCHEMA}
         old, recon = data.get("stages") or {}, data.pop("reconstruct", None) or {}
         update = dict(old.get("update") or {"name": "none"})  # {"name": "admm", "admm": {...}}
         allocation = dict(old.get("allocation") or {"name": "uniform"})  # {"name": "owl", "m": 5, "lambda": 0.08}

@@ -66,6 +66,7 @@ def _facts(report: PruneRecord, base_text: str) -> list[tuple[str, str]]:
         ("bias update", "yes" if report.bias_update else "no"),
         ("sequential", "yes" if report.sequential else "no (one-shot, from the dense statistics)"),
         ("calibration data", f"`{cal.data}`, {cal.nsamples} windows x {cal.seqlen} tokens"),
+        *_finetune_facts(report),
         ("saved dtype", str(report.dtype or "—")),
         ("stade", str(report.versions.get("stade", "—"))),
     ]
@@ -78,6 +79,21 @@ def _selection(report: PruneRecord) -> list[tuple[str, str]]:
     dense = sum(1 for layer in report.layers if layer.dense)
     given = ", ".join(f"--{k} {' '.join(f'`{p}`' for p in v)}" for k, v in report.selection.items() if v)
     return [("layers kept dense", f"{dense} of {len(report.layers)} ({given})")]
+
+
+def _finetune_facts(report: PruneRecord) -> list[tuple[str, str]]:
+    """`stade finetune`'s recovery, where it ran: how, on what, and the held-out perplexity before and after."""
+    ft = report.finetune
+    if ft is None:
+        return []
+    how = f"LoRA rank {ft.lora_rank}, merged into the sparse pattern" if ft.mode == "lora" else "every kept weight"
+    loss = {"kd": "distillation (KL) from", "lm": "LM loss", "mix": f"LM loss + {ft.kd_weight:g} x distillation from"}
+    teacher = f" `{ft.teacher}`" if ft.teacher and ft.loss != "lm" else ""
+    return [
+        ("fine-tuned", f"yes, mask held exactly: {how}; {loss[ft.loss]}{teacher}"),
+        ("fine-tuning data", f"`{ft.data}`, {ft.tokens} tokens in {ft.steps} steps"),
+        ("held-out perplexity", f"{ft.heldout_before:.3f} before, {ft.heldout_after:.3f} after fine-tuning"),
+    ]
 
 
 USE = [
@@ -106,8 +122,9 @@ def render(report: PruneRecord, command: str | None = None) -> str:
         "",
         f"# {Path(spec.rstrip('/')).name or spec}, pruned with {method} ({pattern}, {_percent(report.sparsity)})",
         "",
-        f"{base_text} pruned after training, with no retraining, by [stade](https://pypi.org/project/stade/). "
-        "Pruned weights are stored as zeros in an ordinary checkpoint: plain `transformers` loads it.",
+        f"{base_text} pruned after training by [stade](https://pypi.org/project/stade/)"
+        + (", then fine-tuned with its mask held (`stade finetune`). " if report.finetune else ", with no retraining. ")
+        + "Pruned weights are stored as zeros in an ordinary checkpoint: plain `transformers` loads it.",
         "",
         "| | |",
         "|---|---|",

@@ -15,6 +15,7 @@ import typer
 from stade_cli import __version__
 from stade_cli.cli.calibrate import calibrate
 from stade_cli.cli.evaluate import compare, eval_
+from stade_cli.cli.finetune import finetune
 from stade_cli.cli.plan import methods, plan
 from stade_cli.cli.prune import prune
 from stade_cli.cli.stats import stats_merge, stats_show
@@ -22,7 +23,7 @@ from stade_cli.cli.stats import stats_merge, stats_show
 app = typer.Typer(
     name="stade",
     help="Prune Hugging Face causal language models after training, with no retraining.\n\n"
-    "Pipeline: [bold]calibrate[/] → [bold]prune[/] → [bold]eval[/] → [bold]compare[/].\n\n"
+    "Pipeline: [bold]calibrate[/] → [bold]prune[/] → ([bold]finetune[/]) → [bold]eval[/] → [bold]compare[/].\n\n"
     "Example: stade calibrate smollm2-135m --data sample-wiki --out stats/",
     rich_markup_mode="rich",
     no_args_is_help=True,
@@ -52,6 +53,7 @@ app.command()(calibrate)
 stats_app.command("show")(stats_show)
 stats_app.command("merge")(stats_merge)
 app.command()(prune)
+app.command()(finetune)
 app.command()(plan)
 app.command()(methods)
 app.command("eval")(eval_)

@@ -20,6 +20,8 @@ from stade_cli.cli.options import (
 )
 from stade_cli.cli.stages import with_stage_options
 
+FT = "Fine-tuning (with --finetune)"
+
 
 @with_stage_options
 @cli_errors
@@ -49,6 +51,22 @@ def plan(
     timed: Annotated[
         bool, typer.Option("--time/--no-time", help="Time one block here for the time estimate (random weights).")
     ] = True,
+    finetune: Annotated[
+        bool, typer.Option("--finetune", help="Plan `stade finetune` too.", rich_help_panel=FT)
+    ] = False,
+    lora: Annotated[int | None, typer.Option("--lora", help="Its LoRA rank (full: none).", rich_help_panel=FT)] = None,
+    teacher: Annotated[
+        bool, typer.Option("--teacher/--no-teacher", help="Distil from the dense model.", rich_help_panel=FT)
+    ] = True,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute activations.", rich_help_panel=FT)
+    ] = False,
+    patience: Annotated[
+        bool, typer.Option("--patience", help="Early stopping (keeps the best weights).", rich_help_panel=FT)
+    ] = False,
+    tokens: Annotated[
+        int | None, typer.Option("--tokens", help="Training tokens (the time estimate).", rich_help_panel=FT)
+    ] = None,
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
     **stages: Any,
@@ -64,12 +82,23 @@ def plan(
     --device cuda
 
     Stages: stade plan smollm2-135m --hessian --method admm --reconstruct block --sequential --pattern 2:4
+
+    Fine-tuning (4 windows of 2048 per pass, LoRA rank 16): stade plan MODEL --finetune --lora 16 --batch-size 4
+    --seqlen 2048 --tokens 2000000 --device cuda
     """
+    from stade_cli.base.errors import StadeError
     from stade_cli.cli.stages import prune_configs
     from stade_cli.cli.tables import render_plan
     from stade_cli.models.loading import resolve_device
+    from stade_cli.planning.finetune import FinetunePlan
     from stade_cli.planning.plan import PlanConfig, make_plan
     from stade_cli.stages.selection import LayerSelection
+
+    if not finetune and (lora is not None or tokens is not None or gradient_checkpointing or patience):
+        raise StadeError("--lora, --tokens, --gradient-checkpointing and --patience plan a fine-tuning run.",
+                         "add --finetune")  # fmt: skip
+    if lora is not None and lora < 1:
+        raise StadeError(f"--lora {lora} is not a rank.", "give the adapters' rank, at least 1, e.g. --lora 16")
 
     common = {"sequential": sequential, "layers": LayerSelection.parse(only, ignore)}
     configs = prune_configs(method, pattern, sparsity, stages, default_ratio=0.5, **common)
@@ -83,6 +112,8 @@ def plan(
         dtype.value if dtype else None,
         timed,
         data,
+        finetune=FinetunePlan(lora, teacher, gradient_checkpointing, patience) if finetune else None,
+        finetune_tokens=tokens,
     )
     result = make_plan(model, config, resolve_device(device, absent_ok=True), str(cache_dir) if cache_dir else None)
     if as_json:

@@ -57,6 +57,8 @@ class TokenWindows:
     source: str
     notes: list[str] = field(default_factory=list)
     source_sha256: str = ""
+    drawn: list[int] | None = None  # per window, the document it was cut from (or, `joined`, its slot)
+    joined: bool = False  # cut from the documents joined into one text, slot i its tokens [i*seqlen, (i+1)*seqlen)
 
     @property
     def sha256(self) -> str:
@@ -294,7 +296,7 @@ def sample_windows(
             )
         if max(lengths.values()) <= seqlen:
             return _concatenated_windows(docs, texts, tokenizer, nsamples, seqlen, rng)
-    rows = []
+    rows, drawn = [], []
     for _ in range(nsamples):
         while True:
             i = rng.randint(0, len(texts) - 1)
@@ -305,7 +307,8 @@ def sample_windows(
                 break
         start = rng.randint(0, len(ids) - seqlen - 1)
         rows.append(ids[start : start + seqlen])
-    return TokenWindows(torch.tensor(rows, dtype=torch.int64), docs.name, source_sha256=docs.sha256)
+        drawn.append(i)
+    return TokenWindows(torch.tensor(rows, dtype=torch.int64), docs.name, source_sha256=docs.sha256, drawn=drawn)
 
 
 def _concatenated_windows(
@@ -329,7 +332,7 @@ def _concatenated_windows(
         f"no document is longer than {seqlen} tokens: documents were joined and {nsamples} of the "
         f"{slots} non-overlapping windows drawn"
     )
-    return TokenWindows(torch.tensor(rows, dtype=torch.int64), docs.name, [note], docs.sha256)
+    return TokenWindows(torch.tensor(rows, dtype=torch.int64), docs.name, [note], docs.sha256, picks, joined=True)
 
 
 def calibration_windows(

@@ -17,6 +17,8 @@ Every memory term is what the code allocates (memory.py):
   and the reconstruction's own working memory), and the run that makes the next inputs; a dense copy of the block
   for a sweep, and the block inputs of every run that keeps them (sequential, or reconstructing).
 - eval: the whole model on the device, one batch's activations and a chunk of float32 log-probabilities.
+- finetune (where asked): the weights and what training adds, the activations, the loss's chunk of logits and the
+  teacher; the checkpoint and the training state on disk (planning/finetune.py).
 - measured, not derived: the libraries, the tokenizer with the model's skeleton, and the heap that
   sampling windows from a text source leaves behind (constants, from bench/plan.py).
 
@@ -36,6 +38,7 @@ from torch import nn
 
 from stade_cli.base.dtypes import HESSIAN_DTYPES, dtype_name, parse_dtype, size_of
 from stade_cli.base.errors import StadeError
+from stade_cli.planning.finetune import FinetunePlan, finetune_plan
 from stade_cli.planning.memory import (
     TEXT_SOURCE,
     Context,
@@ -69,6 +72,8 @@ class PlanConfig:
     data: str = "sample-wiki"  # a text source, or a .safetensors file of token ids
     saved_dtype: str | None = None  # prune's --dtype: the checkpoints' (None: the model's own)
     eval_tokens: int | None = None  # eval: at most this many tokens in a --ppl text, so at most // seqlen windows
+    finetune: FinetunePlan | None = None  # plan `stade finetune` too
+    finetune_tokens: int | None = None  # its training budget (for the time estimate)
 
     def __post_init__(self) -> None:
         parse_dtype(self.hessian_dtype, HESSIAN_DTYPES, "--hessian-dtype")  # refused by name, as calibrate does
@@ -191,6 +196,8 @@ def make_plan(spec: str, config: PlanConfig, device: torch.device, cache_dir: st
         "prune": prune_plan(ctx, config.runs),
         "eval": eval_plan(ctx),
     }
+    if config.finetune is not None:
+        stages["finetune"] = finetune_plan(ctx, config.finetune)
     notes = [
         "memory: peak estimates from the shapes (see `stade plan --help`); the CUDA context comes on top"
         if ctx.gpu
@@ -228,6 +235,10 @@ def _time_stages(ctx: Context, config: PlanConfig, stages: dict[str, StagePlan],
             prune += t / batch * 3 * steps * ctx.shapes.n_blocks  # a step: one window forward and backward
     stages["prune"].seconds = prune or None
     stages["eval"].seconds = t * forwards * 1.1
+    ft = config.finetune
+    if ft is not None and config.finetune_tokens:  # a step: forward and backward (3), a recompute, the teacher
+        passes = 3 + ft.gradient_checkpointing + ft.teacher
+        stages["finetune"].seconds = t / batch * passes * ctx.shapes.n_blocks * config.finetune_tokens / ctx.seqlen
     return (
         "time: an ESTIMATE, one block's forward timed on random weights here, times the forward passes "
         "(disk reads and pruning maths not included)"
