@@ -71,16 +71,22 @@ def test_per_expert_checkpoint_calibrates_block_by_block(published: Path, tmp_pa
     assert all(p.is_meta for _i, _p, block in iterate_blocks(lazy.model) for p in block.parameters())
 
 
-def test_per_expert_checkpoint_prunes_streaming_under_its_own_names(published: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shard", ["2GB", "150KB"])
+def test_per_expert_checkpoint_prunes_streaming_under_its_own_names(
+    published: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shard: str
+) -> None:
     """Streamed from the files, pruned in memory into planned shards, and written by transformers' save_pretrained:
-    the same files byte for byte, under the input's per-expert names, and plain transformers loads them."""
+    the same files byte for byte (one file, or shards that keep each stacked tensor's experts together, as
+    save_pretrained does), under the input's per-expert names, and plain transformers loads them."""
     from transformers import AutoModelForCausalLM
 
+    import stade_cli.driver.sinks as sinks
     from stade_cli.driver.sweep import prune_checkpoints
     from stade_cli.models.loading import load_model
     from stade_cli.stages.config import PruneConfig
     from stade_cli.stats.artifact import Statistics
 
+    monkeypatch.setattr(sinks, "MAX_SHARD_SIZE", shard)
     stats_dir = tmp_path / "stats"
     res = invoke(
         *("calibrate", published, "--data", "sample-news", "--nsamples", 4, "--seqlen", 32, "--hessian"),
@@ -101,6 +107,7 @@ def test_per_expert_checkpoint_prunes_streaming_under_its_own_names(published: P
     for (a, ra), (b, rb) in zip(streamed, shards, strict=True):
         assert files_digest(a) == files_digest(b) and ra.layers == rb.layers
     assert files_digest(streamed[1][0]) == files_digest(saved[0][0])
+    assert (len(files_digest(saved[0][0])) > 3) == (shard != "2GB")
     for path, _r in streamed:
         assert stored_names(path) == stored_names(published)
     pruned = read_weights(streamed[1][0])

@@ -188,11 +188,29 @@ def converted(model: PreTrainedModel, group: Conversion, tensors: dict[str, torc
 
 
 def shard_plan(state: dict[str, torch.Tensor], max_shard_size: str) -> Any:
-    """huggingface_hub's split of a state dict into save_pretrained's shards (its public API)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    """huggingface_hub's split of a state dict into save_pretrained's shards (its public API).
 
-    return split_torch_state_dict_into_shards(
-        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    save_pretrained splits real tensors, and keeps tensors that share a storage in one shard, counted once at the
+    storage's size: the per-expert tensors that `saved_form` splits off one stacked tensor are views of it. On meta,
+    huggingface_hub cannot tell a shared storage, so a view is identified by its base here, as its storage would be.
+    """
+    from huggingface_hub import get_torch_storage_id, get_torch_storage_size, split_state_dict_into_shards_factory
+
+    def base(t: torch.Tensor) -> torch.Tensor:
+        return t._base if t._base is not None else t
+
+    def storage_id(t: torch.Tensor) -> Any:
+        return (id(base(t)) if t._base is not None else None) if t.is_meta else get_torch_storage_id(t)
+
+    def storage_size(t: torch.Tensor) -> int:
+        return base(t).nbytes if t.is_meta else get_torch_storage_size(t)
+
+    return split_state_dict_into_shards_factory(
+        state,
+        get_storage_size=storage_size,
+        get_storage_id=storage_id,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
     )
 
 
