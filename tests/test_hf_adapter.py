@@ -48,18 +48,42 @@ def test_saved_names_and_shards_are_save_pretrained_s(family: str, shard: str, t
         assert list(split.filename_to_tensors) == ["model.safetensors"]
 
 
-def test_a_model_whose_tensors_save_pretrained_renames_is_named(tmp_path: Path) -> None:
-    """Mixtral's experts are fused on load and saved back under per-expert names: not the model's own names."""
+def test_per_expert_names_are_mapped_with_transformers_conversion_and_saved_back(tmp_path: Path) -> None:
+    """Mixtral's experts are stored per expert, stacked on load and saved back per expert: stored_names makes the
+    model's tensors from the stored ones as from_pretrained does, and saved_names gives save_pretrained's names."""
+    from accelerate import init_empty_weights
     from safetensors import safe_open
 
     model("mixtral").save_pretrained(tmp_path / "saved")
     with safe_open(str(tmp_path / "saved" / "model.safetensors"), framework="pt") as f:
-        on_disk = set(f.keys())
+        on_disk = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     state = hf.saved_state(loaded)
-    assert on_disk != set(state)  # per-expert names on disk, fused in memory
-    with pytest.raises(hf.Renamed, match="renames or converts"):
-        hf.saved_names(loaded, state)
+    assert on_disk.keys() != state.keys()  # per-expert names on disk, stacked in memory
+    blocks = [f"model.layers.{i}" for i in range(loaded.config.num_hidden_layers)]
+    assert set(hf.saved_names(loaded, state, blocks)) == set(on_disk)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(loaded.config)
+    mapped = hf.stored_names(empty, {k: v.to("meta") for k, v in on_disk.items()})
+    assert mapped is not None and set(mapped.group_of) == set(state)
+    assert empty._weight_conversions  # recorded, as from_pretrained records them: saving reverts them
+    for key, conv in mapped.groups.items():
+        made = mapped.convert(key, {n: on_disk[n] for _p, n in conv.sources})
+        assert all(torch.equal(t, state[n]) for n, t in made.items()), key
+    assert hf.covered(empty, on_disk) >= {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.gate.weight"}
+
+
+def test_a_conversion_across_blocks_is_renamed() -> None:
+    """A saved tensor made from two blocks' tensors cannot be written as each block comes by."""
+    from transformers.core_model_loading import Chunk, WeightConverter
+
+    m = model("llama")
+    both = [f"model.layers.{i}.input_layernorm.weight" for i in (0, 1)]
+    m._weight_conversions = [WeightConverter("model.both_norms.weight", both, operations=[Chunk(dim=0)])]
+    state = hf.saved_state(m)
+    assert "model.both_norms.weight" in hf.saved_names(m, state)
+    with pytest.raises(hf.Renamed, match="across its blocks"):
+        hf.saved_names(m, state, ["model.layers.0", "model.layers.1"])
 
 
 def test_bias_switches_give_the_layers_stade_biases() -> None:

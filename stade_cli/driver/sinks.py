@@ -4,14 +4,17 @@
 index, tensor order and bytes): every output tensor's name, dtype and shape is known before the first block is
 pruned (the transformers adapter says what save_pretrained does), so each shard's header is written first and each
 tensor at its offset as its block comes by. It copies each block as it comes, so one pass over the blocks serves a
-whole sweep. `SaveSink` is for a checkpoint save_pretrained would rename or convert: the model must hold the pruned
-weights at the end, so each config takes a pass of its own.
+whole sweep; tensors that save_pretrained converts back to the checkpoint's names (an MoE's stacked experts, saved
+per expert) are converted as their block comes by. `SaveSink` is for a checkpoint whose conversion spans blocks: the
+model must hold the pruned weights at the end, so each config takes a pass of its own.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from stade_cli.base.errors import StadeError
 from stade_cli.base.files import write_json
 from stade_cli.base.tensorfiles import PlannedSafetensors, planned_header
 from stade_cli.models import hf
+from stade_cli.models.blocks import iterate_blocks
 from stade_cli.models.layers import bias_param, weight_param
 from stade_cli.models.loading import LoadedModel
 
@@ -32,11 +36,18 @@ SHARD_METADATA = {"format": "pt"}  # what save_pretrained puts in each shard's h
 
 @dataclass
 class Layout:
-    """One output checkpoint's tensors in save_pretrained's order, and the shard file of each."""
+    """One output checkpoint's tensors in save_pretrained's order, and the shard file of each.
+
+    `entries` are named as saved; `model_entries` as the model names them (with the biases the bias switches add),
+    and `saved` turns the model's tensors into the saved ones: where save_pretrained converts them back to the names
+    the checkpoint came with (an MoE's stacked experts split into per-expert tensors), part by part.
+    """
 
     entries: dict[str, tuple[torch.dtype, list[int]]]
     files: dict[str, list[str]]  # shard file -> tensor names
     index: dict[str, Any] | None  # model.safetensors.index.json, None for a single file
+    model_entries: dict[str, tuple[torch.dtype, list[int]]] = field(default_factory=dict)
+    revert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # None: saved as named
 
     @property
     def bytes(self) -> int:
@@ -45,11 +56,16 @@ class Layout:
         total = sum(8 + len(head) + size for head, _slots, size in shards)
         return total + (len(json.dumps(self.index, indent=2, sort_keys=True)) + 1 if self.index is not None else 0)
 
+    def saved(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The saved tensors that the model's tensors `state` (one block's, or those outside the blocks) make."""
+        return state if self.revert is None else self.revert(state)
+
 
 def plan_layout(model: Any, switches: dict[str, bool], dtype: torch.dtype | None) -> Layout:
     """What save_pretrained writes for `model` pruned with these bias switches: names (tied copies dropped,
-    biases the switched config expects added after their weights), dtypes, shapes, shards and index.
-    Raises hf.Renamed where save_pretrained would rename or convert tensors."""
+    biases the switched config expects added after their weights, tensors converted back to the checkpoint's own
+    names), dtypes, shapes, shards and index. Raises hf.Renamed where a saved tensor would be made from tensors of
+    more than one block, so that it could not be written as its block comes by."""
     state = hf.saved_state(model)
     biased = hf.biased_linears(model.config, switches) if switches else set()
     entries: dict[str, tuple[torch.dtype, list[int]]] = {}
@@ -62,14 +78,19 @@ def plan_layout(model: Any, switches: dict[str, bool], dtype: torch.dtype | None
             entries[f"{module}.bias"] = (own, [int(t.shape[0])])
             added += int(t.shape[0])
     meta_state = {n: torch.empty(s, dtype=d, device="meta") for n, (d, s) in entries.items()}
-    order = hf.saved_names(model, meta_state)
-    meta_state = {n: meta_state[n] for n in order}
-    split = hf.shard_plan(meta_state, MAX_SHARD_SIZE)
+    blocks = [prefix for _i, prefix, _block in iterate_blocks(model)]
+    order = hf.saved_names(model, meta_state, blocks)
+    saved = hf.saved_form(model, meta_state)
+    saved = {n: saved[n] for n in order}
+    split = hf.shard_plan(saved, MAX_SHARD_SIZE)
     index = None
     if split.is_sharded:
         total = int(model.num_parameters()) + added
         index = {"metadata": {"total_parameters": total, **split.metadata}, "weight_map": split.tensor_to_filename}
-    return Layout({n: entries[n] for n in order}, dict(split.filename_to_tensors), index)
+    renamed = saved.keys() != meta_state.keys()
+    revert = partial(hf.saved_form, model) if renamed else None
+    saved_entries = {n: (t.dtype, list(t.shape)) for n, t in saved.items()}
+    return Layout(saved_entries, dict(split.filename_to_tensors), index, entries, revert)
 
 
 def write_config(model: Any, folder: Path, switches: dict[str, bool], dtype: torch.dtype) -> None:
@@ -109,23 +130,23 @@ class ShardSink:
 
     def open(self, outside: dict[str, torch.Tensor]) -> None:
         """Everything outside the blocks (embeddings, final norm, an untied head), before the first block."""
-        for name in self.layout.entries:
-            if name in outside:
-                self.write(name, outside[name])
+        for name, t in self.layout.saved(outside).items():
+            if name in self.file_of:
+                self.write(name, t)
 
     def write_block(self, prefix: str, block: nn.Module) -> None:
-        """Every output tensor under `prefix`; a bias the switched config expects but the block lacks is zeros."""
-        state = block.state_dict()
-        for name, (dtype, shape) in self.layout.entries.items():
-            if not name.startswith(prefix + "."):
+        """Every output tensor of the block `prefix`; a bias the switched config expects but the block lacks is
+        zeros."""
+        state = {f"{prefix}.{n}": t for n, t in block.state_dict().items()}
+        for name, (dtype, shape) in self.layout.model_entries.items():
+            if not name.startswith(prefix + ".") or name in state:
                 continue
-            local = name[len(prefix) + 1 :]
-            if local in state:
-                self.write(name, state[local])
-            elif local.endswith(".bias"):
-                self.write(name, torch.zeros(shape, dtype=dtype))
-            else:
+            if not name.endswith(".bias"):
                 raise StadeError(f"Internal error: {name} is missing from the pruned block.")
+            state[name] = torch.zeros(shape, dtype=dtype)
+        for name, t in self.layout.saved(state).items():
+            if name in self.file_of:
+                self.write(name, t)
 
     def abort(self) -> None:
         for shard in self.shards.values():

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 WHOLE = (
-    "the checkpoint is not in safetensors under the model's own tensor names, so it is pruned in memory "
+    "the checkpoint is not in safetensors under names stade can map onto the model's, so it is pruned in memory "
     "(the whole model in host RAM)"
 )
 BUILTIN_MODEL = "smollm2-135m"
@@ -251,7 +251,8 @@ def load_model(
     """Load a causal LM onto the CPU (blocks move to the device one at a time later).
 
     `lazy`: leave the blocks on disk, to be read one at a time (calibration) where the checkpoint
-    is in safetensors under the model's own tensor names; otherwise, and for every other use, load it all.
+    is in safetensors under the model's own tensor names (or names transformers' conversion mapping turns into
+    them, block by block: per-expert MoE tensors); otherwise, and for every other use, load it all.
     `head` False: a lazy model's untied output head stays on disk (calibrate never runs it).
     `dispatch`: from_pretrained's device_map arguments (dispatch.dispatch_kwargs), to spread it over devices.
     """

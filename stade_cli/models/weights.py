@@ -34,9 +34,15 @@ SINGLE_FILE = "model.safetensors"
 
 @dataclass
 class WeightFiles:
-    """Which safetensors file holds each tensor of a checkpoint."""
+    """Which safetensors file holds each tensor of a checkpoint, and how they make the model's tensors.
 
-    file_of: dict[str, Path]
+    `stored` is None where the checkpoint holds each tensor under the model's own name; otherwise it maps the
+    stored names (per-expert MoE tensors, as the hub's Mixtral and Qwen-MoE checkpoints hold them) onto the model's,
+    with transformers' own conversion (build_lazy sets it). Every method but `meta` takes the model's names.
+    """
+
+    file_of: dict[str, Path]  # stored name -> its file
+    stored: hf.StoredNames | None = None
 
     @classmethod
     def find(cls, path: str, cache_dir: str | None = None) -> WeightFiles | None:
@@ -67,9 +73,35 @@ class WeightFiles:
                 return cls(dict.fromkeys(f.keys(), Path(single_path)))
         return None
 
+    def has(self, name: str) -> bool:
+        """Whether the model's tensor `name` is in the files (under its own name, or made from stored ones)."""
+        return name in self.file_of if self.stored is None else name in self.stored.group_of
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor on meta (its dtype and shape), from the files' headers alone."""
+        out = {}
+        for file in sorted(set(self.file_of.values())):
+            for name, (_base, entry) in header(file).items():
+                if self.file_of.get(name) == file and entry["dtype"] in BY_CODE:
+                    out[name] = torch.empty(entry["shape"], dtype=BY_CODE[entry["dtype"]], device="meta")
+        return out
+
     def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The named tensors in `dtype` (None: as stored), read into fresh memory (read_tensors): a block's pages
-        leave the resident set with the block, rather than staying mapped."""
+        """The model's named tensors in `dtype` (None: as stored), read into fresh memory (read_tensors): a block's
+        pages leave the resident set with the block, rather than staying mapped. Tensors stored under other names
+        are made from them one conversion at a time (an MoE block's experts stacked), each group's stored tensors
+        freed as it is made."""
+        if self.stored is None:
+            return self._read(names, dtype)
+        wanted, out = set(names), {}
+        for key in dict.fromkeys(self.stored.group_of[n] for n in names):
+            sources = [n for _p, n in self.stored.groups[key].sources]
+            made = self.stored.convert(key, self._read(sources, dtype))
+            out.update({n: t for n, t in made.items() if n in wanted})
+        return out
+
+    def _read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The stored tensors `names`, in `dtype` (None: as stored)."""
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.file_of[n], []).append(n)
@@ -86,19 +118,33 @@ class WeightFiles:
         return out
 
     def samples(self, names: list[str]) -> dict[str, bytes]:
-        """Fingerprint samples of the named tensors, read strided from the files as stored (whatever dtype the model
-        runs in): only the pages the sample touches are read, not the tensors (a 70B model's fingerprint must not
-        read 140 GB)."""
+        """Fingerprint samples of the model's named tensors, read strided from the files as stored (whatever dtype
+        the model runs in): only the pages the sample touches are read, not the tensors (a 70B model's fingerprint
+        must not read 140 GB). A tensor made by a conversion (MoE experts stacked) is made whole, one at a time, and
+        sampled: the strides of the stacked tensor do not fall on the stored ones."""
+        if self.stored is None:
+            return self._samples({n: n for n in names})
+        groups = self.stored.groups
+        renamed = {n: g.sources[0][1] for n in names if (g := groups[self.stored.group_of[n]]).converter is None}
+        out = self._samples(renamed)
+        wanted = set(names)
+        for key in dict.fromkeys(self.stored.group_of[n] for n in names if n not in renamed):
+            made = self.read(groups[key].targets, None)
+            out.update({n: fingerprint_sample(n, t) for n, t in made.items() if n in wanted})
+        return out
+
+    def _samples(self, stored_of: dict[str, str]) -> dict[str, bytes]:
+        """Strided samples of the model's tensors (name -> the stored tensor it is, under its stored name)."""
         import numpy as np
 
         out = {}
         headers: dict[Path, dict[str, tuple[int, dict]]] = {}
-        for name in names:
-            file = self.file_of[name]
+        for name, src in stored_of.items():
+            file = self.file_of[src]
             try:
                 if file not in headers:
                     headers[file] = header(file)
-                base, entry = headers[file][name]
+                base, entry = headers[file][src]
                 dt = BY_CODE[entry["dtype"]]
                 shape = entry["shape"]
                 numel = int(np.prod(shape)) if shape else 1
@@ -145,8 +191,8 @@ def file_samples(model: PreTrainedModel, files: WeightFiles, names: list[str]) -
     float16 from a float32 checkpoint fit a prune run in float32."""
     source = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters(remove_duplicate=False))
-    srcs = {n: n if n in files.file_of or n not in params else source[id(params[n])] for n in names}
-    srcs = {n: src for n, src in srcs.items() if src in files.file_of}  # else a buffer: sampled in memory
+    srcs = {n: n if files.has(n) or n not in params else source[id(params[n])] for n in names}
+    srcs = {n: src for n, src in srcs.items() if files.has(src)}  # else a buffer: sampled in memory
     read = files.samples(sorted(set(srcs.values())))  # one pass: each file's header parsed once
     return {n: read[src].replace(src.encode(), n.encode(), 1) for n, src in srcs.items()}
 
@@ -158,9 +204,10 @@ def _persistent(module: nn.Module) -> list[str]:
 
 def planned_loading(path: str, model: PreTrainedModel, cache_dir: str | None = None) -> str:
     """How load_model(lazy=True) will hold the checkpoint at `path`, read from its index or header alone (no
-    weights downloaded), for the plan: "lazy" (blocks read from the files one at a time), "whole" (not in
-    safetensors: loaded whole) or "renamed" (stored under other names, which transformers renames on load and back
-    on save: loaded whole, and written by save_pretrained). `model`: the model built from the config (on meta).
+    weights downloaded), for the plan: "lazy" (blocks read from the files one at a time, also where transformers'
+    conversion mapping makes the model's tensors from the stored ones, as the experts of the hub's MoE checkpoints),
+    "whole" (not in safetensors: loaded whole) or "renamed" (stored under other names that stade cannot map: loaded
+    whole, and written by save_pretrained). `model`: the model built from the config (on meta).
     A folder with no weights (a config alone) or a hub checkpoint whose names cannot be read without its weights
     is planned as stored under its own names in safetensors, like nearly every hub checkpoint."""
     local = Path(path)
@@ -173,7 +220,8 @@ def planned_loading(path: str, model: PreTrainedModel, cache_dir: str | None = N
     elif local.is_dir() and any(local.glob("pytorch_model*.bin")):
         return "whole"
     tied = set(_tied_names(model))
-    if names is not None and any(k not in names for k in _persistent(model) if k not in tied):
+    missing = [k for k in _persistent(model) if k not in tied and names is not None and k not in names]
+    if missing and not set(missing) <= hf.covered(model, names or ()):  # per-expert MoE names are read lazily
         return "renamed"
     return "lazy"
 
@@ -181,8 +229,9 @@ def planned_loading(path: str, model: PreTrainedModel, cache_dir: str | None = N
 def build_lazy(
     config: PretrainedConfig, dtype: torch.dtype, files: WeightFiles, head: bool = True
 ) -> PreTrainedModel | None:
-    """The model with every weight outside the blocks loaded and the blocks left empty (meta), or None
-    where the checkpoint's names do not match the model's (older formats that transformers renames on load).
+    """The model with every weight outside the blocks loaded and the blocks left empty (meta), or None where the
+    checkpoint's tensors do not make the model's. Tensors stored under other names (per-expert MoE tensors, older
+    names) are mapped with transformers' own conversion (`files.stored` is set), which the model records for saving.
 
     `head` False leaves an untied output head on disk too (meta): calibrate never runs it, and for an 8B model
     it is about 1 GB in bf16.
@@ -197,7 +246,9 @@ def build_lazy(
     tied = set(_tied_names(model))
     wanted = [k for k in _persistent(model) if k not in tied]
     if any(k not in files.file_of for k in wanted):
-        return None
+        files.stored = hf.stored_names(model, files.meta())
+        if files.stored is None or any(not files.has(k) for k in wanted):
+            return None
     head_name = None if head else _head_name(model)
     left = (blocks_name + ".",) if head_name is None else (blocks_name + ".", head_name + ".")
     outside = [k for k in wanted if not k.startswith(left)]
