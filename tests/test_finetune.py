@@ -127,6 +127,36 @@ def test_the_lora_merge_keeps_the_pattern() -> None:
     torch.testing.assert_close(merged(x), before)
 
 
+def test_the_lora_layer_keeps_only_its_input_and_has_the_written_out_gradients() -> None:
+    """The masked LoRA layer's forward and gradients are those of x (W + s (B A) ⊙ M)^T + b computed plainly by
+    autograd, yet what it keeps for the backward pass is its input alone, not a full-size W + s (B A) ⊙ M."""
+    torch.manual_seed(1)
+    base = torch.nn.Linear(24, 12)
+    keep = torch.rand(12, 24) > 0.5
+    with torch.no_grad():
+        base.weight.mul_(keep)
+    layer = MaskedLoRA(base, keep, rank=4, alpha=2.0)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    kept: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: kept.append(t.untyped_storage().data_ptr()) or t, lambda t: t
+    ):
+        out = layer(x)
+    own = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters(), *layer.buffers()]}
+    assert kept and set(kept) <= own  # the input, and tensors the layer holds anyway: no W + s (B A) ⊙ M
+    a, b = layer.lora_a.detach().clone().requires_grad_(), layer.lora_b.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    plain = torch.nn.functional.linear(x2, base.weight + 0.5 * (b @ a) * keep, base.bias)
+    torch.testing.assert_close(out, plain)
+    g = torch.randn_like(out)
+    out.backward(g)
+    plain.backward(g)
+    for got, want in ((x.grad, x2.grad), (layer.lora_a.grad, a.grad), (layer.lora_b.grad, b.grad)):
+        torch.testing.assert_close(got, want)
+
+
 def test_the_loss_falls(world: World, tmp_path: Path) -> None:
     res = invoke("finetune", world.pruned["unstructured"], "--teacher", "none", "--data", world.text, *FAST,
                  "--max-steps", "8", "--out", tmp_path / "t", "--json")  # fmt: skip

@@ -7,11 +7,11 @@ term is what that code allocates:
   autocast's bfloat16 copies of the weights, which the backward pass keeps; the keep masks (one bool per pruned
   weight);
 - `--lora R`: the weights (frozen, float32) and the masks, the adapters A (R x in) and B (out x R) with their
-  gradients and moments; each layer's weight with its update, W + s (B A) * M, is a full weight that the backward
-  pass keeps (one block's at a time with --gradient-checkpointing);
+  gradients and moments; each layer's weight with its update, W + s (B A) * M, is made again in the backward pass
+  rather than kept (lora.py), so one layer's, with its update's float32 gradient, at a time;
 - the activations the backward pass keeps: per block and token, every layer group's input, every layer's output,
   the residual stream into the two norms and the MLP's activation (an estimate of what autograd saves: on a Llama,
-  within 1% in full mode, 16% above with LoRA, whose frozen norms keep less); with --gradient-checkpointing, each
+  within 1% in full mode, 20% above with LoRA, whose frozen norms keep less); with --gradient-checkpointing, each
   block's input alone, and one block's activations while it is recomputed;
 - the loss: one chunk of `LOGITS_CHUNK` positions' float32 logits at a time, with their log-softmax and gradient
   (and the teacher's, with a teacher);
@@ -69,14 +69,17 @@ def activations(ctx: Context, plan: FinetunePlan, tokens: int, elem: int) -> dic
     """What the backward pass of one micro-batch of `tokens` tokens needs kept, by term."""
     s = ctx.shapes
     block = saved_per_token(s) * tokens * elem
-    update = s.linear_params * elem if plan.lora is not None else 0  # a block's W + s (B A) * M, kept for backward
     if plan.gradient_checkpointing:
         terms = {
             "block inputs (checkpointed)": s.n_blocks * tokens * (s.hidden * elem + s.arg_bytes_per_token),
-            "one block's activations (recomputed)": block + update,
+            "one block's activations (recomputed)": block,
         }
     else:
-        terms = {"activations": s.n_blocks * (block + update) + tokens * s.arg_bytes_per_token}
+        terms = {"activations": s.n_blocks * block + tokens * s.arg_bytes_per_token}
+    if plan.lora is not None:  # W + s (B A) * M and its update's float32 gradient, made again in the backward (lora.py)
+        terms["one layer's update (backward)"] = max(o * i for group in s.groups.values() for o, i in group) * (
+            elem + 4
+        )
     terms["final hidden states"] = 2 * tokens * s.hidden * elem  # the final norm's input and output
     return terms
 
