@@ -165,3 +165,19 @@ def test_calibrate_warns_only_where_names_disagree(
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "pruned" / "stade.json").read_text())
     assert sum("self_attn.q_proj: its input is a norm's output" in w for w in report["warnings"]) == 2
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2000, 3000), (2, 3, 700_000)])
+def test_all_finite_finds_one_bad_value_anywhere(shape: tuple[int, ...]) -> None:
+    """The chunked check agrees with torch.isfinite on a bad value at the start, the end and a chunk's edge."""
+    from stade_cli.base.finite import CHUNK, all_finite
+
+    t = torch.ones(shape)
+    assert all_finite(t)
+    flat = t.view(-1)
+    for at in {0, flat.numel() - 1, min(CHUNK, flat.numel() - 1)}:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            flat[at] = bad
+            assert not all_finite(t) and not bool(torch.isfinite(t).all())
+            flat[at] = 1.0
+    assert all_finite(t.t() if t.dim() == 2 else t)  # a transposed view reads the same values

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from stade_cli.base.errors import StadeError
+from stade_cli.base.finite import all_finite
 from stade_cli.models.layers import is_norm
 
 
@@ -100,7 +101,7 @@ class LayerStats:
             want = None if width is None else [width] * (2 if what == "Hessian" else 1)
             if t is not None and want is not None and list(t.shape) != want:
                 return f"its {what} has shape {list(t.shape)}, not {want} (the layer's inputs)"
-            if t is not None and not bool(torch.isfinite(t).all()):
+            if t is not None and not all_finite(t):
                 return f"its {what} holds NaN or Inf"
         return None
 

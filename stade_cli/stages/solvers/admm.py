@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 
 from stade_cli.base.errors import StadeError
+from stade_cli.base.finite import all_finite
 from stade_cli.stages.masks import lowest_n_of_m
 from stade_cli.stages.pattern import Pattern
 
@@ -117,6 +118,6 @@ def admm_prune(
         w = (target + rho * (z - u)) @ inv
     assert fixed is not None
     out = (w + u).masked_fill(fixed, 0.0) / scale
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise StadeError("ADMM produced non-finite weights.", "calibrate on more tokens, or raise --admm-rho")
     return AdmmResult(out, fixed)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from stade_cli.base.errors import StadeError
+from stade_cli.base.finite import all_finite
 from stade_cli.stages.masks import lowest_k, lowest_n_of_m
 from stade_cli.stages.pattern import Pattern
 
@@ -55,7 +56,7 @@ def hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFact
                 continue
             torch.cholesky_inverse(factor, out=factor)  # (H + lambda I)^-1
             torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
-            if info.item() == 0 and all(torch.isfinite(rows).all() for rows in factor.split(1024)):
+            if info.item() == 0 and all_finite(factor):
                 return HessianFactor(factor, dead, damp, attempt)
             del factor
     finally:
@@ -119,6 +120,6 @@ def sparsegpt_prune(
         w[:, i1:i2] = w1.masked_fill(m1, 0.0)
         mask[:, i1:i2] = m1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise StadeError("SparseGPT produced non-finite weights.", "calibrate on more tokens or use another method")
     return SolverResult(w, mask, factor.damping, factor.retries)
