@@ -109,15 +109,22 @@ def test_the_chunked_loss_is_the_whole_logits_loss() -> None:
     torch.testing.assert_close(g_got, g_want)
 
 
-def test_the_lora_merge_keeps_the_pattern() -> None:
-    torch.manual_seed(0)
-    base = torch.nn.Linear(16, 8)
-    keep = torch.rand(8, 16) > 0.5
+def masked_layer(shape: tuple[int, int], rank: int, alpha: float, seed: int) -> tuple[torch.Tensor, MaskedLoRA]:
+    """A pruned nn.Linear (half its weights zero) with a masked LoRA whose B is not zero, and its keep mask."""
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(shape[1], shape[0])
+    keep = torch.rand(shape) > 0.5
     with torch.no_grad():
         base.weight.mul_(keep)
-    layer = MaskedLoRA(base, keep, rank=3, alpha=6.0)
+    layer = MaskedLoRA(base, keep, rank=rank, alpha=alpha)
     with torch.no_grad():
         layer.lora_b.normal_()
+    return keep, layer
+
+
+def test_the_lora_merge_keeps_the_pattern() -> None:
+    keep, layer = masked_layer((8, 16), rank=3, alpha=6.0, seed=0)
+    base = layer.base
     x = torch.randn(5, 16)
     before = layer(x)
     dense = base.weight + 2.0 * (layer.lora_b @ layer.lora_a) * keep  # W + (alpha/r) (B A) ⊙ M, written out
@@ -130,14 +137,8 @@ def test_the_lora_merge_keeps_the_pattern() -> None:
 def test_the_lora_layer_keeps_only_its_input_and_has_the_written_out_gradients() -> None:
     """The masked LoRA layer's forward and gradients are those of x (W + s (B A) ⊙ M)^T + b computed plainly by
     autograd, yet what it keeps for the backward pass is its input alone, not a full-size W + s (B A) ⊙ M."""
-    torch.manual_seed(1)
-    base = torch.nn.Linear(24, 12)
-    keep = torch.rand(12, 24) > 0.5
-    with torch.no_grad():
-        base.weight.mul_(keep)
-    layer = MaskedLoRA(base, keep, rank=4, alpha=2.0)
-    with torch.no_grad():
-        layer.lora_b.normal_()
+    keep, layer = masked_layer((12, 24), rank=4, alpha=2.0, seed=1)
+    base = layer.base
     x = torch.randn(3, 5, 24, requires_grad=True)
     kept: list[int] = []
     with torch.autograd.graph.saved_tensors_hooks(
