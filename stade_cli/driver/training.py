@@ -11,6 +11,7 @@ the CPU, 2 ranks give the weights 1 process gives with the same global batch, wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -88,11 +89,14 @@ def step_windows(loop: Loop, step: int, micro: int) -> torch.Tensor:
     n, w = loop.train.shape[0], world(loop)
     rank = loop.group.rank if loop.group is not None else 0
     first = ((step * loop.grad_accum + micro) * w + rank) * loop.batch_size
-    picks = []
-    for pos in range(first, first + loop.batch_size):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(loop.seed * 1_000_003 + pos // n))
-        picks.append(int(order[pos % n]))
+    picks = [int(_pass_order(loop.seed, n, pos // n)[pos % n]) for pos in range(first, first + loop.batch_size)]
     return loop.train[picks]
+
+
+@functools.lru_cache(maxsize=2)
+def _pass_order(seed: int, n: int, epoch: int) -> torch.Tensor:
+    """The seeded shuffle of pass `epoch` over the n training windows, drawn once per pass (not once per window)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
